@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make export` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ISPA := $(VENV)/bin/ispa
+OUT ?= artifacts/demo
+
+.PHONY: export test bench eval engine verify clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+export: $(VENV)/.installed
+	$(ISPA) export --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(ISPA) bench
+
+eval: $(VENV)/.installed
+	$(ISPA) eval
+
+engine: $(VENV)/.installed
+	$(ISPA) engine $(OUT)
+
+verify: $(VENV)/.installed
+	$(ISPA) verify $(OUT)
+
+clean:
+	rm -rf $(VENV) artifacts
