@@ -133,8 +133,11 @@ class Stream:
         info = PassInfo(self.chunk, self.frame_index, pass_kind)
         return self.runner.run(self._feeds(x, t, pass_kind), info)
 
-    def step(self) -> np.ndarray:
-        """Denoise the next chunk with the few-step schedule, then write its K/V (cache pass at t=0)."""
+    def step(self, given: np.ndarray | None = None) -> np.ndarray:
+        """Denoise the next chunk with the few-step schedule, then write its K/V (cache pass at t=0).
+
+        With `given` frames [B, C, f, H, W] the cache pass stores those instead of the sample
+        (teacher forcing: continue a known video, or monitor on real frames)."""
         ts = self.geo.timesteps
         shape = self.geo.chunk_shape
         noisy = chunk_noise(self.seed, self.chunk, 0, shape)
@@ -143,6 +146,8 @@ class Stream:
             x0 = flow_step(noisy, pred, t / 1000.0)
             if k + 1 < len(ts):
                 noisy = renoise(x0, chunk_noise(self.seed, self.chunk, k + 1, shape), ts[k + 1] / 1000.0)
+        if given is not None:
+            x0 = given.astype(np.float32)
         out = self._run(x0, 0.0, len(ts))
         for mode, name in ((FULL, "new_kv_full"), (LOCAL, "new_kv_local")):
             if self.groups[mode].data.shape[0]:

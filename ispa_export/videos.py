@@ -1,0 +1,238 @@
+"""Procedural videos whose content needs long-range memory, for the demo model (DESIGN.md section 8).
+
+Each video is a slow pan over a textured background (one way and back, so areas are revisited),
+2-3 objects with distinct identities (shape, colour, texture) that leave view for ~8-20 frames
+and come back, and an occluder bar. A model that remembers 20+ frames can redraw a returning
+object; one with a 4-6 frame window has to guess. Numpy only, so data generation stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ispa_export.errors import UserError
+
+SHAPES = ("disc", "square", "triangle", "cross")
+TEXTURES = ("solid", "stripes", "dots")
+# Saturated colours in [-1, 1], far from the muted background and from each other.
+PALETTE = np.array([[0.9, -0.8, -0.8], [-0.8, 0.9, -0.8], [-0.7, -0.6, 1.0], [1.0, 0.9, -0.8],
+                    [0.9, -0.8, 0.9], [-0.8, 0.9, 0.9], [1.0, 0.2, -0.9], [1.0, 1.0, 1.0]],
+                   dtype=np.float32)
+VISIBLE_FRACTION = 0.5  # an object counts as visible when at least this much of it shows
+HIDDEN_FRACTION = 0.1  # and as out of view below this
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    id: int
+    shape: str
+    texture: str
+    colour: np.ndarray  # [3] in [-1, 1], the untextured colour
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """A video and its per-frame ground truth; object arrays are indexed [frame, object]."""
+    frames: np.ndarray            # [F, 3, S, S] float32 in [-1, 1]
+    background: np.ndarray        # [F, 3, S, S] the same video without objects or occluder
+    objects: tuple[ObjectInfo, ...]
+    visible_fraction: np.ndarray  # [F, N] share of the object inside the frame and not covered
+    visible: np.ndarray           # [F, N] bool, visible_fraction >= VISIBLE_FRACTION
+    bbox: np.ndarray              # [F, N, 4] x0, y0, x1, y1 in pixels, not clipped to the frame
+    masks: np.ndarray             # [F, N, S, S] bool, pixels where the object is what one sees
+
+    def returns(self, k: int = 6) -> list[tuple[int, int]]:
+        """(object, frame) pairs: an object seen before is visible again after having been out of
+        view (visible_fraction < HIDDEN_FRACTION) for >= k consecutive frames. Frames in between
+        that show a part of it (it is entering) do not cancel the event."""
+        events = []
+        for i in range(self.visible.shape[1]):
+            seen, run, pending = False, 0, False
+            for t, frac in enumerate(self.visible_fraction[:, i]):
+                run = run + 1 if frac < HIDDEN_FRACTION else 0
+                pending = pending or (seen and run >= k)
+                if self.visible[t, i]:
+                    if pending:
+                        events.append((i, t))
+                    seen, pending = True, False
+        return events
+
+
+def _shape_alpha(shape: str, px: np.ndarray, py: np.ndarray, r: float) -> np.ndarray:
+    """Antialiased coverage from a signed distance, so sub-pixel motion changes pixels smoothly."""
+    if shape == "disc":
+        d = np.hypot(px, py) - r
+    elif shape == "square":
+        d = np.maximum(abs(px), abs(py)) - 0.85 * r
+    elif shape == "triangle":
+        d = np.max([px * np.cos(a) + py * np.sin(a) for a in np.radians([-90, 30, 150])], 0) - 0.55 * r
+    else:
+        w = 0.35 * r
+        d = np.minimum(np.maximum(abs(px) - r, abs(py) - w), np.maximum(abs(px) - w, abs(py) - r))
+    return np.clip(0.5 - d, 0.0, 1.0)
+
+
+def _texture(texture: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    if texture == "stripes":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * (px + py) / 4.0)
+    if texture == "dots":
+        return ((0.5 + 0.5 * np.cos(2 * np.pi * px / 4.0)) * (0.5 + 0.5 * np.cos(2 * np.pi * py / 4.0))) ** 0.5
+    return np.zeros_like(px)
+
+
+def _orbit_angle(t: np.ndarray, t_on: float, t_off: float, exit_angle: float, slow: float) -> np.ndarray:
+    """Angle on an orbit whose arc (-exit_angle, exit_angle) lies off-screen.
+
+    The off-screen arc takes t_off frames and the on-screen arc t_on frames, so absence times
+    are set directly; on screen the object slows down mid-arc (frames that change little)."""
+    s = np.mod(t, t_on + t_off)
+    q = np.clip((s - t_off) / t_on, 0.0, 1.0)
+    q = q + slow * np.sin(2 * np.pi * q) / (2 * np.pi)
+    return np.where(s < t_off, -exit_angle + 2 * exit_angle * s / t_off,
+                    exit_angle + (2 * np.pi - 2 * exit_angle) * q)
+
+
+def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
+    """A deterministic video from `seed`: `frames` frames of 3 x size x size pixels in [-1, 1]."""
+    if frames < 1:
+        raise UserError(f"videos.make_video: frames must be >= 1, got {frames}")
+    if size < 16:
+        raise UserError(f"videos.make_video: size must be >= 16 pixels, got {size}")
+    rng = np.random.default_rng(seed)
+    u = size / 32.0  # lengths below are designed at 32 pixels and scale with the frame
+    t = np.arange(frames, dtype=np.float64)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+
+    # Background: a world larger than the frame (gratings plus landmark blobs), panned one way
+    # and back along a random direction.
+    pan_dir = rng.normal(size=2)
+    pan_dir /= np.linalg.norm(pan_dir)
+    pan = rng.uniform(0.5, 1.0) * size * (1 - np.cos(2 * np.pi * t / rng.uniform(32, 48))) / 2
+    lo = np.minimum(0, pan_dir * pan.max()) - 4 * u
+    hi = size + np.maximum(0, pan_dir * pan.max()) + 4 * u
+    base = rng.uniform(-0.25, 0.25, 3)
+    gratings = [(rng.normal(size=2) / (rng.uniform(8, 24) * u), rng.uniform(0, 2 * np.pi),
+                 rng.uniform(-0.12, 0.12, 3)) for _ in range(2)]
+    blobs = [(rng.uniform(lo, hi), rng.uniform(3, 6) * u, rng.uniform(-0.5, 0.5, 3)) for _ in range(12)]
+
+    n = int(rng.integers(2, 4))
+    shapes = rng.choice(len(SHAPES), n, replace=False)
+    colours = rng.choice(len(PALETTE), n, replace=False)
+    sides = rng.choice(4, n, replace=False)  # each object leaves by its own edge
+    objects, orbits = [], []
+    for i in range(n):
+        objects.append(ObjectInfo(i, SHAPES[shapes[i]], TEXTURES[rng.integers(len(TEXTURES))],
+                                  PALETTE[colours[i]].copy()))
+        r = rng.uniform(4.5, 6) * u
+        amp, exit_angle = rng.uniform(10, 14) * u, rng.uniform(0.5, 0.9)
+        along = size / 2 + 1.15 * r + 1 - amp * np.cos(exit_angle)  # fully out on the off arc
+        ang = _orbit_angle(t + rng.uniform(0, 40), rng.uniform(12, 20), rng.uniform(6, 14),
+                           exit_angle, rng.uniform(0.4, 0.8))
+        m = along + amp * np.cos(ang)                                # towards the exit edge
+        p = rng.uniform(-7, 7) * u + rng.uniform(3, 7) * u * np.sin(ang)
+        d = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]][sides[i]], dtype=np.float64)
+        centre = size / 2 + m[:, None] * d + p[:, None] * d[::-1]
+        orbits.append((centre, r))
+
+    # Occluder: a vertical or horizontal bar crossing at constant speed, then off-screen a while.
+    bar_w, bar_v = rng.uniform(5, 8) * u, rng.uniform(2, 3) * u
+    bar_pos = np.mod(rng.uniform(0, 100) + bar_v * t, size + bar_w + rng.uniform(1, 2) * size) - bar_w
+    bar_vertical = bool(rng.integers(2))
+
+    out = np.empty((frames, 3, size, size), np.float32)
+    background = np.empty_like(out)
+    vis_frac = np.zeros((frames, n), np.float32)
+    bbox = np.zeros((frames, n, 4), np.float32)
+    masks = np.zeros((frames, n, size, size), bool)
+    # Coverage integrated on a 4x finer grid; sums on the frame's grid vary ~2% with sub-pixel
+    # position, hence also the clip below.
+    ar = (np.arange(-48 * u, 48 * u) + 0.5) / 4
+    areas = [_shape_alpha(o.shape, ar[None, :], ar[:, None], r).sum() / 16 for o, (_, r) in zip(objects, orbits)]
+    for f in range(frames):
+        wx, wy = xx + pan_dir[0] * pan[f], yy + pan_dir[1] * pan[f]
+        img = np.broadcast_to(base[:, None, None], (3, size, size)).copy()
+        for k, phase, col in gratings:
+            img += col[:, None, None] * np.sin(2 * np.pi * (k[0] * wx + k[1] * wy) + phase)
+        for c, sig, col in blobs:
+            img += col[:, None, None] * np.exp(-((wx - c[0]) ** 2 + (wy - c[1]) ** 2) / (2 * sig**2))
+        background[f] = img
+        alphas = []
+        for i, (o, (centre, r)) in enumerate(zip(objects, orbits)):
+            px, py = xx - centre[f, 0], yy - centre[f, 1]
+            a = _shape_alpha(o.shape, px, py, r)
+            look = (o.colour[:, None, None] + 1) / 2 * (1 - 0.55 * _texture(o.texture, px / u, py / u)) * 2 - 1
+            img = img * (1 - a) + look * a
+            alphas.append(a)
+            bbox[f, i] = [*(centre[f] - 1.15 * r), *(centre[f] + 1.15 * r)]
+        bar = np.clip(0.5 * bar_w + 0.5 - abs((xx if bar_vertical else yy) - bar_pos[f] - 0.5 * bar_w), 0, 1)
+        img = img * (1 - bar) + (-0.75 + 0.1 * np.sin(2 * np.pi * (yy if bar_vertical else xx) / 3)) * bar
+        for i, a in enumerate(alphas):
+            shown = a * (1 - bar) * np.prod([1 - b for b in alphas[i + 1:]], axis=0)
+            vis_frac[f, i] = min(shown.sum() / areas[i], 1.0)
+            masks[f, i] = shown > 0.5
+        out[f] = img
+    np.clip(out, -1, 1, out=out)
+    np.clip(background, -1, 1, out=background)
+    return VideoSample(out, background, tuple(objects), vis_frac, vis_frac >= VISIBLE_FRACTION, bbox, masks)
+
+
+def batch(seeds: Iterable[int], frames: int, size: int = 32) -> np.ndarray:
+    """[B, frames, 3, size, size] float32 videos, one per seed."""
+    return np.stack([make_video(int(s), frames, size).frames for s in seeds])
+
+
+def identity_recall(generated: np.ndarray, sample: VideoSample, k: int = 6, span: int = 3,
+                    frames_from: int = 0) -> float:
+    """How well `generated` redraws objects that come back after being out of view.
+
+    Events are `sample.returns(k)`: an object, seen earlier, visible again after >= k frames out
+    of view (k = 6: a 4-6 frame memory window no longer holds it). For each event the return frame
+    and up to span - 1 following frames (while the object stays visible, and only frames
+    >= frames_from) are scored on the object's true visible mask M:
+
+        score = clip(1 - mse(generated, truth) / mse(background, truth), 0, 1)
+
+    with mse over the pixels of M and the 3 channels, and `background` the same video rendered
+    without objects (the denominator is floored at 0.02 so near-background objects cannot blow
+    it up). 1 = the object's colour and texture are reproduced exactly, 0 = no better than
+    painting background there (another object's colour usually scores 0 too). The result is the
+    mean over scored frames; NaN when the video has no such event.
+    """
+    if generated.shape != sample.frames.shape:
+        raise UserError(f"videos.identity_recall: generated must have shape {sample.frames.shape}, "
+                        f"got {generated.shape}")
+    scores = []
+    for i, t0 in sample.returns(k):
+        for t in range(max(t0, frames_from), min(t0 + span, len(sample.frames))):
+            if not sample.visible[t, i]:
+                break
+            m = sample.masks[t, i]
+            truth = sample.frames[t][:, m]
+            err = np.mean((generated[t][:, m] - truth) ** 2)
+            ref = max(float(np.mean((sample.background[t][:, m] - truth) ** 2)), 0.02)
+            scores.append(float(np.clip(1 - err / ref, 0.0, 1.0)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def save_preview(frames: np.ndarray, path: str | Path, scale: int = 4, cols: int = 10) -> Path:
+    """Write [F, 3, H, W] frames in [-1, 1] as a PNG grid (rows of `cols`) or, for .gif, an animation."""
+    path = Path(path)
+    imgs = np.round((np.clip(frames, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    imgs = imgs.repeat(scale, 1).repeat(scale, 2)
+    import imageio.v2 as imageio  # imported here so generating data never needs it
+
+    if path.suffix.lower() == ".gif":
+        imageio.mimsave(path, list(imgs), duration=0.15, loop=0)
+        return path
+    f, h, w, _ = imgs.shape
+    rows = -(-f // cols)
+    grid = np.full((rows * (h + 2), min(f, cols) * (w + 2), 3), 255, np.uint8)
+    for j, im in enumerate(imgs):
+        y, x = (j // cols) * (h + 2), (j % cols) * (w + 2)
+        grid[y:y + h, x:x + w] = im
+    imageio.imwrite(path, grid)
+    return path

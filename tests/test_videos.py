@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+
+from ispa_export.errors import UserError
+from ispa_export.videos import batch, identity_recall, make_video, save_preview
+
+SEEDS = range(30)
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return [make_video(s, 40) for s in SEEDS]
+
+
+def test_deterministic_from_seed():
+    a, b, c = make_video(7, 24), make_video(7, 24), make_video(8, 24)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_array_equal(a.visible_fraction, b.visible_fraction)
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_shapes_range_and_metadata(videos):
+    for v in videos:
+        n = len(v.objects)
+        assert v.frames.shape == v.background.shape == (40, 3, 32, 32)
+        assert v.frames.dtype == np.float32
+        assert v.frames.min() >= -1 and v.frames.max() <= 1
+        assert 2 <= n <= 3
+        assert v.visible.shape == v.visible_fraction.shape == (40, n)
+        assert v.bbox.shape == (40, n, 4) and v.masks.shape == (40, n, 32, 32)
+        assert len({o.shape for o in v.objects}) == n  # identities are distinct
+        assert len({tuple(o.colour) for o in v.objects}) == n
+        assert (v.visible_fraction >= 0).all() and (v.visible_fraction <= 1).all()
+        assert (v.visible_fraction.max(0) > 0.95).all()  # each object shows whole at some point
+        # a visible object's mask lies inside its bounding box
+        for t, i in zip(*np.nonzero(v.visible)):
+            ys, xs = np.nonzero(v.masks[t, i])
+            x0, y0, x1, y1 = v.bbox[t, i]
+            assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+    assert make_video(3, 10, size=48).frames.shape == (10, 3, 48, 48)
+
+
+def test_objects_leave_and_return(videos):
+    with_return = [v for v in videos if v.returns(k=6)]
+    assert len(with_return) >= 0.8 * len(videos)
+    for v in with_return:
+        for i, t in v.returns(k=6):
+            assert v.visible[t, i] and not v.visible[t - 6:t, i].any()
+            assert v.visible[: t - 6, i].any()  # it was seen before it left
+
+
+def test_consecutive_frames_more_similar_than_distant(videos):
+    lag1 = np.array([np.abs(v.frames[1:] - v.frames[:-1]).mean() for v in videos])
+    lag10 = np.array([np.abs(v.frames[10:] - v.frames[:-10]).mean() for v in videos])
+    assert (lag1 < lag10).mean() >= 0.9
+    assert lag1.mean() < 0.6 * lag10.mean()
+
+
+def _replace_objects(v, fill):
+    out = v.frames.copy()
+    for i in range(len(v.objects)):
+        m = np.broadcast_to(v.masks[:, i, None], out.shape)
+        out[m] = fill(v, i)[m]
+    return out
+
+
+def test_identity_recall_separates_recall_from_forgetting(videos):
+    videos = [v for v in videos if v.returns()]
+    other = lambda v, i: np.broadcast_to(v.objects[(i + 1) % len(v.objects)].colour[:, None, None],
+                                         v.frames.shape)
+    truth = [identity_recall(v.frames, v) for v in videos]
+    background = [identity_recall(_replace_objects(v, lambda v, i: v.background), v) for v in videos]
+    swapped = [identity_recall(_replace_objects(v, other), v) for v in videos]
+    noisy = [identity_recall(v.frames + np.random.default_rng(0).normal(0, 0.1, v.frames.shape), v)
+             for v in videos]
+    assert min(truth) > 0.999
+    assert max(background) < 0.01
+    assert np.mean(swapped) < 0.2
+    assert np.mean(noisy) > 0.9  # small errors cost little
+    assert all(0 <= s <= 1 for s in truth + background + swapped + noisy)
+
+
+def test_identity_recall_edge_cases():
+    v = make_video(0, 40)
+    assert np.isnan(identity_recall(v.frames[:5], make_video(0, 5)))  # too short for a return
+    t_last = max(t for _, t in v.returns())
+    assert np.isnan(identity_recall(v.frames, v, frames_from=t_last + 3))
+    with pytest.raises(UserError, match="generated must have shape"):
+        identity_recall(v.frames[:10], v)
+
+
+def test_batch_and_bad_arguments():
+    b = batch([1, 2, 3], 8)
+    assert b.shape == (3, 8, 3, 32, 32)
+    np.testing.assert_array_equal(b[1], make_video(2, 8).frames)
+    with pytest.raises(UserError, match="frames"):
+        make_video(0, 0)
+    with pytest.raises(UserError, match="size"):
+        make_video(0, 8, size=8)
+
+
+def test_save_preview(tmp_path):
+    import imageio.v2 as imageio
+
+    frames = make_video(4, 12).frames
+    png = imageio.imread(save_preview(frames, tmp_path / "v.png", scale=2, cols=5))
+    assert png.shape == (3 * 66, 5 * 66, 3)
+    gif = imageio.mimread(save_preview(frames, tmp_path / "v.gif", scale=2))
+    assert len(gif) == 12 and gif[0].shape[:2] == (64, 64)
