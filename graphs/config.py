@@ -91,6 +91,13 @@ PRESETS: dict[str, WanConfig] = {
     "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     # Wan2.1 T2V 14B.
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Trained on procedural videos (ispa_export/train.py), ships in the package: 3x32x32 pixel frames
+    # (no VAE), 64 tokens per frame, a 12-frame cache, chunks of 2 frames.
+    "demo": WanConfig(
+        dim=128, ffn_dim=384, num_heads=4, num_layers=6, in_dim=3, out_dim=3, patch_size=(1, 4, 4),
+        text_dim=16, freq_dim=64, text_len=4, latent_height=32, latent_width=32, chunk_frames=2,
+        max_frames=12,
+    ),
     # Random weights, for tests: builds in milliseconds, wraps its cache within a few chunks.
     "tiny": WanConfig(
         dim=64, ffn_dim=128, num_heads=4, num_layers=4, in_dim=4, out_dim=4, text_dim=32,

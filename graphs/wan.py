@@ -36,7 +36,9 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.LayerNorm):
     # Normalise in float32 whatever the compute dtype, as Wan does.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +243,12 @@ class WanModel(nn.Module):
         for name, ang in (("rope_frame", frame), ("rope_hw", hw)):
             self.register_buffer(name + "_cos", torch.cos(ang).float(), persistent=False)
             self.register_buffer(name + "_sin", torch.sin(ang).float(), persistent=False)
+
+    def cast(self, dtype: torch.dtype) -> "WanModel":
+        """Cast the parameters only: the RoPE tables stay float32 (fp16 angles would blur positions)."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
 
     # -- layer modes -------------------------------------------------------------------------
     def set_modes(self, modes: list[str]) -> None:

@@ -18,7 +18,6 @@ from runtimes.driver import Stream
 from .errors import UserError
 from .kv import kv_bytes, layers_for_target
 from .monitor import LocalSpan, WarmupMonitor
-from .solver import DEFAULT_RHO
 from .torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
@@ -34,7 +33,7 @@ class IspaOptions:
     sink: int = 1
     warmup_chunks: int = 8  # the most chunks generated before the transition
     tol: float = 0.05  # convergence: relative change of the selected layers' held-out d*
-    rho: float = DEFAULT_RHO
+    rho: float | None = None  # None: the solver's measured default
     variant: str = "full"
     site: str = "wo"
     rank: int | None = None

@@ -34,7 +34,7 @@ class WarmupMonitor:
     """Attach with `TorchRunner(before_pass=monitor.before_pass)`; `stream` must be set before running."""
 
     span: LocalSpan
-    rho: float
+    rho: float | None
     variant: str = "full"
     site: str = "wo"
     rank: int | None = None

@@ -112,7 +112,7 @@ class Stream:
         self.latents: list[np.ndarray] = []
 
     # -- one chunk ---------------------------------------------------------------------------
-    def _feeds(self, x: np.ndarray, t: float, pass_kind: int) -> dict[str, np.ndarray]:
+    def feeds(self, x: np.ndarray, t: float, pass_kind: int) -> dict[str, np.ndarray]:
         dtype = np.dtype(self.geo.dtype)
         feeds = {
             "latents": x.astype(dtype, copy=False),
@@ -131,7 +131,7 @@ class Stream:
 
     def _run(self, x: np.ndarray, t: float, pass_kind: int) -> dict[str, np.ndarray]:
         info = PassInfo(self.chunk, self.frame_index, pass_kind)
-        return self.runner.run(self._feeds(x, t, pass_kind), info)
+        return self.runner.run(self.feeds(x, t, pass_kind), info)
 
     def step(self, given: np.ndarray | None = None) -> np.ndarray:
         """Denoise the next chunk with the few-step schedule, then write its K/V (cache pass at t=0).

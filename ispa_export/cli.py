@@ -1,0 +1,151 @@
+"""The `ispa` command line (DESIGN.md section 10). User errors: one line on stderr, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return v
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ispa", description="Instance-Specific Parametric Absorption: "
+                                "halve the KV cache of a streaming video DiT and export it as a static graph.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="warmup, solve, bake, export ONNX + handoff state")
+    e.add_argument("--model", default="demo", help="preset: demo (trained, default), tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b")
+    e.add_argument("--checkpoint", help="weights (.safetensors, sharded index, .pt/.pth) for the preset named by --config")
+    e.add_argument("--config", help="preset whose architecture the checkpoint has")
+    e.add_argument("--context", help="text embeddings: safetensors file with tensor 'context' [B, tokens, text_dim]")
+    e.add_argument("--kv-reduction", type=_fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
+    e.add_argument("--layers", type=_layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
+    e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: one chunk)")
+    e.add_argument("--sink", type=int, default=1, help="first frames of the video an L-layer keeps")
+    e.add_argument("--warmup-chunks", type=int, default=8, help="most chunks generated before the transition")
+    e.add_argument("--tol", type=float, default=0.05, help="convergence tolerance of the held-out corrected discrepancy")
+    e.add_argument("--variant", default="full", help="full | per_pass | bias | none")
+    e.add_argument("--site", default="wo", help="wo (fold into W_o) | adapter (parallel linear from the attention input)")
+    e.add_argument("--rank", type=int, help="rank-k truncation of each correction")
+    e.add_argument("--rho", type=float, help="ridge strength (default: the solver's measured default)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--modulation", default="baked", help="baked (refittable constants) | input (graph inputs)")
+    e.add_argument("--dtype", default="fp32", help="fp32 | fp16 (bf16: PyTorch only, not exported)")
+    e.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
+
+    r = sub.add_parser("run", help="generate the rest of the video from an artifact")
+    r.add_argument("artifact", metavar="DIR")
+    r.add_argument("--backend", default="ort", help="torch | ort | trt")
+    r.add_argument("--chunks", type=int, required=True)
+    r.add_argument("--out", required=True)
+
+    i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes")
+    i.add_argument("target", metavar="PRESET|DIR")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--kv-reduction", type=_fraction, default=0.5)
+    i.add_argument("--window", type=int)
+    i.add_argument("--sink", type=int, default=1)
+    i.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
+
+    v = sub.add_parser("eval", help="quality of ISPA vs token dropping on the demo model")
+    v.add_argument("--model", default="demo")
+    v.add_argument("--quick", action="store_true")
+    v.add_argument("--out", default="artifacts/eval")
+
+    b = sub.add_parser("bench", help="memory, latency and scaling benchmarks")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--out", default="artifacts/bench")
+
+    g = sub.add_parser("engine", help="build a TensorRT engine beside the ONNX")
+    g.add_argument("artifact", metavar="DIR")
+    g.add_argument("--workspace-gib", type=float, default=4.0)
+
+    f = sub.add_parser("verify", help="Polygraphy parity of the exported graph")
+    f.add_argument("artifact", metavar="DIR")
+    f.add_argument("--trt", action="store_true", help="compare TensorRT against ONNX Runtime as well")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (UserError, FileNotFoundError) as e:
+        print(f"ispa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # runtimes' ArtifactError and the driver's shape checks are ValueErrors with one-line messages.
+        if type(e).__name__ in ("ArtifactError", "BackendError"):
+            print(f"ispa {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def cmd_export(args) -> int:
+    from .pipeline import export_pipeline
+    export_pipeline(args)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_artifact
+    run_artifact(Path(args.artifact), args.backend, args.chunks, Path(args.out))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .pipeline import inspect
+    info = inspect(args.target, args.kv_reduction, args.window, args.sink, args.dtype)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for line in info["text"]:
+            print(line)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import main as eval_main
+    return eval_main(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
+def cmd_engine(args) -> int:
+    from .engine import build_for_artifact
+    build_for_artifact(Path(args.artifact), workspace_bytes=int(args.workspace_gib * 2**30))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+    return verify(Path(args.artifact), trt=args.trt)
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "bench": cmd_bench,
+            "engine": cmd_engine, "verify": cmd_verify}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Export: the baked chunk step to a fixed-shape ONNX graph, and the artifact directory around it."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from safetensors.numpy import save_file
+
+from graphs.wan import FULL, LOCAL, WanModel
+from runtimes.artifact import FORMAT, ONNX, REPORT, SCHEMA_VERSION, STATE
+from runtimes.driver import Stream
+from runtimes.files import atomic_directory, file_records, write_json_atomic
+
+from .errors import UserError
+from .kv import kv_bytes
+
+DTYPES = {"fp32": (torch.float32, np.float32, "float32"), "fp16": (torch.float16, np.float16, "float16")}
+OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
+ONNX_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+              onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+
+
+def modulation_constants(model: WanModel) -> dict[str, np.ndarray]:
+    """The L-layers' W_o' and b_o' (absorbed bias included), stacked: the inputs of `--modulation input`."""
+    weights, biases = [], []
+    for block, mode in zip(model.blocks, model.modes):
+        if mode != LOCAL:
+            continue
+        attn = block.self_attn
+        if attn.ispa_weight is not None:
+            raise UserError("--modulation input takes one folded W_o correction per layer; variant "
+                            "'per_pass' and site 'adapter' need --modulation baked")
+        bias = attn.o.bias if attn.ispa_bias is None else attn.o.bias + attn.ispa_bias[0]
+        weights.append(attn.o.weight.detach().float().numpy())
+        biases.append(bias.detach().float().numpy())
+    return {"ispa_weight": np.stack(weights), "ispa_bias": np.stack(biases)}
+
+
+def graph_feeds(stream: Stream, model: WanModel, modulation: str, np_dtype) -> dict[str, np.ndarray]:
+    """Example inputs in the graph's contract, taken from the live stream (real caches, real masks)."""
+    feeds = stream.feeds(np.zeros(stream.geo.chunk_shape, np.float32), 500.0, 0)
+    names = ["latents", "timestep", "frame_index", "cross_kv", "kv_full", "kv_full_mask", "kv_local", "kv_local_mask"]
+    if model.per_pass_kind():
+        names.append("pass_kind")
+    out = {k: feeds[k] for k in names if k in feeds}
+    if modulation == "input":
+        out.update(modulation_constants(model))
+    return {k: v.astype(np_dtype) if v.dtype == np.float32 and k != "timestep" else v for k, v in out.items()}
+
+
+def _rename_refit_weights(proto: onnx.ModelProto, wanted: dict[str, np.ndarray]) -> list[str]:
+    """Give the L-layers' correction constants stable names (the optimiser folds W_o into an anonymous
+    transposed initializer): found by value, renamed in the graph, returned for the manifest."""
+    by_shape: dict[tuple, list[onnx.TensorProto]] = {}
+    for init in proto.graph.initializer:
+        by_shape.setdefault(tuple(init.dims), []).append(init)
+    renames = {}
+    for name, value in wanted.items():
+        match = [t for t in by_shape.get(value.shape, [])
+                 if t.name not in renames and np.array_equal(onnx.numpy_helper.to_array(t), value)]
+        if len(match) != 1:
+            raise RuntimeError(f"refit weight {name}: found {len(match)} initializers with its value, expected 1")
+        renames[match[0].name] = name
+    for init in proto.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in proto.graph.node:
+        for i, n in enumerate(node.input):
+            if n in renames:
+                node.input[i] = renames[n]
+    return list(wanted)
+
+
+def refit_weights(model: WanModel, np_dtype) -> dict[str, np.ndarray]:
+    """The per-instance constants of a baked graph, as they appear in ONNX (W_o transposed)."""
+    out = {}
+    for i, (block, mode) in enumerate(zip(model.blocks, model.modes)):
+        attn = block.self_attn
+        if mode != LOCAL or attn.ispa_bias is None:
+            continue
+        out[f"blocks.{i}.self_attn.o.weight_t"] = attn.o.weight.detach().T.numpy().astype(np_dtype)
+        if attn.ispa_bias.shape[0] == 1:
+            out[f"blocks.{i}.self_attn.ispa_bias"] = attn.ispa_bias[0].detach().numpy().astype(np_dtype)
+    return out
+
+
+def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit: bool) -> list[str]:
+    """torch.onnx.export (dynamo) of the chunk step; returns the refittable initializer names."""
+    kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    if "ispa_weight" in feeds:
+        kwargs["ispa_weight"], kwargs["ispa_bias"] = kwargs.pop("ispa_weight"), kwargs.pop("ispa_bias")
+    outputs = [o for o in OUTPUTS if not (o == "new_kv_full" and "kv_full" not in feeds)
+               and not (o == "new_kv_local" and "kv_local" not in feeds)]
+    log = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(log):
+        program = torch.onnx.export(model, (), kwargs=kwargs, output_names=outputs, dynamo=True, optimize=True,
+                                    verbose=False)
+    proto = program.model_proto
+    names = _rename_refit_weights(proto, refit_weights(model, feeds["latents"].dtype)) if refit else []
+    onnx.save_model(proto, str(path))
+    return names
+
+
+def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def spec(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "shape": [d.dim_value for d in t.shape.dim], "dtype": ONNX_DTYPE[t.elem_type]}
+
+    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, preset: str, modulation: str = "baked",
+                   dtype: str = "fp32", progress=print) -> dict:
+    """Export the baked model and the handoff state into `out`, atomically; returns the manifest."""
+    if modulation not in ("baked", "input"):
+        raise UserError(f"--modulation: expected 'baked' or 'input', got {modulation!r}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: expected one of {sorted(DTYPES)} for export, got {dtype!r}")
+    torch_dtype, np_dtype, dtype_name = DTYPES[dtype]
+    cfg = model.cfg
+    graph_model = copy.deepcopy(model).cast(torch_dtype)
+    state = stream.state_arrays()
+    feeds = graph_feeds(stream, graph_model, modulation, np_dtype)
+    geo = stream.geo
+    geometry = {k: getattr(geo, k) for k in geo.__dataclass_fields__}
+    geometry["dtype"] = dtype_name
+    with atomic_directory(out) as tmp:
+        t0 = time.perf_counter()
+        progress(f"export: tracing the chunk step to ONNX ({dtype}, modulation {modulation})")
+        refit_names = export_onnx(graph_model, feeds, tmp / ONNX, refit=modulation == "baked")
+        export_seconds = time.perf_counter() - t0
+        progress(f"export: ONNX written in {export_seconds:.1f} s")
+        for k in ("kv_full", "kv_local", "cross_kv") + (("ispa_weight", "ispa_bias") if modulation == "input" else ()):
+            src = feeds[k] if k in feeds else state[k]
+            state[k] = np.ascontiguousarray(src.astype(np_dtype))
+        save_file(state, str(tmp / STATE))
+        report = dict(report, export_seconds=export_seconds)
+        write_json_atomic(tmp / REPORT, report)
+        inputs, outputs = io_specs(tmp / ONNX)
+        kv = kv_bytes(cfg, model.modes, geo.local_capacity - geo.local_sink, geo.local_sink, dtype=dtype_name)
+        caches = {}
+        for key, mode, cap, sink in (("full", FULL, geo.full_capacity, geo.full_sink),
+                                     ("local", LOCAL, geo.local_capacity, geo.local_sink)):
+            arr = state["kv_" + key]
+            caches[key] = {"layers": model.modes.count(mode), "capacity_frames": cap, "sink_frames": sink,
+                           "shape": list(arr.shape), "dtype": dtype_name, "bytes": int(arr.nbytes)}
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "format": FORMAT,
+            "model": {"preset": preset, "config": cfg.to_dict()},
+            "layers": [{"index": i, "mode": m} for i, m in enumerate(model.modes)],
+            "geometry": geometry, "caches": caches, "kv_bytes": {"total": kv.total, "per_layer": kv.per_layer},
+            "modulation": modulation, "dtype": dtype_name, "inputs": inputs, "outputs": outputs,
+            "absorption": {"variant": report["options"]["variant"], "site": report["options"]["site"],
+                           "layers": report["selected_layers"], "transition_chunk": report["transition_chunk"],
+                           "kv_reduction": report["kv_reduction"]},
+            "refit_names": refit_names, "versions": versions(), "seed": int(stream.seed),
+        }
+        extra = [p for p in report.get("plots", []) if Path(p).exists()]
+        for p in extra:
+            (tmp / Path(p).name).write_bytes(Path(p).read_bytes())
+        manifest["files"] = file_records(tmp)
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,221 @@
+"""The stages behind the command line: load a model, warm up and bake, export, run an artifact, inspect."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from graphs.config import PRESETS, WanConfig, preset
+from graphs.wan import LOCAL, Absorption, WanModel, parameter_count
+
+from .errors import UserError
+from .ispa import IspaOptions, report, transition
+from .kv import kv_bytes, layers_for_target
+
+DATA = Path(__file__).parent / "data"
+BAKED = "torch_model.safetensors"
+
+
+def get_preset(name: str) -> WanConfig:
+    try:
+        return preset(name)
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
+
+
+def load_model(name: str | None, checkpoint: str | None = None, config: str | None = None, seed: int = 0) -> tuple[str, WanModel]:
+    """A preset with its weights: the shipped demo weights, a checkpoint, or seeded random weights."""
+    from .checkpoint import load_into
+
+    if checkpoint:
+        name = config or name
+        if not name:
+            raise UserError("--checkpoint needs --config PRESET (the architecture of the checkpoint)")
+    cfg = get_preset(name)
+    torch.manual_seed(seed)
+    model = WanModel(cfg).eval()
+    if checkpoint:
+        load_into(model, checkpoint)
+    elif name == "demo":
+        path = DATA / "demo.safetensors"
+        if not path.exists():
+            raise UserError(f"{path}: the demo weights are missing from the package; reinstall ispa-export")
+        load_into(model, str(path))
+    return name, model
+
+
+def load_context(path: str | None, name: str, cfg: WanConfig, seed: int) -> tuple[torch.Tensor, str]:
+    """Text embeddings [B, tokens, text_dim]: a file, the demo's fixed prompt, or seeded noise."""
+    if path:
+        try:
+            ctx = load_file(path)["context"]
+        except KeyError:
+            raise UserError(f"{path}: field 'context' missing; expected a tensor [B, tokens, {cfg.text_dim}]") from None
+        except Exception as e:  # safetensors raises its own error types for malformed files
+            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+        if ctx.dim() != 3 or ctx.shape[2] != cfg.text_dim or ctx.shape[1] > cfg.text_len:
+            raise UserError(f"{path}: field 'context' has shape {list(ctx.shape)}; expected "
+                            f"[B, <= {cfg.text_len}, {cfg.text_dim}]")
+        return ctx.float(), path
+    if name == "demo":
+        from .train import demo_context
+        return demo_context(), "demo prompt (fixed)"
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, min(cfg.text_len, 16), cfg.text_dim, generator=g), f"random embeddings (seed {seed})"
+
+
+def save_baked(model: WanModel, path: Path) -> None:
+    """The baked PyTorch weights (absorbed corrections included), for `ispa run --backend torch`."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"modes": ",".join(model.modes),
+            "sites": ",".join(b.self_attn.ispa_site for b in model.blocks)}
+    save_file(sd, str(path), metadata=meta)
+
+
+def load_baked(cfg: WanConfig, path: Path) -> WanModel:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "modes" not in meta:
+        raise UserError(f"{path}: metadata field 'modes' missing; not a baked ispa-export model")
+    sd = load_file(str(path))
+    model = WanModel(cfg).eval()
+    model.set_modes(meta["modes"].split(","))
+    for i, (block, site) in enumerate(zip(model.blocks, meta["sites"].split(","))):
+        pre = f"blocks.{i}.self_attn."
+        if pre + "ispa_bias" in sd:
+            block.self_attn.absorb(Absorption(site, sd.get(pre + "ispa_weight"), sd[pre + "ispa_bias"]))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def default_window(cfg: WanConfig, window: int | None) -> int:
+    return cfg.chunk_frames if window is None else window
+
+
+class Progress:
+    """A tqdm bar on stderr (progress for long stages without a dependency in the hot path)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=True, disable=None)
+
+    def __call__(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def export_pipeline(args) -> dict:
+    from .export import write_artifact
+    from .plots import plot_discrepancy
+
+    name, model = load_model(args.model, args.checkpoint, args.config, args.seed)
+    cfg = model.cfg
+    ctx, ctx_source = load_context(args.context, name, cfg, args.seed)
+    opts = IspaOptions(kv_reduction=None if args.layers else args.kv_reduction, layers=args.layers,
+                       window=default_window(cfg, args.window), sink=args.sink, warmup_chunks=args.warmup_chunks,
+                       tol=args.tol, rho=args.rho, variant=args.variant, site=args.site, rank=args.rank)
+    if args.warmup_chunks < 1:
+        raise UserError(f"--warmup-chunks: expected >= 1, got {args.warmup_chunks}")
+    bar = Progress(args.warmup_chunks, "warmup (chunks)")
+    stream, monitor, tr = transition(model, ctx, args.seed, opts, progress=bar)
+    bar.close()
+    rep = report(model, monitor, tr, opts, dtype="float16" if args.dtype == "fp16" else "float32")
+    rep["model"], rep["context"] = name, ctx_source
+    out = Path(args.out)
+    plot = out.parent / f".{out.name}.discrepancy.png"
+    plot_discrepancy(rep, plot)
+    rep["plots"] = [str(plot)]
+    baked = out.parent / f".{out.name}.{BAKED}"
+    save_baked(model, baked)
+    rep["plots"].append(str(baked))
+    try:
+        manifest = write_artifact(out, model, stream, rep, preset=name, modulation=args.modulation,
+                                  dtype=args.dtype, progress=lambda s: print(s, file=sys.stderr))
+    finally:
+        plot.unlink(missing_ok=True)
+        baked.unlink(missing_ok=True)
+    print(f"exported {out}: {len(tr.layers)}/{cfg.num_layers} layers local {tr.layers}, transition at chunk "
+          f"{tr.chunk} ({tr.reason}), KV bytes {rep['kv_bytes_before']} -> {rep['kv_bytes_after']} "
+          f"({rep['kv_reduction']:.1%} removed)")
+    return manifest
+
+
+def run_artifact(directory: Path, backend: str, chunks: int, out: Path) -> dict:
+    """`ispa run`: the torch backend runs the baked PyTorch model, ort/trt go through runtimes."""
+    from runtimes import run as rt
+
+    if backend in ("ort", "trt"):
+        code = rt.main([str(directory), "--backend", backend, "--chunks", str(chunks), "--out", str(out)])
+        if code:
+            raise SystemExit(code)
+        return {}
+    if backend != "torch":
+        raise UserError(f"--backend: expected torch, ort or trt, got {backend!r}")
+    from runtimes.artifact import load_artifact
+
+    from .torch_runner import TorchRunner
+
+    art = load_artifact(directory)
+    cfg = WanConfig.from_dict(art.manifest["model"]["config"])
+    model = load_baked(cfg, directory / BAKED)
+    stream = rt.make_stream(art, TorchRunner(model))
+    return rt.generate_with(stream, chunks, out)
+
+
+def inspect(target: str, reduction: float, window: int | None, sink: int, dtype: str) -> dict:
+    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    if dtype not in names:
+        raise UserError(f"--dtype: expected fp32, fp16 or bf16, got {dtype!r}")
+    path = Path(target)
+    if path.is_dir():
+        man_path = path / "manifest.json"
+        try:
+            man = json.loads(man_path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{man_path}: missing; not an ispa-export artifact") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{man_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        cfg = WanConfig.from_dict(man["model"]["config"])
+        modes = [l["mode"] for l in man["layers"]]
+        geo = man["geometry"]
+        window, sink = geo["local_capacity"] - geo["local_sink"], geo["local_sink"]
+        dtype_name = man["dtype"]
+        title = f"artifact {path} ({man['model']['preset']})"
+    else:
+        cfg = get_preset(target)
+        window = default_window(cfg, window)
+        try:
+            n = layers_for_target(cfg, reduction, window, sink)
+        except ValueError as e:
+            raise UserError(f"--kv-reduction/--window/--sink: {e}") from None
+        modes = ["F"] * (cfg.num_layers - n) + ["L"] * n  # which layers is decided per video at export
+        dtype_name = names[dtype]
+        title = f"preset {target} at {reduction:.0%} KV reduction (window {window}, sink {sink})"
+    full = kv_bytes(cfg, None, dtype=dtype_name)
+    ispa = kv_bytes(cfg, modes, window, sink, dtype=dtype_name)
+    params = _meta_params(cfg)
+    text = [title,
+            f"  dim {cfg.dim}, ffn {cfg.ffn_dim}, heads {cfg.num_heads} x {cfg.head_dim}, layers {cfg.num_layers}, "
+            f"{params:,} parameters",
+            f"  {cfg.tokens_per_frame} tokens/frame, chunk {cfg.chunk_frames} frames, full cache {cfg.max_frames} frames",
+            f"  layer modes: {''.join(modes)}",
+            f"  KV bytes ({dtype_name}): full cache {full.total:,} ({full.full_layer:,} per layer); "
+            f"ISPA {ispa.total:,} (F {ispa.by_mode()['F']:,} + L {ispa.by_mode()['L']:,}); "
+            f"removed {1 - ispa.total / full.total:.2%}",
+            f"  text cross-attention K/V (fixed per prompt): {full.cross:,} bytes"]
+    return {"config": cfg.to_dict(), "modes": modes, "parameters": params, "dtype": dtype_name,
+            "kv_bytes_full": full.total, "kv_bytes_ispa": ispa.total, "kv_bytes_per_layer": ispa.per_layer,
+            "kv_reduction": 1 - ispa.total / full.total, "cross_kv_bytes": full.cross, "text": text}
+
+
+def _meta_params(cfg: WanConfig) -> int:
+    with torch.device("meta"):
+        return parameter_count(WanModel(cfg))

@@ -1,0 +1,39 @@
+"""Pictures people would rather look at than JSON: discrepancy curves, quality vs memory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_discrepancy(report: dict, path: Path) -> Path:
+    """Per layer: raw and held-out corrected discrepancy per warmup chunk (mean over passes)."""
+    layers = report["layers"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    cmap = plt.get_cmap("viridis", max(len(layers), 2))
+    for layer in layers:
+        chunks = sorted(int(c) for c in layer["curve"])
+        if not chunks:
+            continue
+        raw = [sum(v["raw"] for v in layer["curve"][str(c)].values()) / len(layer["curve"][str(c)]) for c in chunks]
+        cor = [sum(v["corrected"] for v in layer["curve"][str(c)].values()) / len(layer["curve"][str(c)]) for c in chunks]
+        color = cmap(layer["index"])
+        style = "-" if layer["mode"] == "L" else ":"
+        ax.plot(chunks, raw, style, color=color, alpha=0.45)
+        ax.plot(chunks, cor, style, color=color, marker="o", ms=3,
+                label=f"layer {layer['index']} ({layer['mode']})")
+    ax.axvline(report["transition_chunk"] - 0.5, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("warmup chunk")
+    ax.set_ylabel("discrepancy  ||W_o(a_g - a_l)||² / ||W_o a_g||²")
+    ax.set_title(f"raw (faint) vs held-out corrected (markers); transition at chunk {report['transition_chunk']}, "
+                 f"{report['kv_reduction']:.0%} KV removed", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,514 @@
+"""Loads and validates an export directory (manifest.json, model.onnx, state.safetensors, report.json).
+
+Every refusal is one ArtifactError line that names the file, the field, what was expected and what
+was found, so a deployment fails before the first step instead of producing a wrong video. Imports
+numpy, safetensors and (lazily) onnx or onnxruntime; never torch, ispa_export or graphs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from .driver import FULL, LOCAL, Geometry
+from .files import sha256_file
+from .schedule import ring_slot
+
+SCHEMA_VERSION = 1
+FORMAT = "ispa-export"
+MANIFEST = "manifest.json"
+ONNX = "model.onnx"
+STATE = "state.safetensors"
+REPORT = "report.json"
+REQUIRED_FILES = (ONNX, STATE)
+IO_DTYPES = ("float32", "float16", "int64", "bool")
+MODULATIONS = ("baked", "input")
+# The graph inputs the driver knows how to feed (runtimes.driver.Stream._feeds + constants).
+KNOWN_INPUTS = ("latents", "timestep", "frame_index", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
+                "kv_local_mask", "pass_kind", "ispa_weight", "ispa_bias")
+GROUPS = (("full", FULL, "kv_full"), ("local", LOCAL, "kv_local"))
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ArtifactError(ValueError):
+    """An export directory that cannot be run as it is; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+@dataclass
+class Artifact:
+    directory: Path
+    manifest: dict[str, Any]
+    geometry: Geometry
+    state: dict[str, np.ndarray]
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """Every file of the artifact (those listed in `files`, plus the manifest) by relative name."""
+        out = {name: self.directory / name for name in self.manifest["files"]}
+        out[MANIFEST] = self.directory / MANIFEST
+        return out
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / ONNX
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE
+
+    @property
+    def modulation(self) -> str:
+        return self.manifest["modulation"]
+
+    @property
+    def cross_kv(self) -> np.ndarray:
+        return self.state["cross_kv"]
+
+    @property
+    def seed(self) -> int:
+        return int(self.state["seed"])
+
+    @property
+    def constants(self) -> dict[str, np.ndarray]:
+        """Per-instance graph inputs that stay fixed over the stream (modulation "input")."""
+        return {k: self.state[k] for k in ("ispa_weight", "ispa_bias") if k in self.state}
+
+    def engine_path(self) -> Path | None:
+        """The TensorRT engine listed in `files` (*.engine or *.plan), if one was built."""
+        for name in self.manifest["files"]:
+            if name.endswith((".engine", ".plan")):
+                return self.directory / name
+        return None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _one_line(x: Any, limit: int = 300) -> str:
+    s = " ".join(str(x).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _fail(file: str | Path, field: str | None, expected: str, found: Any) -> ArtifactError:
+    where = f"{file}: {field}: " if field else f"{file}: "
+    return ArtifactError(_one_line(f"{where}expected {expected}, found {found}", 600))
+
+
+def _kind(x: Any) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return f"boolean {x}"
+    if isinstance(x, (int, float)):
+        return f"number {x}"
+    if isinstance(x, str):
+        return f"string {x!r}"
+    if isinstance(x, list):
+        return f"a list of {len(x)}"
+    if isinstance(x, dict):
+        return "an object"
+    return type(x).__name__
+
+
+def _field(obj: dict, key: str, kind: type | tuple, path: str, file: str = MANIFEST) -> Any:
+    if key not in obj:
+        raise _fail(file, path or "(top level)", f"a field {key!r}", "no such field")
+    v = obj[key]
+    ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+    if kind == (int, float) and isinstance(v, bool):
+        ok = False
+    if not ok:
+        names = {dict: "an object", list: "a list", str: "a string", int: "an integer", (int, float): "a number"}
+        raise _fail(file, f"{path}.{key}" if path else key, names.get(kind, str(kind)), _kind(v))
+    return v
+
+
+def _int(obj: dict, key: str, path: str, minimum: int = 0) -> int:
+    v = _field(obj, key, int, path)
+    if v < minimum:
+        raise _fail(MANIFEST, f"{path}.{key}" if path else key, f"an integer >= {minimum}", v)
+    return v
+
+
+# -- manifest -----------------------------------------------------------------------------------
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise _fail(directory, None, "an artifact directory", "no such directory")
+    if not path.is_file():
+        raise _fail(path, None, "the artifact manifest", "no such file")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise _fail(path, None, "UTF-8 JSON", f"undecodable bytes ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise _fail(path, None, "valid JSON", f"a parse error at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(manifest, dict):
+        raise _fail(path, None, "a JSON object", _kind(manifest))
+    if manifest.get("format") != FORMAT:
+        raise _fail(path, "format", repr(FORMAT), _kind(manifest.get("format")) if "format" in manifest else "no such field")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise _fail(path, "schema_version", f"{SCHEMA_VERSION} (this runtime reads schema version {SCHEMA_VERSION})",
+                    _kind(version) if "schema_version" in manifest else "no such field")
+    for key, kind in (("model", dict), ("layers", list), ("geometry", dict), ("caches", dict),
+                      ("modulation", str), ("inputs", list), ("outputs", list), ("files", dict)):
+        _field(manifest, key, kind, "")
+    if "seed" in manifest:
+        _int(manifest, "seed", "")
+    return manifest
+
+
+def _geometry(manifest: dict) -> Geometry:
+    g = manifest["geometry"]
+    names = [f.name for f in dataclasses.fields(Geometry)]
+    unknown = sorted(set(g) - set(names))
+    if unknown:
+        raise _fail(MANIFEST, "geometry", f"only the fields {names}", f"unknown fields {unknown}")
+    modes = _field(g, "modes", list, "geometry")
+    if not modes or any(m not in (FULL, LOCAL) for m in modes):
+        raise _fail(MANIFEST, "geometry.modes", "a non-empty list of 'F'/'L'", _one_line(modes, 120))
+    ints = {}
+    for key in ("batch", "channels", "chunk_frames", "height", "width", "tokens_per_frame", "heads", "head_dim"):
+        ints[key] = _int(g, key, "geometry", 1)
+    for key in ("full_capacity", "full_sink", "local_capacity", "local_sink"):
+        ints[key] = _int(g, key, "geometry", 0)
+    for prefix, mode in (("full", FULL), ("local", LOCAL)):
+        cap, sink = ints[prefix + "_capacity"], ints[prefix + "_sink"]
+        if mode in modes and sink >= cap:
+            raise _fail(MANIFEST, f"geometry.{prefix}_sink", f"< {prefix}_capacity={cap} (the ring needs a rolling part)", sink)
+    dtype = _field(g, "dtype", str, "geometry")
+    if dtype not in ("float32", "float16"):
+        raise _fail(MANIFEST, "geometry.dtype", "'float32' or 'float16'", repr(dtype))
+    ts = _field(g, "timesteps", list, "geometry")
+    if not ts or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in ts):
+        raise _fail(MANIFEST, "geometry.timesteps", "a non-empty list of finite numbers", _one_line(ts, 120))
+    return Geometry(modes=list(modes), dtype=dtype, timesteps=[float(t) for t in ts], **ints)
+
+
+def _cache_shape(geo: Geometry, mode: str) -> tuple[int, ...]:
+    cap = geo.full_capacity if mode == FULL else geo.local_capacity
+    return (geo.modes.count(mode), 2, geo.batch, cap * geo.tokens_per_frame, geo.heads, geo.head_dim)
+
+
+def _check_layers_and_caches(manifest: dict, geo: Geometry) -> None:
+    layers = manifest["layers"]
+    if len(layers) != len(geo.modes):
+        raise _fail(MANIFEST, "layers", f"{len(geo.modes)} entries (one per geometry.modes)", len(layers))
+    for i, (entry, mode) in enumerate(zip(layers, geo.modes)):
+        if not isinstance(entry, dict) or entry.get("index") != i or entry.get("mode") != mode:
+            raise _fail(MANIFEST, f"layers[{i}]", f"{{'index': {i}, 'mode': {mode!r}}} (from geometry.modes)",
+                        _one_line(entry, 120))
+    caches = manifest["caches"]
+    for key, mode, _ in GROUPS:
+        c = _field(caches, key, dict, "caches")
+        path = f"caches.{key}"
+        cap, sink = ((geo.full_capacity, geo.full_sink) if mode == FULL else (geo.local_capacity, geo.local_sink))
+        want = {"layers": geo.modes.count(mode), "capacity_frames": cap, "sink_frames": sink}
+        for field, value in want.items():
+            got = _field(c, field, int, path)
+            if got != value:
+                raise _fail(MANIFEST, f"{path}.{field}", f"{value} (from geometry)", got)
+        shape = list(_cache_shape(geo, mode))
+        got = _field(c, "shape", list, path)
+        if got != shape:
+            raise _fail(MANIFEST, f"{path}.shape",
+                        f"{shape} = [layers, 2, batch, capacity_frames*tokens_per_frame ({cap}*{geo.tokens_per_frame}), "
+                        f"heads, head_dim]", got)
+        dtype = _field(c, "dtype", str, path)
+        if dtype != geo.dtype:
+            raise _fail(MANIFEST, f"{path}.dtype", f"{geo.dtype!r} (geometry.dtype)", repr(dtype))
+        nbytes = math.prod(shape) * np.dtype(geo.dtype).itemsize
+        got = _field(c, "bytes", int, path)
+        if got != nbytes:
+            raise _fail(MANIFEST, f"{path}.bytes", f"{nbytes} (shape x itemsize)", got)
+
+
+def _specs(manifest: dict, key: str) -> dict[str, TensorSpec]:
+    out: dict[str, TensorSpec] = {}
+    for i, entry in enumerate(manifest[key]):
+        path = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise _fail(MANIFEST, path, "an object with name, shape, dtype", _kind(entry))
+        name = _field(entry, "name", str, path)
+        shape = _field(entry, "shape", list, path)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _fail(MANIFEST, f"{path}.shape", "a list of static non-negative integers", _one_line(shape, 120))
+        dtype = _field(entry, "dtype", str, path)
+        if dtype not in IO_DTYPES:
+            raise _fail(MANIFEST, f"{path}.dtype", f"one of {list(IO_DTYPES)}", repr(dtype))
+        if name in out:
+            raise _fail(MANIFEST, path, "unique names", f"{name!r} twice")
+        out[name] = TensorSpec(name, tuple(shape), dtype)
+    return out
+
+
+def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSpec],
+                       outputs: dict[str, TensorSpec]) -> None:
+    """The manifest's I/O against what the driver feeds and reads, for this geometry."""
+    modulation = manifest["modulation"]
+    if modulation not in MODULATIONS:
+        raise _fail(MANIFEST, "modulation", f"one of {list(MODULATIONS)}", repr(modulation))
+    unknown = [n for n in inputs if n not in KNOWN_INPUTS]
+    if unknown:
+        raise _fail(MANIFEST, "inputs", f"names the driver feeds ({', '.join(KNOWN_INPUTS)})", f"unknown {unknown}")
+    b, f, p = geo.batch, geo.chunk_frames, geo.tokens_per_frame
+    want_in: dict[str, tuple[tuple[int, ...] | None, str]] = {
+        "latents": (geo.chunk_shape, geo.dtype),
+        "timestep": ((b,), "float32"),
+        "frame_index": ((), "int64"),
+        "cross_kv": (None, geo.dtype),
+    }
+    want_out: dict[str, tuple[tuple[int, ...] | None, str | None]] = {"prediction": (geo.chunk_shape, None)}
+    for _, mode, name in GROUPS:
+        if geo.modes.count(mode):
+            cap = geo.full_capacity if mode == FULL else geo.local_capacity
+            want_in[name] = (_cache_shape(geo, mode), geo.dtype)
+            want_in[name + "_mask"] = ((cap,), "bool")
+            want_out["new_" + name] = ((geo.modes.count(mode), 2, b, f * p, geo.heads, geo.head_dim), geo.dtype)
+        else:
+            for n, where in ((name, "inputs"), (name + "_mask", "inputs"), ("new_" + name, "outputs")):
+                if n in (inputs if where == "inputs" else outputs):
+                    raise _fail(MANIFEST, where, f"no {n!r} (geometry has no {mode}-layers)", f"{n!r}")
+    if "pass_kind" in inputs:
+        want_in["pass_kind"] = ((), "int64")
+    for n in ("ispa_weight", "ispa_bias"):
+        if modulation == "input":
+            want_in[n] = (None, geo.dtype)
+        elif n in inputs:
+            raise _fail(MANIFEST, "inputs", f"no {n!r} (modulation is 'baked')", f"{n!r}")
+    for specs, want, key in ((inputs, want_in, "inputs"), (outputs, want_out, "outputs")):
+        for name, (shape, dtype) in want.items():
+            if name not in specs:
+                raise _fail(MANIFEST, key, f"an entry {name!r}", f"names {list(specs)}")
+            s = specs[name]
+            if shape is not None and s.shape != tuple(shape):
+                raise _fail(MANIFEST, f"{key}[{name!r}].shape", f"{list(shape)} (from geometry)", list(s.shape))
+            if dtype is not None and s.dtype != dtype:
+                raise _fail(MANIFEST, f"{key}[{name!r}].dtype", repr(dtype), repr(s.dtype))
+    ckv = inputs["cross_kv"].shape
+    if len(ckv) != 6 or (ckv[0], ckv[1], ckv[2], ckv[4], ckv[5]) != (len(geo.modes), 2, b, geo.heads, geo.head_dim):
+        raise _fail(MANIFEST, "inputs['cross_kv'].shape",
+                    f"[{len(geo.modes)}, 2, {b}, text_len, {geo.heads}, {geo.head_dim}]", list(ckv))
+    n_local = geo.modes.count(LOCAL)
+    for n in ("ispa_weight", "ispa_bias"):
+        if n in inputs and (not inputs[n].shape or inputs[n].shape[0] != n_local):
+            raise _fail(MANIFEST, f"inputs[{n!r}].shape", f"a first dimension of {n_local} (one per L-layer)",
+                        list(inputs[n].shape))
+    if not outputs["prediction"].dtype.startswith("float"):
+        raise _fail(MANIFEST, "outputs['prediction'].dtype", "a float type", repr(outputs["prediction"].dtype))
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def _check_files(directory: Path, manifest: dict, verify_checksums: bool) -> None:
+    files = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise _fail(MANIFEST, "files", f"an entry for {name!r}", f"entries {sorted(files)}")
+    for name, record in files.items():
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or name in ("", MANIFEST) or "\\" in name:
+            raise _fail(MANIFEST, "files", "relative paths inside the artifact (manifest.json excluded)", repr(name))
+        path = f"files[{name!r}]"
+        if not isinstance(record, dict):
+            raise _fail(MANIFEST, path, "an object with sha256 and bytes", _kind(record))
+        sha = _field(record, "sha256", str, path)
+        size = _int(record, "bytes", path)
+        if not _HEX64.match(sha):
+            raise _fail(MANIFEST, f"{path}.sha256", "64 lowercase hex digits", repr(sha))
+        p = directory / name
+        if not p.is_file():
+            raise _fail(p, None, f"the file listed in {MANIFEST} ({size} bytes)", "no such file")
+        got = p.stat().st_size
+        if got != size:
+            raise _fail(p, "size", f"{size} bytes (manifest.json files[{name!r}].bytes)", f"{got} bytes")
+    if verify_checksums:
+        # Sizes first, for all files: a cheap check before hashing gigabytes.
+        for name, record in files.items():
+            got = sha256_file(directory / name)
+            if got != record["sha256"]:
+                raise _fail(directory / name, "sha256", f"{record['sha256']} (manifest.json files[{name!r}].sha256)", got)
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+
+def _onnx_io(path: Path, files: dict) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """Graph I/O from the protobuf (the weights stay on disk); onnxruntime when onnx is absent."""
+    try:
+        import onnx
+    except ImportError:
+        return _ort_io(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not a whole ModelProto
+        raise _fail(path, None, "a loadable ONNX model", f"{type(e).__name__}: {_one_line(e, 200)}") from None
+    graph = model.graph
+    if not graph.output:
+        raise _fail(path, "graph", "a graph with outputs", "none (truncated or empty model)")
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in init.external_data if e.key == "location"), None)
+            if loc is None or PurePosixPath(loc).as_posix() not in files:
+                raise _fail(MANIFEST, "files", f"an entry for {ONNX}'s external data {loc!r} (initializer {init.name!r})",
+                            f"entries {sorted(files)}")
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(v) -> TensorSpec:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        except Exception:
+            dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        return TensorSpec(v.name, dims, dtype)
+
+    return ({v.name: spec(v) for v in graph.input if v.name not in initializers},
+            {v.name: spec(v) for v in graph.output})
+
+
+def _ort_io(path: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    import onnxruntime as ort
+
+    from .ort import ort_type_to_numpy
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise _fail(path, None, "a model onnxruntime can load", _one_line(e, 200)) from None
+
+    def spec(a) -> TensorSpec:
+        try:
+            dtype = ort_type_to_numpy(a.type).name
+        except ValueError:
+            dtype = a.type
+        return TensorSpec(a.name, tuple(d if isinstance(d, int) else (d or "?") for d in a.shape), dtype)
+
+    return {a.name: spec(a) for a in sess.get_inputs()}, {a.name: spec(a) for a in sess.get_outputs()}
+
+
+def _check_onnx(path: Path, files: dict, inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> None:
+    g_in, g_out = _onnx_io(path, files)
+    for kind, graph, declared in (("inputs", g_in, inputs), ("outputs", g_out, outputs)):
+        if set(graph) != set(declared):
+            raise _fail(path, f"graph {kind}", f"the names in manifest.json {kind} {sorted(declared)}",
+                        f"{sorted(graph)}")
+        for name, want in declared.items():
+            got = graph[name]
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise _fail(path, f"graph {kind[:-1]} {name!r}", f"{want.describe()} (manifest.json)",
+                            got.describe())
+
+
+# -- state --------------------------------------------------------------------------------------
+
+def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = directory / STATE
+    if not path.is_file():
+        raise _fail(path, None, "the handoff state", "no such file")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _fail(path, None, "a readable safetensors file", _one_line(e, 200)) from None
+
+    want: dict[str, tuple[tuple[int, ...] | None, str]] = {}
+    for _, mode, name in GROUPS:
+        cap = geo.full_capacity if mode == FULL else geo.local_capacity
+        want[name] = (_cache_shape(geo, mode), geo.dtype)
+        want[name + "_frames"] = ((cap,), "int64")
+        # Groups without layers may be left out of the file; the driver's empty group is rebuilt.
+        if geo.modes.count(mode) == 0:
+            if name not in state:
+                state[name] = np.zeros(_cache_shape(geo, mode), dtype=geo.dtype)
+            if name + "_frames" not in state:
+                state[name + "_frames"] = np.full(cap, -1, dtype=np.int64)
+    want["cross_kv"] = (inputs["cross_kv"].shape, inputs["cross_kv"].dtype)
+    for n in ("frame_index", "chunk", "seed"):
+        want[n] = ((), "int64")
+    want["latents"] = (None, "float32")
+    for n in ("ispa_weight", "ispa_bias"):
+        if n in inputs:
+            want[n] = (inputs[n].shape, inputs[n].dtype)
+    extra = sorted(set(state) - set(want))
+    if extra:
+        raise _fail(path, "tensors", f"only {sorted(want)}", f"unexpected {extra}")
+    for name, (shape, dtype) in want.items():
+        if name not in state:
+            raise _fail(path, f"tensor {name!r}", f"{dtype}{list(shape) if shape is not None else ''}", "no such tensor")
+        a = state[name]
+        if (shape is not None and a.shape != tuple(shape)) or a.dtype.name != dtype:
+            expected = f"{dtype}{list(shape)}" if shape is not None else dtype
+            raise _fail(path, f"tensor {name!r}", f"{expected} (from manifest.json geometry/inputs)",
+                        f"{a.dtype.name}{list(a.shape)}")
+
+    frame_index, chunk, seed = (int(state[n]) for n in ("frame_index", "chunk", "seed"))
+    if frame_index != chunk * geo.chunk_frames:
+        raise _fail(path, "tensor 'frame_index'", f"chunk*chunk_frames = {chunk}*{geo.chunk_frames}", frame_index)
+    if seed < 0:
+        raise _fail(path, "tensor 'seed'", "a non-negative integer", seed)
+    if "seed" in manifest and manifest["seed"] != seed:
+        raise _fail(path, "tensor 'seed'", f"{manifest['seed']} (manifest.json seed)", seed)
+    lat = state["latents"]
+    b, c, _, h, w = geo.chunk_shape
+    want_lat = (b, c, frame_index, h, w)
+    if lat.shape != want_lat:
+        raise _fail(path, "tensor 'latents'", f"float32{list(want_lat)} (every frame before frame_index)",
+                    f"{lat.dtype.name}{list(lat.shape)}")
+    for _, mode, name in GROUPS:
+        cap, sink = (geo.full_capacity, geo.full_sink) if mode == FULL else (geo.local_capacity, geo.local_sink)
+        frames = state[name + "_frames"]
+        if not geo.modes.count(mode):
+            continue
+        for slot, fr in enumerate(frames.tolist()):
+            if fr == -1:
+                continue
+            if not 0 <= fr < frame_index or ring_slot(fr, cap, sink) != slot:
+                raise _fail(path, f"tensor '{name}_frames'[{slot}]",
+                            f"-1 or a frame < {frame_index} whose ring slot (capacity {cap}, sink {sink}) is {slot}", fr)
+    return state
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+def load_artifact(directory: str | os.PathLike, *, verify_checksums: bool = True, check_onnx: bool = True) -> Artifact:
+    """Validate an export directory and load its handoff state; raises ArtifactError (one line).
+
+    verify_checksums=False skips hashing (sizes are still compared); check_onnx=False skips reading
+    the ONNX graph, for deployments that run a TensorRT engine only.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    geo = _geometry(manifest)
+    _check_layers_and_caches(manifest, geo)
+    inputs, outputs = _specs(manifest, "inputs"), _specs(manifest, "outputs")
+    _check_io_contract(manifest, geo, inputs, outputs)
+    _check_files(directory, manifest, verify_checksums)
+    if check_onnx:
+        _check_onnx(directory / ONNX, manifest["files"], inputs, outputs)
+    state = _load_state(directory, manifest, geo, inputs)
+    return Artifact(directory, manifest, geo, state, inputs, outputs)
