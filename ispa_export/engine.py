@@ -246,3 +246,192 @@ def refit_engine(engine_path: str | os.PathLike, weights: dict[str, np.ndarray])
     _write_atomic(engine_path, memoryview(engine.serialize()))
     del keep
     return {"tensorrt_version": trt.__version__, "refitted": sorted(weights)}
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+
+ENGINE = "model.engine"
+TIMING_CACHE = "timing.cache"
+_MAX_LISTED = 12
+
+
+def _problems_line(path: Path, problems: list[str]) -> str:
+    shown = "; ".join(problems[:_MAX_LISTED])
+    more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return f"{path}: TensorRT would reject the graph ({len(problems)} problem(s)): {shown}{more}"
+
+
+def check_artifact(directory: str | os.PathLike) -> list[str]:
+    """The CPU-side TensorRT checks of an artifact's ONNX (ops, dtypes, fixed shapes, refit names)."""
+    from runtimes.artifact import load_artifact
+
+    from .trt_support import check_onnx_for_tensorrt
+
+    art = load_artifact(directory)
+    return check_onnx_for_tensorrt(art.onnx_path, list(art.manifest.get("refit_names") or []))
+
+
+def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, progress: bool = True) -> dict[str, Any]:
+    """`ispa engine DIR`: check the graph on the CPU side, build DIR/model.engine (timing cache
+    DIR/timing.cache), and record it in DIR/manifest.json (`files` and `tensorrt`).
+
+    The graph checks run first so their problems are reported even where TensorRT is missing. An
+    engine in which one of the manifest's refit_names did not stay refittable is refused (per-video
+    refits would fail on it). Returns the manifest's `tensorrt` record.
+    """
+    from runtimes.artifact import load_artifact
+
+    from .trt_support import check_onnx_for_tensorrt
+    from .verify import update_manifest_files
+
+    directory = Path(directory)
+    art = load_artifact(directory)
+    refit_names = list(art.manifest.get("refit_names") or [])
+    problems = check_onnx_for_tensorrt(art.onnx_path, refit_names)
+    if problems:
+        raise UserError(_problems_line(art.onnx_path, problems))
+    _trt()
+    if workspace_bytes <= 0:
+        raise UserError(f"--workspace-gib: expected a positive size, got {workspace_bytes} bytes")
+    # Built under a temporary name: a refused or failed build leaves any previous engine as it was.
+    tmp = directory / f".{ENGINE}.build-{os.getpid()}"
+    try:
+        meta = build_engine(art.onnx_path, tmp, workspace_bytes=workspace_bytes,
+                            timing_cache_path=directory / TIMING_CACHE, refit=bool(refit_names), progress=progress)
+        refittable = set(meta["refittable_weights"])
+        lost = [n for n in refit_names if n not in refittable]
+        if lost:
+            raise UserError(f"{art.onnx_path}: TensorRT folded these refit weights into other layers, so they "
+                            f"are not refittable in the engine: {', '.join(lost)}")
+        os.replace(tmp, directory / ENGINE)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    record = {
+        "engine": ENGINE, "timing_cache": TIMING_CACHE,
+        "tensorrt_version": meta["tensorrt_version"], "gpu": meta["gpu"],
+        "compute_capability": meta["compute_capability"], "build_seconds": round(meta["build_seconds"], 3),
+        "workspace_bytes": meta["workspace_bytes"], "strongly_typed": True, "refittable": meta["refittable"],
+        "refit_names": refit_names, "refittable_weight_count": len(meta["refittable_weights"]),
+    }
+    update_manifest_files(directory, [ENGINE], {"tensorrt": record})
+    print(f"engine {directory / ENGINE}: TensorRT {record['tensorrt_version']} on {record['gpu']} "
+          f"(sm {record['compute_capability']}), built in {record['build_seconds']:.1f} s, "
+          f"{len(refit_names)} refit names")
+    return record
+
+
+# -- refit per video ----------------------------------------------------------------------------
+
+_COMPARED = ("inputs", "outputs", "layers", "modulation", "dtype", "refit_names")
+
+
+def _initializer_digest(init, base: Path) -> str:
+    """sha256 of an initializer's stored bytes (embedded or external), read in pieces."""
+    import hashlib
+
+    import onnx
+
+    h = hashlib.sha256()
+    h.update(f"{init.data_type}:{list(init.dims)}".encode())
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in init.external_data}
+        with open(base / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            left = int(info["length"]) if "length" in info else -1
+            while left != 0:
+                block = f.read(1 << 20 if left < 0 else min(left, 1 << 20))
+                if not block:
+                    break
+                h.update(block)
+                left -= len(block) if left > 0 else 0
+    else:
+        # Typed fields (float_data, ...) and raw_data both serialise into the proto: hash that.
+        h.update(init.SerializeToString())
+    return h.hexdigest()
+
+
+def refit_plan(engine_artifact: str | os.PathLike, target: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The weights that turn the engine of `engine_artifact` into an engine of `target`, checked.
+
+    Refitting is exact only when the two ONNX graphs differ in nothing but the refit weights: the
+    manifests' I/O, layer modes, dtype, modulation and refit names must agree, the nodes must be
+    identical, and every other initializer must hold the same bytes (the same base model). Returns
+    {refit name: target value}; UserError names the first difference.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from runtimes.artifact import load_artifact
+
+    src, dst = load_artifact(engine_artifact), load_artifact(target)
+    for key in _COMPARED + ("model",):
+        mine, theirs = src.manifest.get(key), dst.manifest.get(key)
+        if key == "model":  # the preset's name may differ; the architecture may not
+            mine, theirs = (mine or {}).get("config"), (theirs or {}).get("config")
+        if mine != theirs:
+            raise UserError(f"{dst.manifest_path}: {key}: expected the engine artifact's value "
+                            f"({src.manifest_path}) for a refit, found a different one; build a new engine")
+    names = list(dst.manifest.get("refit_names") or [])
+    if not names:
+        raise UserError(f"{dst.manifest_path}: refit_names: expected refittable weights (modulation 'baked' "
+                        f"with a correction), found none")
+    a = onnx.load(str(src.onnx_path), load_external_data=False)
+    b = onnx.load(str(dst.onnx_path), load_external_data=False)
+    if len(a.graph.node) != len(b.graph.node) or any(
+            x.SerializeToString() != y.SerializeToString() for x, y in zip(a.graph.node, b.graph.node)):
+        raise UserError(f"{dst.onnx_path}: graph nodes differ from {src.onnx_path}; a refit cannot change the "
+                        f"graph, build a new engine")
+    ia = {i.name: i for i in a.graph.initializer}
+    ib = {i.name: i for i in b.graph.initializer}
+    if set(ia) != set(ib):
+        diff = sorted(set(ia) ^ set(ib))[:5]
+        raise UserError(f"{dst.onnx_path}: initializers differ from {src.onnx_path} (e.g. {diff}); build a new engine")
+    wanted = set(names)
+    for name in sorted(set(ia) - wanted):
+        if _initializer_digest(ia[name], src.directory) != _initializer_digest(ib[name], dst.directory):
+            raise UserError(f"{dst.onnx_path}: initializer {name!r} differs from {src.onnx_path} but is not a refit "
+                            f"weight (another base model?); build a new engine")
+    out = {}
+    for name in names:
+        init = ib[name]
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(init, str(dst.directory))
+        out[name] = numpy_helper.to_array(init)
+        if tuple(ia[name].dims) != out[name].shape:
+            raise UserError(f"{dst.onnx_path}: refit weight {name!r} has shape {list(out[name].shape)}; the engine's "
+                            f"has {list(ia[name].dims)}")
+    return out
+
+
+def refit_for_artifact(directory: str | os.PathLike, engine_artifact: str | os.PathLike) -> dict[str, Any]:
+    """Give `directory` an engine without a rebuild: copy the engine of `engine_artifact` (same graph,
+    same base model, another video), refit it with this artifact's refit weights, list it in the manifest."""
+    import shutil
+
+    from runtimes.artifact import load_artifact
+
+    from .verify import update_manifest_files
+
+    directory = Path(directory)
+    weights = refit_plan(engine_artifact, directory)
+    src = load_artifact(engine_artifact, check_onnx=False)
+    engine = src.engine_path()
+    if engine is None or "tensorrt" not in src.manifest:
+        raise UserError(f"{src.manifest_path}: files: expected a TensorRT engine built by `ispa engine`, found none")
+    _trt()
+    tmp = directory / f".{ENGINE}.refit-{os.getpid()}"
+    try:
+        shutil.copyfile(engine, tmp)
+        t0 = time.perf_counter()
+        refit_engine(tmp, weights)
+        seconds = time.perf_counter() - t0
+        os.replace(tmp, directory / ENGINE)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    record = dict(src.manifest["tensorrt"], engine=ENGINE, refitted_from=str(Path(engine_artifact).resolve()),
+                  refit_seconds=round(seconds, 3))
+    record.pop("timing_cache", None)
+    update_manifest_files(directory, [ENGINE], {"tensorrt": record})
+    return record

@@ -8,6 +8,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -126,8 +127,10 @@ def versions() -> dict[str, str]:
 
 
 def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, preset: str, modulation: str = "baked",
-                   dtype: str = "fp32", progress=print) -> dict:
-    """Export the baked model and the handoff state into `out`, atomically; returns the manifest."""
+                   dtype: str = "fp32", progress=print, extras: dict[str, Callable[[Path], object]] | None = None) -> dict:
+    """Export the baked model and the handoff state into `out`, atomically; returns the manifest.
+
+    `extras` maps further file names to functions that write them (plots, baked weights)."""
     if modulation not in ("baked", "input"):
         raise UserError(f"--modulation: expected 'baked' or 'input', got {modulation!r}")
     if dtype not in DTYPES:
@@ -171,9 +174,8 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
                            "kv_reduction": report["kv_reduction"]},
             "refit_names": refit_names, "versions": versions(), "seed": int(stream.seed),
         }
-        extra = [p for p in report.get("plots", []) if Path(p).exists()]
-        for p in extra:
-            (tmp / Path(p).name).write_bytes(Path(p).read_bytes())
+        for name, writer in (extras or {}).items():
+            writer(tmp / name)
         manifest["files"] = file_records(tmp)
         write_json_atomic(tmp / "manifest.json", manifest)
     return manifest

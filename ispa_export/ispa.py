@@ -6,6 +6,7 @@ and stream it returns carry on generating; export and evaluation take them as th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -18,6 +19,7 @@ from runtimes.driver import Stream
 from .errors import UserError
 from .kv import kv_bytes, layers_for_target
 from .monitor import LocalSpan, WarmupMonitor
+from .solver import SITES
 from .torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
@@ -44,8 +46,14 @@ class IspaOptions:
             raise UserError(f"--variant: expected one of {VARIANTS}, got {self.variant!r}")
         if self.select_by not in ("corrected", "raw"):
             raise UserError(f"select_by: expected 'corrected' or 'raw', got {self.select_by!r}")
+        if self.site not in SITES:
+            raise UserError(f"--site: expected one of {SITES}, got {self.site!r}")
         if self.window < 1 or self.sink < 0:
             raise UserError(f"--window must be >= 1 and --sink >= 0 frames, got {self.window} and {self.sink}")
+        if self.warmup_chunks < 1:
+            raise UserError(f"--warmup-chunks: expected at least 1 chunk, got {self.warmup_chunks}")
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise UserError(f"tol: expected a relative change >= 0, got {self.tol}")
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad or len(set(self.layers)) != len(self.layers):
@@ -68,17 +76,36 @@ def _chunk_d(monitor: WarmupMonitor, chunk: int, num_layers: int, key: str) -> n
     return np.array([monitor.chunk_discrepancy(l, chunk)[idx] for l in range(num_layers)])
 
 
+def sink_horizon(monitor: WarmupMonitor, opts: IspaOptions) -> int | None:
+    """The most frames of history at which the full cache still holds the L-layers' sink frames.
+
+    Past it, the rolling full cache has evicted frames < sink: neither the monitor's a_l nor the
+    caches cut at the transition could hold them, so the warmup must end by then (None: never)."""
+    geo = None if monitor.stream is None else monitor.stream.geo
+    if geo is None or opts.sink <= geo.full_sink:
+        return None
+    return geo.full_capacity - geo.full_sink + opts.sink - 1
+
+
 def decide(monitor: WarmupMonitor, num_layers: int, n_local: int, opts: IspaOptions, chunk: int,
            history: int, chunk_frames: int, last: bool) -> tuple[list[int], list[int], str] | None:
     """Layers and reason if the transition happens after `chunk`, else None (DESIGN.md section 4)."""
     span = opts.sink + opts.window
     chunks = monitor.monitored_chunks
+    horizon = sink_horizon(monitor, opts)
+    capped = horizon is not None and history + chunk_frames > horizon  # no further chunk can be monitored
     # d* is held out only from the second monitored chunk on; convergence compares two of them.
     if history < span + chunk_frames or len(chunks) < 2 or chunks[-1] != chunk:
+        if capped:
+            raise UserError(f"--sink {opts.sink}/--window {opts.window}: the full cache of "
+                            f"{monitor.stream.geo.full_capacity} frames evicts the L-layers' sink frames after "
+                            f"{horizon} frames of history, before the warmup has two chunks whose history "
+                            f"exceeds the local span of {span} frames; lower --window or --sink")
         if last:
             raise UserError(f"--warmup-chunks {opts.warmup_chunks}: the warmup ended with {history} frames of "
                             f"history, too short to fit a correction for a local span of {span} frames "
-                            f"(needs {span + chunk_frames} frames and two monitored chunks); lengthen the warmup")
+                            f"(needs two chunks whose history exceeds the span: at least "
+                            f"{span // chunk_frames + 3} chunks); lengthen the warmup")
         return None
     d = _chunk_d(monitor, chunk, num_layers, opts.select_by)
     ranking = [int(i) for i in np.argsort(d, kind="stable")]
@@ -91,6 +118,9 @@ def decide(monitor: WarmupMonitor, num_layers: int, n_local: int, opts: IspaOpti
             return layers, ranking, f"converged: max relative change of d* {change.max():.3g} < {opts.tol}"
     if last:
         return layers, ranking, f"maximum warmup of {opts.warmup_chunks} chunks reached"
+    if capped:
+        return layers, ranking, (f"warmup ended at {history} frames: the next chunk would evict the L-layers' "
+                                 f"{opts.sink} sink frames from the full cache")
     return None
 
 
@@ -124,10 +154,26 @@ def bake(model: WanModel, stream: Stream, monitor: WarmupMonitor, layers: list[i
 
 
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
-               progress: Callable[[int], None] | None = None) -> tuple[Stream, WarmupMonitor, Transition]:
-    """Warmup with every layer full, then the decision and the bake. Returns the stream, ready to go on."""
+               progress: Callable[[int], None] | None = None,
+               video: np.ndarray | None = None) -> tuple[Stream, WarmupMonitor, Transition]:
+    """Warmup with every layer full, then the decision and the bake. Returns the stream, ready to go on.
+
+    With `video` latents [B, C, T, H, W] (T >= warmup_chunks * chunk_frames) each cache pass stores
+    the video's frames instead of the sample (teacher forcing), so the monitor sees a known video.
+    """
     cfg = model.cfg
     opts.check(cfg.num_layers)
+    f = cfg.chunk_frames
+    if video is not None:
+        want = (context.shape[0], cfg.in_dim, opts.warmup_chunks * f, cfg.latent_height, cfg.latent_width)
+        if (video.ndim != 5 or video.shape[:2] != want[:2] or video.shape[3:] != want[3:]
+                or video.shape[2] < want[2]):
+            raise UserError(f"warmup video: expected latents [B, C, T, H, W] = {list(want[:2])} + [>= {want[2]}] + "
+                            f"{list(want[3:])} ({opts.warmup_chunks} chunks of {f} frames), got {list(video.shape)}")
+    if opts.sink + opts.window >= cfg.max_frames:
+        # An L-layer would keep the whole F cache: nothing to save and nothing to monitor.
+        raise UserError(f"--window/--sink: sink {opts.sink} + window {opts.window} frames must be fewer than "
+                        f"the full cache's {cfg.max_frames} frames")
     model.set_modes([FULL] * cfg.num_layers)
     try:
         n_local = len(opts.layers) if opts.layers is not None else layers_for_target(
@@ -139,11 +185,11 @@ def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOpti
     stream = torch_stream(model, context, seed, before_pass=monitor.before_pass)
     monitor.stream = stream
     for c in range(opts.warmup_chunks):
-        stream.step()
+        stream.step(given=None if video is None else video[:, :, c * f:(c + 1) * f])
         monitor.finish()
         if progress is not None:
             progress(1)
-        decision = decide(monitor, cfg.num_layers, n_local, opts, c, stream.frame_index, cfg.chunk_frames,
+        decision = decide(monitor, cfg.num_layers, n_local, opts, c, stream.frame_index, f,
                           last=c + 1 == opts.warmup_chunks)
         if decision is not None:
             break

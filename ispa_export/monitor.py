@@ -16,6 +16,7 @@ import torch
 from graphs.masks import retained
 from runtimes.driver import FULL, PassInfo, Stream
 
+from .errors import UserError
 from .solver import AbsorptionStats, Solution, corrected_residual, discrepancy, solve
 
 
@@ -61,6 +62,11 @@ class WarmupMonitor:
         keep = np.array([f >= 0 and retained(int(f), info.start, self.span.frames, self.span.sink) for f in group.frames])
         if not (valid & ~keep).any():  # history no longer than the local span: nothing is lost
             return None
+        missing = sorted(set(range(min(self.span.sink, info.start))) - set(group.frames.tolist()))
+        if missing:  # a_l would lack the sink the L-layers keep (ispa.sink_horizon ends the warmup before)
+            raise UserError(f"warmup monitor: chunk {info.chunk} starts at frame {info.start}, when the full cache "
+                            f"of {group.capacity} frames no longer holds sink frames {missing}; end the warmup "
+                            "earlier or use a model whose full cache pins them (full_sink)")
         if not self.monitored_chunks or self.monitored_chunks[-1] != info.chunk:
             self.monitored_chunks.append(info.chunk)
         self.local_mask = torch.from_numpy(keep)

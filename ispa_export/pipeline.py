@@ -130,18 +130,9 @@ def export_pipeline(args) -> dict:
     rep = report(model, monitor, tr, opts, dtype="float16" if args.dtype == "fp16" else "float32")
     rep["model"], rep["context"] = name, ctx_source
     out = Path(args.out)
-    plot = out.parent / f".{out.name}.discrepancy.png"
-    plot_discrepancy(rep, plot)
-    rep["plots"] = [str(plot)]
-    baked = out.parent / f".{out.name}.{BAKED}"
-    save_baked(model, baked)
-    rep["plots"].append(str(baked))
-    try:
-        manifest = write_artifact(out, model, stream, rep, preset=name, modulation=args.modulation,
-                                  dtype=args.dtype, progress=lambda s: print(s, file=sys.stderr))
-    finally:
-        plot.unlink(missing_ok=True)
-        baked.unlink(missing_ok=True)
+    extras = {"discrepancy.png": lambda p: plot_discrepancy(rep, p), BAKED: lambda p: save_baked(model, p)}
+    manifest = write_artifact(out, model, stream, rep, preset=name, modulation=args.modulation, dtype=args.dtype,
+                              progress=lambda s: print(s, file=sys.stderr), extras=extras)
     print(f"exported {out}: {len(tr.layers)}/{cfg.num_layers} layers local {tr.layers}, transition at chunk "
           f"{tr.chunk} ({tr.reason}), KV bytes {rep['kv_bytes_before']} -> {rep['kv_bytes_after']} "
           f"({rep['kv_reduction']:.1%} removed)")
@@ -156,18 +147,19 @@ def run_artifact(directory: Path, backend: str, chunks: int, out: Path) -> dict:
         code = rt.main([str(directory), "--backend", backend, "--chunks", str(chunks), "--out", str(out)])
         if code:
             raise SystemExit(code)
-        return {}
+        return json.loads((out / "run.json").read_text())
     if backend != "torch":
         raise UserError(f"--backend: expected torch, ort or trt, got {backend!r}")
     from runtimes.artifact import load_artifact
 
     from .torch_runner import TorchRunner
 
-    art = load_artifact(directory)
+    args = rt.parser().parse_args([str(directory), "--chunks", str(chunks), "--out", str(out)])
+    args.backend = "torch"
+    art = load_artifact(directory, check_onnx=False)
     cfg = WanConfig.from_dict(art.manifest["model"]["config"])
     model = load_baked(cfg, directory / BAKED)
-    stream = rt.make_stream(art, TorchRunner(model))
-    return rt.generate_with(stream, chunks, out)
+    return rt.generate(args, runner=TorchRunner(model))
 
 
 def inspect(target: str, reduction: float, window: int | None, sink: int, dtype: str) -> dict:

@@ -28,7 +28,9 @@ class TorchRunner:
         self.before_pass = before_pass
 
     def run(self, feeds: dict[str, np.ndarray], info: PassInfo | None = None) -> dict[str, np.ndarray]:
-        args = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
+        # reshape: np.ascontiguousarray turns 0-d scalars (frame_index, pass_kind) into shape [1]
+        args = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v))).to(self.device)
+                for k, v in feeds.items()}
         if "pass_kind" in args and not self.model.per_pass_kind():
             args.pop("pass_kind")
         monitor = self.before_pass(info) if self.before_pass is not None and info is not None else None

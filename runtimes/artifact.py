@@ -169,7 +169,8 @@ def _read_manifest(directory: Path) -> dict:
     if not isinstance(manifest, dict):
         raise _fail(path, None, "a JSON object", _kind(manifest))
     if manifest.get("format") != FORMAT:
-        raise _fail(path, "format", repr(FORMAT), _kind(manifest.get("format")) if "format" in manifest else "no such field")
+        found = _kind(manifest["format"]) if "format" in manifest else "no such field"
+        raise _fail(path, "format", repr(FORMAT), found)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise _fail(path, "schema_version", f"{SCHEMA_VERSION} (this runtime reads schema version {SCHEMA_VERSION})",
@@ -199,7 +200,8 @@ def _geometry(manifest: dict) -> Geometry:
     for prefix, mode in (("full", FULL), ("local", LOCAL)):
         cap, sink = ints[prefix + "_capacity"], ints[prefix + "_sink"]
         if mode in modes and sink >= cap:
-            raise _fail(MANIFEST, f"geometry.{prefix}_sink", f"< {prefix}_capacity={cap} (the ring needs a rolling part)", sink)
+            raise _fail(MANIFEST, f"geometry.{prefix}_sink",
+                        f"< {prefix}_capacity={cap} (the ring needs a rolling part)", sink)
     dtype = _field(g, "dtype", str, "geometry")
     if dtype not in ("float32", "float16"):
         raise _fail(MANIFEST, "geometry.dtype", "'float32' or 'float16'", repr(dtype))
@@ -236,8 +238,8 @@ def _check_layers_and_caches(manifest: dict, geo: Geometry) -> None:
         got = _field(c, "shape", list, path)
         if got != shape:
             raise _fail(MANIFEST, f"{path}.shape",
-                        f"{shape} = [layers, 2, batch, capacity_frames*tokens_per_frame ({cap}*{geo.tokens_per_frame}), "
-                        f"heads, head_dim]", got)
+                        f"{shape} = [layers, 2, batch, capacity_frames*tokens_per_frame "
+                        f"({cap}*{geo.tokens_per_frame}), heads, head_dim]", got)
         dtype = _field(c, "dtype", str, path)
         if dtype != geo.dtype:
             raise _fail(MANIFEST, f"{path}.dtype", f"{geo.dtype!r} (geometry.dtype)", repr(dtype))
@@ -351,7 +353,8 @@ def _check_files(directory: Path, manifest: dict, verify_checksums: bool) -> Non
         for name, record in files.items():
             got = sha256_file(directory / name)
             if got != record["sha256"]:
-                raise _fail(directory / name, "sha256", f"{record['sha256']} (manifest.json files[{name!r}].sha256)", got)
+                raise _fail(directory / name, "sha256",
+                            f"{record['sha256']} (manifest.json files[{name!r}].sha256)", got)
 
 
 # -- ONNX ---------------------------------------------------------------------------------------
@@ -373,7 +376,8 @@ def _onnx_io(path: Path, files: dict) -> tuple[dict[str, TensorSpec], dict[str, 
         if init.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in init.external_data if e.key == "location"), None)
             if loc is None or PurePosixPath(loc).as_posix() not in files:
-                raise _fail(MANIFEST, "files", f"an entry for {ONNX}'s external data {loc!r} (initializer {init.name!r})",
+                raise _fail(MANIFEST, "files",
+                            f"an entry for {ONNX}'s external data {loc!r} (initializer {init.name!r})",
                             f"entries {sorted(files)}")
     initializers = {i.name for i in graph.initializer}
 
@@ -459,7 +463,8 @@ def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str
         raise _fail(path, "tensors", f"only {sorted(want)}", f"unexpected {extra}")
     for name, (shape, dtype) in want.items():
         if name not in state:
-            raise _fail(path, f"tensor {name!r}", f"{dtype}{list(shape) if shape is not None else ''}", "no such tensor")
+            expected = f"{dtype}{list(shape)}" if shape is not None else dtype
+            raise _fail(path, f"tensor {name!r}", expected, "no such tensor")
         a = state[name]
         if (shape is not None and a.shape != tuple(shape)) or a.dtype.name != dtype:
             expected = f"{dtype}{list(shape)}" if shape is not None else dtype
@@ -489,7 +494,8 @@ def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str
                 continue
             if not 0 <= fr < frame_index or ring_slot(fr, cap, sink) != slot:
                 raise _fail(path, f"tensor '{name}_frames'[{slot}]",
-                            f"-1 or a frame < {frame_index} whose ring slot (capacity {cap}, sink {sink}) is {slot}", fr)
+                            f"-1 or a frame < {frame_index} whose ring slot (capacity {cap}, sink {sink}) is {slot}",
+                            fr)
     return state
 
 
@@ -502,13 +508,20 @@ def load_artifact(directory: str | os.PathLike, *, verify_checksums: bool = True
     the ONNX graph, for deployments that run a TensorRT engine only.
     """
     directory = Path(directory)
-    manifest = _read_manifest(directory)
-    geo = _geometry(manifest)
-    _check_layers_and_caches(manifest, geo)
-    inputs, outputs = _specs(manifest, "inputs"), _specs(manifest, "outputs")
-    _check_io_contract(manifest, geo, inputs, outputs)
-    _check_files(directory, manifest, verify_checksums)
-    if check_onnx:
-        _check_onnx(directory / ONNX, manifest["files"], inputs, outputs)
-    state = _load_state(directory, manifest, geo, inputs)
+    try:
+        manifest = _read_manifest(directory)
+        geo = _geometry(manifest)
+        _check_layers_and_caches(manifest, geo)
+        inputs, outputs = _specs(manifest, "inputs"), _specs(manifest, "outputs")
+        _check_io_contract(manifest, geo, inputs, outputs)
+        _check_files(directory, manifest, verify_checksums)
+        if check_onnx:
+            _check_onnx(directory / ONNX, manifest["files"], inputs, outputs)
+        state = _load_state(directory, manifest, geo, inputs)
+    except ArtifactError as e:
+        # Field checks name the manifest by its bare name; the user gets the path they can open.
+        msg = str(e)
+        if msg.startswith(MANIFEST + ":"):
+            raise ArtifactError(f"{directory / MANIFEST}{msg[len(MANIFEST):]}") from None
+        raise
     return Artifact(directory, manifest, geo, state, inputs, outputs)

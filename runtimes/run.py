@@ -7,6 +7,7 @@ OUTDIR/preview.gif and OUTDIR/run.json, each atomically. Torch-free.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import math
 import sys
@@ -74,6 +75,9 @@ def make_runner(art: Artifact, backend: str = "ort", *, providers: list[str] | N
             raise ArtifactError(f"{art.onnx_path}: expected a model onnxruntime can load, found: {msg}") from None
         where = art.onnx_path
     elif backend == "trt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise BackendError("backend trt: TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU "
+                               "and driver), then `ispa engine DIR`; or use --backend ort")
         try:
             from .trt import TrtRunner
         except ImportError as e:
@@ -91,13 +95,35 @@ def make_runner(art: Artifact, backend: str = "ort", *, providers: list[str] | N
         where = path
     else:
         raise BackendError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
-    if set(runner.input_names) != set(art.inputs):
-        raise ArtifactError(f"{where}: inputs: expected {sorted(art.inputs)} (manifest.json), "
-                            f"found {sorted(runner.input_names)}")
-    outs = getattr(runner, "output_names", None)
-    if outs is not None and set(outs) != set(art.outputs):
-        raise ArtifactError(f"{where}: outputs: expected {sorted(art.outputs)} (manifest.json), found {sorted(outs)}")
+    _check_runner_io(runner, art, where)
     return runner if _takes_info(runner) else _DropInfo(runner)
+
+
+def _runner_specs(runner: Any, names: list[str], kind: str) -> dict[str, tuple[Any, str]] | None:
+    # OrtRunner has input_/output_shapes and _dtypes; TrtRunner one `shapes`/`dtypes` map for both.
+    shapes = getattr(runner, f"{kind}_shapes", None) or getattr(runner, "shapes", None)
+    dtypes = getattr(runner, f"{kind}_dtypes", None) or getattr(runner, "dtypes", None)
+    if not isinstance(shapes, dict) or not isinstance(dtypes, dict):
+        return None
+    return {n: (shapes.get(n), np.dtype(dtypes[n]).name if n in dtypes else None) for n in names}
+
+
+def _check_runner_io(runner: Any, art: Artifact, where: Path) -> None:
+    """The loaded model's I/O names, shapes and dtypes against the manifest's."""
+    for kind, declared in (("input", art.inputs), ("output", art.outputs)):
+        names = getattr(runner, f"{kind}_names", None)
+        if names is None:
+            continue
+        if set(names) != set(declared):
+            raise ArtifactError(f"{where}: {kind}s: expected {sorted(declared)} (manifest.json), found {sorted(names)}")
+        specs = _runner_specs(runner, list(names), kind)
+        for name, (shape, dtype) in (specs or {}).items():
+            want = declared[name]
+            got_shape = tuple(shape) if shape is not None else None
+            if got_shape != want.shape or dtype != want.dtype:
+                found = f"{dtype}{list(got_shape) if got_shape is not None else '[dynamic]'}"
+                raise ArtifactError(f"{where}: {kind} {name!r}: expected {want.describe()} (manifest.json), "
+                                    f"found {found}")
 
 
 def make_stream(art: Artifact, runner: Any) -> Stream:
@@ -176,17 +202,33 @@ def parser() -> argparse.ArgumentParser:
                    help="ort: comma-separated execution providers (default: TensorRT, CUDA, CPU as available)")
     p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads")
     p.add_argument("--engine", default=None, help="trt: engine file (default: the one listed in the manifest)")
-    p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the artifact files (sizes still checked)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip sha256 checks of the artifact files (sizes still checked)")
     p.add_argument("--no-preview", action="store_true", help="do not write preview.gif")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
-def generate(args: argparse.Namespace) -> dict[str, Any]:
-    art = load_artifact(args.artifact, verify_checksums=not args.no_verify, check_onnx=args.backend == "ort")
+def runner_path(art: Artifact, args: argparse.Namespace) -> Path | None:
+    if args.backend == "torch":
+        return art.directory / "torch_model.safetensors"
+    if args.backend == "ort":
+        return art.directory / ONNX
+    return Path(args.engine) if args.engine else art.engine_path()
+
+
+def generate(args: argparse.Namespace, runner: Any = None) -> dict[str, Any]:
+    """Continue the artifact's stream; `runner` overrides the backend (the PyTorch one lives outside)."""
+    # The ONNX protobuf is read here only when the onnx package is present (cheap: weights stay on
+    # disk); otherwise the loaded session's I/O is checked by make_runner instead of loading it twice.
+    check_onnx = args.backend == "ort" and importlib.util.find_spec("onnx") is not None
+    art = load_artifact(args.artifact, verify_checksums=not args.no_verify, check_onnx=check_onnx)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-    runner = make_runner(art, args.backend, providers=providers, threads=args.threads, engine=args.engine)
+    if runner is None:
+        runner = make_runner(art, args.backend, providers=providers, threads=args.threads, engine=args.engine)
     stream = make_stream(art, runner)
+    for name in ("kv_full", "kv_local"):  # the stream copied them into its ring buffers: free the originals
+        art.state.pop(name, None)
     start_chunk = stream.chunk
     t0 = time.perf_counter()
     if args.chunks:
@@ -215,7 +257,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "seconds_per_chunk": round(seconds / args.chunks, 6) if args.chunks else None,
         "frames_sha256": sha256_file(out / "frames.npy"),
         "preview": "preview.gif" if wrote_preview else None,
-        "onnx": ONNX if args.backend == "ort" else None,
+        "model": str(runner_path(art, args)),
     }
     write_json_atomic(out / "run.json", record)
     return record

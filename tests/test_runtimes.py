@@ -30,7 +30,7 @@ from runtimes.artifact import ArtifactError, load_artifact
 from runtimes.driver import FULL, LOCAL, Geometry, Stream
 from runtimes.files import atomic_directory, file_records, sha256_file, write_json_atomic
 from runtimes.ort import OrtRunner
-from runtimes.run import main, preview_frames
+from runtimes.run import main, make_runner, preview_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
@@ -208,7 +208,7 @@ def refusal(d: Path, **kw) -> str:
     with pytest.raises(ArtifactError) as e:
         load_artifact(d, **kw)
     msg = str(e.value)
-    assert "\n" not in msg; print("MSG:", msg)
+    assert "\n" not in msg
     return msg
 
 
@@ -285,7 +285,8 @@ def test_refusals_name_file_field_and_expectation(art, case, expect):
     elif case == "layers":
         edit_manifest(d, lambda m: m["layers"][1].__setitem__("mode", "F"))
     elif case == "io_shape":
-        edit_manifest(d, lambda m: next(e for e in m["inputs"] if e["name"] == "kv_local_mask").__setitem__("shape", [5]))
+        edit_manifest(d, lambda m: next(e for e in m["inputs"] if e["name"] == "kv_local_mask")
+                      .__setitem__("shape", [5]))
     elif case == "unknown_input":
         edit_manifest(d, lambda m: m["inputs"].append({"name": "noise", "shape": [1], "dtype": "float32"}))
     elif case == "escape":
@@ -317,8 +318,9 @@ def test_refusals_name_file_field_and_expectation(art, case, expect):
     elif case == "state_seed":
         edit_manifest(d, lambda m: m.__setitem__("seed", 8))
     msg = refusal(d)
-    assert msg.startswith(str(d / expect.split(":")[0])) or msg.startswith(expect.split(":")[0]), msg
-    assert expect.split(": ", 1)[1] in msg, msg
+    file, rest = expect.split(": ", 1)
+    assert msg.startswith(f"{d / file}: "), msg
+    assert rest in msg, msg
 
 
 def test_checksums_can_be_skipped_but_sizes_cannot(art):
@@ -536,6 +538,49 @@ def test_cli_trt_backend_without_engine_is_refused(art, tmp_path, capsys):
     assert err.count("\n") == 1 and ("TensorRT engine" in err or "backend trt" in err)
 
 
+class FakeTrt:
+    """Stands in for runtimes.trt.TrtRunner (TensorRT is absent here): its run() takes feeds only and
+    it describes its I/O the way TrtRunner does (`shapes`, `dtypes`)."""
+
+    def __init__(self, engine_path):
+        self.engine_path = Path(engine_path)
+        self.inner = OrtRunner(self.engine_path.with_name("model.onnx"), copy_outputs=True)
+        self.input_names, self.output_names = self.inner.input_names, self.inner.output_names
+        self.shapes = {**self.inner.input_shapes, **self.inner.output_shapes}
+        self.dtypes = {**self.inner.input_dtypes, **self.inner.output_dtypes}
+
+    def run(self, feeds):
+        return self.inner.run(feeds)
+
+
+def test_cli_trt_backend_runs_the_listed_engine(art, tmp_path, monkeypatch):
+    d, _, _ = art
+    import runtimes.trt
+    monkeypatch.setattr(runtimes.trt, "TrtRunner", FakeTrt)
+    (d / "model.engine").write_bytes(b"engine bytes")
+    refresh_record(d, "model.engine")
+    assert load_artifact(d).engine_path() == d / "model.engine"
+    args = ["--chunks", "2", "--quiet", "--no-preview"]
+    assert main([str(d), *args, "--out", str(tmp_path / "ort")]) == 0
+    assert main([str(d), *args, "--out", str(tmp_path / "trt"), "--backend", "trt"]) == 0
+    assert np.array_equal(np.load(tmp_path / "ort" / "frames.npy"), np.load(tmp_path / "trt" / "frames.npy"))
+
+
+def test_loaded_model_io_is_checked_against_the_manifest(art, monkeypatch):
+    d, ins, outs = art
+    toy_onnx(d / "model.onnx", ins, outs, load_artifact(d).geometry, override={"timestep": [2]})
+    refresh_record(d, "model.onnx")
+    a = load_artifact(d, check_onnx=False)
+    with pytest.raises(ArtifactError, match=r"model.onnx: input 'timestep': expected float32\[1\] \(manifest.json\), "
+                                            r"found float32\[2\]$"):
+        make_runner(a, "ort")
+    import runtimes.trt
+    monkeypatch.setattr(runtimes.trt, "TrtRunner", FakeTrt)
+    (d / "model.engine").write_bytes(b"engine bytes")
+    with pytest.raises(ArtifactError, match=r"model.engine: input 'timestep': expected"):
+        make_runner(a, "trt", engine=d / "model.engine")
+
+
 def test_preview_frames_normalise_each_video():
     lat = np.stack([np.linspace(-3, 3, 2 * 4 * 5 * 6), np.linspace(0, 1, 2 * 4 * 5 * 6)]).reshape(2, 2, 4, 5, 6)
     img = preview_frames(lat.astype(np.float32), min_px=20)
@@ -548,11 +593,12 @@ def test_preview_frames_normalise_each_video():
 
 # -- torch-free ---------------------------------------------------------------------------------
 
-def test_runtime_imports_and_runs_without_torch(art, tmp_path):
+def test_runtime_imports_and_runs_without_torch_or_onnx(art, tmp_path):
     d, _, _ = art
     block = tmp_path / "block"
     block.mkdir()
-    for name in ("torch", "ispa_export", "graphs"):
+    # onnx too: the deployment needs only numpy, safetensors and onnxruntime (the `runtime` extra).
+    for name in ("torch", "ispa_export", "graphs", "onnx"):
         (block / f"{name}.py").write_text(f"raise ImportError('{name} is blocked for this test')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(ROOT)])}
     cwd = tmp_path  # not the repo root: its ispa_export/ and graphs/ must not be found first
@@ -561,7 +607,7 @@ def test_runtime_imports_and_runs_without_torch(art, tmp_path):
         return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
 
     check = ("import sys, runtimes.driver, runtimes.ort, runtimes.artifact, runtimes.run, runtimes.files\n"
-             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ispa_export', 'graphs'))\n"
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ispa_export', 'graphs', 'onnx'))\n"
              "assert not bad, bad\n"
              "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch importable')\n")
     r = py("-c", check)

@@ -1,0 +1,546 @@
+"""Train the `demo` model: chunk-wise flow matching with teacher forcing on procedural videos.
+
+    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --minutes 35
+
+One training step samples B videos of T frames (ispa_export.videos), keeps the clean frames as
+latents x in [-1, 1] ([B, 3, T, 32, 32], no VAE), draws one noise level sigma per chunk (mostly the
+four sigmas the few-step sampler visits, t/1000 of runtimes.schedule.warped_timesteps(), the rest
+uniform), and runs ONE forward over [clean; noisy] frames under the teacher-forcing mask
+(graphs.masks.teacher_forcing): every noisy chunk sees the clean history a full cache of M frames
+keeps, exactly what the streaming driver feeds it. The model predicts the flow v = noise - x
+(x0 = noisy - sigma * v, as runtimes.schedule.flow_step); the loss is the MSE of v on the noisy half.
+
+The text context is fixed (`demo_context()`): the demo model is unconditional in practice, and the
+CLI, the evaluation and the tests all use that one embedding.
+
+The attention of the training forward is block-sparse (`SparseLayout`): each chunk's queries attend
+only to the frames its mask row allows, gathered, instead of a dense [2T*P, 2T*P] masked product.
+It computes the same function as `WanModel.forward_sequence` (tests/test_demo_model.py checks it)
+at about a third of the cost, which is what makes a useful model trainable on two CPU cores.
+
+Also here: the checks that the shipped model is meaningfully trained (held-out x0 error against a
+copy-the-last-frame predictor, teacher-forced rollouts, identity recall with full cache vs a short
+local window), cheap enough for a test at small sizes and run fully by `--eval`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphs.config import WanConfig, preset
+from graphs.masks import teacher_forcing
+from graphs.wan import FULL, LOCAL, WanModel, gate, mask_to_bias, modulate
+from ispa_export.checkpoint import load_into, save_state_dict
+from ispa_export.errors import UserError
+from ispa_export.torch_runner import torch_stream
+from ispa_export.videos import batch as video_batch
+from ispa_export.videos import identity_recall, make_video
+from runtimes.schedule import warped_timesteps
+
+PRESET = "demo"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "demo.safetensors"
+# Fixed seed of the text embedding: a constant "prompt" shared by training, CLI, eval and tests.
+CONTEXT_SEED = 20260711
+# Video seeds of training runs start at (seed + 1) * TRAIN_SEED_STRIDE; held-out evaluation uses
+# seeds below HELDOUT_LIMIT, so no held-out video is ever trained on.
+TRAIN_SEED_STRIDE = 10_000_000
+HELDOUT_LIMIT = 1_000_000
+HELDOUT_SEEDS = tuple(range(500_000, 500_064))
+
+
+def schedule_sigmas() -> list[float]:
+    """The noise levels the few-step sampler visits: 1.0, 0.9375, 0.8333, 0.625."""
+    return [t / 1000.0 for t in warped_timesteps()]
+
+
+def demo_context(batch: int = 1) -> torch.Tensor:
+    """The fixed text embedding of the demo model: [batch, text_len=4, text_dim=16], a seeded
+    standard normal draw (torch CPU generator, seed CONTEXT_SEED), identical on every platform."""
+    cfg = preset(PRESET)
+    g = torch.Generator().manual_seed(CONTEXT_SEED)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+    return ctx.expand(batch, -1, -1).contiguous()
+
+
+def load_demo_model(path: str | os.PathLike = DEFAULT_WEIGHTS) -> WanModel:
+    """WanModel(preset('demo')) with the shipped weights, in eval mode."""
+    model = WanModel(preset(PRESET))
+    load_into(model, path, strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-sparse training forward
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Frame-level mask [S, S] turned into gather indices: query frames are grouped by identical
+    mask rows (a chunk), each group attends to its allowed key frames padded to a common count."""
+
+    query_frames: torch.Tensor  # int64 [G, q]: frames of each query group
+    key_frames: torch.Tensor  # int64 [G, k]: allowed key frames (padding repeats frame 0)
+    key_valid: torch.Tensor  # bool [G, k]
+    inverse: torch.Tensor  # int64 [S]: position of frame s in query_frames.flatten()
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "SparseLayout":
+        s = mask.shape[0]
+        if mask.shape != (s, s):
+            raise ValueError(f"frame mask must be square, got {tuple(mask.shape)}")
+        groups: dict[tuple[bool, ...], list[int]] = {}
+        for i in range(s):
+            groups.setdefault(tuple(mask[i].tolist()), []).append(i)
+        sizes = {len(g) for g in groups.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"query groups of unequal sizes {sorted(sizes)}; use a frame count divisible by the chunk")
+        rows = list(groups.items())
+        width = max(sum(r) for r, _ in rows)
+        keys = torch.zeros(len(rows), width, dtype=torch.int64)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for g, (row, _) in enumerate(rows):
+            idx = [j for j, ok in enumerate(row) if ok]
+            keys[g, :len(idx)] = torch.tensor(idx)
+            valid[g, :len(idx)] = True
+        queries = torch.tensor([q for _, q in rows], dtype=torch.int64)
+        inverse = torch.empty(s, dtype=torch.int64)
+        inverse[queries.flatten()] = torch.arange(s)
+        return cls(queries, keys, valid, inverse)
+
+
+def sparse_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SparseLayout,
+                  tokens_per_frame: int) -> torch.Tensor:
+    """Attention of q over k, v ([B, S*P, n, d]) restricted by the layout; heads concatenated [B, S*P, n*d]."""
+    b, _, n, d = q.shape
+    p = tokens_per_frame
+    g, nq = layout.query_frames.shape
+    nk = layout.key_frames.shape[1]
+    frames = lambda t: t.unflatten(1, (-1, p))  # noqa: E731  [B, S, P, n, d]
+    qg = frames(q)[:, layout.query_frames].reshape(b * g, nq * p, n, d)
+    kg = frames(k)[:, layout.key_frames].reshape(b * g, nk * p, n, d)
+    vg = frames(v)[:, layout.key_frames].reshape(b * g, nk * p, n, d)
+    bias = mask_to_bias(layout.key_valid.repeat_interleave(p, 1)).to(q.dtype)  # [G, nk*P]
+    bias = bias[None, :, None, None, :].expand(b, g, 1, 1, nk * p).reshape(b * g, 1, 1, nk * p)
+    out = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=bias)
+    out = out.transpose(1, 2).reshape(b, g * nq, p, n * d)[:, layout.inverse]
+    return out.flatten(1, 2)
+
+
+def training_forward(model: WanModel, latents: torch.Tensor, t_frames: torch.Tensor, frame_pos: torch.Tensor,
+                     cross_kv: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+    """WanModel.forward_sequence with one frame mask shared by all layers, attention block-sparse."""
+    t = latents.shape[2]
+    x, e, e6 = model.embed(latents, t_frames)
+    cos, sin = model.rope(frame_pos)
+    p = model.cfg.tokens_per_frame
+    for i, block in enumerate(model.blocks):
+        mod = (block.modulation.unsqueeze(1) + e6).chunk(6, dim=2)
+        x_in = modulate(block.norm1(x), mod[0], mod[1])
+        q, k, v = block.self_attn.project(x_in, cos, sin)
+        a = sparse_attend(q, k, v, layout, p)
+        x = x + gate(block.self_attn.output(a, x_in, None), mod[2])
+        x = x + block.cross_attn(block.norm3(x), cross_kv[i])
+        x = x + gate(block.ffn(modulate(block.norm2(x), mod[3], mod[4])), mod[5])
+    return model.unpatchify(model.head(x, e), t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow-matching batches
+
+
+def chunk_sigmas(rng: np.random.Generator, batch: int, chunks: int, p_schedule: float = 0.75) -> np.ndarray:
+    """[B, chunks] noise levels: a schedule sigma with probability p_schedule, else uniform (0, 1]."""
+    sched = np.array(schedule_sigmas())
+    pick = sched[rng.integers(len(sched), size=(batch, chunks))]
+    uniform = 1.0 - rng.random((batch, chunks))  # (0, 1]
+    return np.where(rng.random((batch, chunks)) < p_schedule, pick, uniform)
+
+
+def flow_inputs(clean: torch.Tensor, sigma_chunks: torch.Tensor, chunk: int, noise: torch.Tensor):
+    """[clean; noisy] latents [B, C, 2T, H, W], per-frame timesteps [B, 2T], flow target [B, C, T, H, W].
+
+    clean [B, C, T, H, W], sigma per chunk [B, T/chunk], noise like clean."""
+    sig = sigma_chunks.repeat_interleave(chunk, 1)  # [B, T]
+    s = sig[:, None, :, None, None]
+    noisy = (1 - s) * clean + s * noise
+    t_frames = torch.cat([torch.zeros_like(sig), 1000.0 * sig], 1)
+    return torch.cat([clean, noisy], 2), t_frames, noise - clean, sig
+
+
+def clean_latents(seeds, frames: int) -> torch.Tensor:
+    """Videos [B, 3, T, 32, 32] in [-1, 1] from the procedural generator."""
+    return torch.from_numpy(video_batch(seeds, frames)).permute(0, 2, 1, 3, 4).contiguous()
+
+
+class TeacherForcing:
+    """The training layout of one model and sequence length: mask, positions, sparse layout."""
+
+    def __init__(self, cfg: WanConfig, frames: int):
+        if frames % cfg.chunk_frames:
+            raise UserError(f"train: --frames must be a multiple of chunk_frames={cfg.chunk_frames}, got {frames}")
+        self.cfg, self.frames = cfg, frames
+        self.mask = teacher_forcing(frames, cfg.chunk_frames, cfg.max_frames, cfg.full_sink)
+        self.layout = SparseLayout.from_mask(self.mask)
+        self.positions = torch.arange(frames).repeat(2)
+
+    def predict(self, model: WanModel, clean: torch.Tensor, sigma_chunks: torch.Tensor, noise: torch.Tensor,
+                cross_kv: torch.Tensor):
+        """(prediction v of the noisy half, target v, per-frame sigma [B, T], noisy half)."""
+        lat, t_frames, target, sig = flow_inputs(clean, sigma_chunks, self.cfg.chunk_frames, noise)
+        kv = cross_kv.expand(-1, -1, clean.shape[0], -1, -1, -1)
+        out = training_forward(model, lat, t_frames, self.positions, kv, self.layout)
+        return out[:, :, self.frames:], target, sig, lat[:, :, self.frames:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def init_weights(model: WanModel) -> None:
+    """Wan2.1's init_weights: xavier linears with zero bias, small normal embeddings, zero output head
+    (the model starts by predicting v = 0)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    torch.nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+    for m in list(model.text_embedding.modules()) + list(model.time_embedding.modules()):
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    torch.nn.init.zeros_(model.head.head.weight)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    q = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * q)))
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int | None = None  # None: chosen from `minutes` after timing the first steps
+    minutes: float = 35.0
+    frames: int = 24
+    batch: int = 2
+    lr: float = 1e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.998
+    p_schedule: float = 0.75
+    calibrate_steps: int = 20
+    log_every: int = 25
+    threads: int = 2
+
+
+def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model_cfg = preset(PRESET)
+    model = WanModel(model_cfg)
+    init_weights(model)
+    ema = WanModel(model_cfg)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    tf = TeacherForcing(model_cfg, cfg.frames)
+    chunks = cfg.frames // model_cfg.chunk_frames
+    rng = np.random.default_rng([cfg.seed, 1])
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    context = demo_context()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "modulation" in name or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    total = cfg.steps
+    deadline = cfg.minutes * 60.0
+    history: list[dict] = []
+    acc = {"loss": 0.0, "x0_sched": 0.0, "n": 0, "n_sched": 0}
+    start = time.time()
+    step = 0
+    stopped_early = False
+    base_seed = (cfg.seed + 1) * TRAIN_SEED_STRIDE
+    while total is None or step < total:
+        elapsed = time.time() - start
+        if total is None and step == cfg.calibrate_steps:
+            # Fix the step count once: the run is then reproducible with --steps.
+            total = max(step + 1, int(step * 0.97 * deadline / elapsed))
+            print(f"[train] {step / elapsed:.3f} steps/s -> {total} steps for {cfg.minutes} min", flush=True)
+            if step >= total:
+                break
+        if elapsed > 1.15 * deadline and step > cfg.calibrate_steps:
+            stopped_early = True
+            print(f"[train] wall-time cap reached at step {step}; stopping", flush=True)
+            break
+        lr = lr_at(step, total or 10**9, cfg.lr, cfg.warmup)
+        for gparam in opt.param_groups:
+            gparam["lr"] = lr
+        seeds = [base_seed + step * cfg.batch + b for b in range(cfg.batch)]
+        clean = clean_latents(seeds, cfg.frames)
+        sig_chunks = torch.from_numpy(chunk_sigmas(rng, cfg.batch, chunks, cfg.p_schedule)).float()
+        noise = torch.randn(clean.shape, generator=noise_gen)
+        pred, target, sig, _ = tf.predict(model, clean, sig_chunks, noise, model.cross_kv(context))
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+            # x0 error on the chunks at schedule sigmas, the units of the evaluation.
+            err = ((pred - target) ** 2).mean(dim=(1, 3, 4)) * sig**2  # [B, T]
+            sched = torch.isin(sig, torch.tensor(schedule_sigmas(), dtype=sig.dtype))
+        acc["loss"] += loss.item()
+        acc["n"] += 1
+        if sched.any():
+            acc["x0_sched"] += float(err[sched].mean())
+            acc["n_sched"] += 1
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            rec = {"step": step, "lr": lr, "loss_v": acc["loss"] / acc["n"],
+                   "x0_mse_schedule": acc["x0_sched"] / max(1, acc["n_sched"]), "grad_norm": grad_norm,
+                   "elapsed_s": round(time.time() - start, 1)}
+            history.append(rec)
+            print(f"[train] step {step}/{total} loss_v {rec['loss_v']:.4f} x0 {rec['x0_mse_schedule']:.4f} "
+                  f"lr {lr:.2e} gn {grad_norm:.2f} {rec['elapsed_s']:.0f}s", flush=True)
+            acc = {"loss": 0.0, "x0_sched": 0.0, "n": 0, "n_sched": 0}
+        if step % 500 == 0:  # a crash late in the run still leaves usable weights
+            save_weights(ema, out, {"step": str(step), "partial": "true"})
+    wall = time.time() - start
+    meta = {"step": str(step), "seed": str(cfg.seed), "preset": PRESET}
+    save_weights(ema, out, meta)
+    log = {
+        "command": " ".join([Path(sys.executable).name, "-m", "ispa_export.train"] + sys.argv[1:]),
+        "preset": PRESET, "model_config": model_cfg.to_dict(),
+        "train_config": {**cfg.__dict__, "steps": step}, "stopped_early": stopped_early,
+        "wall_time_s": round(wall, 1), "steps_per_s": round(step / wall, 4),
+        "weights": "ema", "context": f"demo_context(): torch.randn(1, 4, 16) with generator seed {CONTEXT_SEED}",
+        "objective": ("flow matching, v = noise - x, per-chunk sigma (p=%.2f one of %s, else U(0,1]), teacher-forcing "
+                      "forward over [clean; noisy], mask teacher_forcing(T, 2, 12, 0) on every layer"
+                      % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()])),
+        "train_video_seeds": f"{base_seed} + step * batch + b",
+        "history": history,
+        "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "machine": platform.machine(),
+        "weights_file": out.name, "weights_sha256": sha256(out),
+    }
+    write_json(log_path, log)
+    return log
+
+
+def save_weights(model: WanModel, out: Path, metadata: dict[str, str]) -> None:
+    save_state_dict(model, out, metadata=metadata)
+    os.chmod(out, 0o644)  # the atomic write goes through mkstemp (0600); the file ships in the package
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# "Meaningfully trained" checks
+
+
+def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24, noise_seed: int = 0,
+                     batch: int = 4) -> dict:
+    """x0 error of the model on unseen videos, per schedule sigma, against copy-last-frame predictors.
+
+    Every chunk after the first is noised at sigma and predicted with its clean history (the
+    teacher-forcing forward, i.e. what the stream computes); x0 = noisy - sigma * v. Baselines in the
+    same units (mean squared error per pixel and channel, same chunks):
+    - `copy_history`: both frames of a chunk predicted as the last clean frame before it (the
+      information the model has at sigma = 1);
+    - `copy_previous`: each frame predicted as the frame just before it (sees one frame more).
+    """
+    cfg = preset(PRESET)
+    tf = TeacherForcing(cfg, frames)
+    f = cfg.chunk_frames
+    chunks = frames // f
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    with torch.no_grad():
+        kv = model.cross_kv(demo_context())
+        for i in range(0, len(seeds), batch):
+            clean = clean_latents(seeds[i:i + batch], frames)
+            b = clean.shape[0]
+            gen = torch.Generator().manual_seed(noise_seed + i)
+            noise = torch.randn(clean.shape, generator=gen)
+            for s in schedule_sigmas():
+                pred, _, _, noisy = tf.predict(model, clean, torch.full((b, chunks), s), noise, kv)
+                x0 = noisy - s * pred
+                err = ((x0 - clean) ** 2)[:, :, f:].mean().item()
+                sums[f"model_sigma_{s:.4f}"] = sums.get(f"model_sigma_{s:.4f}", 0.0) + err * b
+            last = clean[:, :, f - 1:frames - 1:f].repeat_interleave(f, 2)  # last history frame per chunk
+            sums["copy_history"] = sums.get("copy_history", 0.0) + ((last - clean[:, :, f:]) ** 2).mean().item() * b
+            prev = ((clean[:, :, f - 1:-1] - clean[:, :, f:]) ** 2).mean().item()
+            sums["copy_previous"] = sums.get("copy_previous", 0.0) + prev * b
+            count += b
+    out = {k: v / count for k, v in sums.items()}
+    out["model_mean_schedule"] = float(np.mean([out[f"model_sigma_{s:.4f}"] for s in schedule_sigmas()]))
+    out["videos"], out["frames"] = count, frames
+    return out
+
+
+def rollout(model: WanModel, video: np.ndarray, given_chunks: int, noise_seed: int, *, local_window: int = 0,
+            local_sink: int = 0) -> np.ndarray:
+    """Stream a video [F, 3, S, S]: the first `given_chunks` chunks teacher-forced from `video` (stored
+    in the cache as given), the rest free-run. Returns the frames [F, 3, S, S] (given ones included)."""
+    cfg = model.cfg
+    f = cfg.chunk_frames
+    stream = torch_stream(model, demo_context(), noise_seed, local_window=local_window, local_sink=local_sink)
+    out = []
+    for c in range(len(video) // f):
+        given = video[c * f:(c + 1) * f].transpose(1, 0, 2, 3)[None] if c < given_chunks else None
+        out.append(stream.step(given=given)[0].transpose(1, 0, 2, 3))
+    return np.concatenate(out, 0)
+
+
+def rollout_error(model: WanModel, seeds=HELDOUT_SEEDS[:6], frames: int = 24, given_chunks: int = 3) -> dict:
+    """MSE to the true continuation of free-run frames after a teacher-forced start, vs repeating the
+    last given frame; per free-run chunk (horizon) and overall."""
+    f = model.cfg.chunk_frames
+    start = given_chunks * f
+    gen_err, copy_err = [], []
+    for s in seeds:
+        video = make_video(int(s), frames).frames
+        gen = rollout(model, video, given_chunks, noise_seed=int(s))
+        gen_err.append(((gen[start:] - video[start:]) ** 2).mean(axis=(1, 2, 3)))
+        copy_err.append(((video[start - 1:start] - video[start:]) ** 2).mean(axis=(1, 2, 3)))
+    g, c = np.mean(gen_err, 0), np.mean(copy_err, 0)
+    horizon = lambda e: [round(float(e[i:i + f].mean()), 5) for i in range(0, len(e), f)]  # noqa: E731
+    return {"model": float(g.mean()), "copy_last_given": float(c.mean()), "model_by_chunk": horizon(g),
+            "copy_by_chunk": horizon(c), "finite": bool(np.isfinite(np.array(gen_err)).all()),
+            "videos": len(seeds), "frames": frames, "given_chunks": given_chunks}
+
+
+def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 48, given_chunks: int = 6,
+                      window: int = 2, k: int = 6) -> dict:
+    """identity_recall of rollouts with every layer full (cache M frames) vs every layer local with a
+    `window`-frame cache (no sink), same videos, same teacher-forced start, same noise. Only events in
+    free-run frames are scored; videos without such an event are skipped."""
+    start = given_chunks * model.cfg.chunk_frames
+    modes = list(model.modes)
+    full, local, used = [], [], []
+    copy = []
+    try:
+        for s in seeds:
+            sample = make_video(int(s), frames)
+            if not any(t >= start for _, t in sample.returns(k)):
+                continue
+            model.set_modes([FULL] * model.cfg.num_layers)
+            gf = rollout(model, sample.frames, given_chunks, int(s))
+            model.set_modes([LOCAL] * model.cfg.num_layers)
+            gl = rollout(model, sample.frames, given_chunks, int(s), local_window=window, local_sink=0)
+            full.append(identity_recall(gf, sample, k=k, frames_from=start))
+            local.append(identity_recall(gl, sample, k=k, frames_from=start))
+            held = np.concatenate([sample.frames[:start], np.repeat(sample.frames[start - 1:start], frames - start, 0)])
+            copy.append(identity_recall(held, sample, k=k, frames_from=start))
+            used.append(int(s))
+    finally:
+        model.set_modes(modes)
+    full_a, local_a = np.array(full), np.array(local)
+    ok = np.isfinite(full_a) & np.isfinite(local_a)
+    return {"full": float(full_a[ok].mean()) if ok.any() else float("nan"),
+            "window": float(local_a[ok].mean()) if ok.any() else float("nan"),
+            "copy_last_given": float(np.nanmean(copy)) if copy else float("nan"),
+            "full_better_in": int((full_a[ok] > local_a[ok]).sum()), "videos": int(ok.sum()),
+            "per_video": {str(s): [round(a, 4), round(b, 4)] for s, a, b in zip(used, full, local)},
+            "window_frames": window, "frames": frames, "given_chunks": given_chunks, "k": k}
+
+
+def evaluate(model: WanModel, quick: bool = False) -> dict:
+    t0 = time.time()
+    if quick:
+        res = {"heldout_x0": heldout_x0_error(model, HELDOUT_SEEDS[:4]),
+               "rollout": rollout_error(model, HELDOUT_SEEDS[:2]),
+               "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:6])}
+    else:
+        res = {"heldout_x0": heldout_x0_error(model, HELDOUT_SEEDS[:32]),
+               "rollout": rollout_error(model, HELDOUT_SEEDS[:12], frames=32),
+               "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:40])}
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ispa_export.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
+    ap.add_argument("--log", type=Path, default=None, help="training log JSON (default: <out>_training.json)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=35.0, help="wall-time budget (sets --steps after timing)")
+    ap.add_argument("--steps", type=int, default=None, help="exact step count (overrides --minutes)")
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--eval", action="store_true", help="after training, run the full checks into the log")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, update the log")
+    args = ap.parse_args(argv)
+    log_path = args.log or args.out.with_name(args.out.stem + "_training.json")
+    if args.eval_only:
+        if not args.out.exists():
+            raise UserError(f"{args.out}: no such weights file (expected a trained demo checkpoint)")
+        model = load_demo_model(args.out)
+        torch.set_num_threads(2)
+        res = evaluate(model)
+        log = json.loads(log_path.read_text()) if log_path.exists() else {}
+        log["evaluation"] = res
+        write_json(log_path, log)
+        print(json.dumps(res, indent=1))
+        return 0
+    if args.frames < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1) or args.minutes <= 0:
+        raise UserError("train: --frames >= 2, --batch >= 1, --steps >= 1 and --minutes > 0 expected")
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, frames=args.frames, batch=args.batch,
+                      lr=args.lr, warmup=args.warmup)
+    log = train(cfg, args.out, log_path)
+    print(f"[train] wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {log['wall_time_s']:.0f}s")
+    if args.eval:
+        res = evaluate(load_demo_model(args.out))
+        log["evaluation"] = res
+        write_json(log_path, log)
+        print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
