@@ -75,14 +75,14 @@ def make_runner(art: Artifact, backend: str = "ort", *, providers: list[str] | N
             raise ArtifactError(f"{art.onnx_path}: expected a model onnxruntime can load, found: {msg}") from None
         where = art.onnx_path
     elif backend == "trt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise BackendError("backend trt: TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU "
-                               "and driver), then `ispa engine DIR`; or use --backend ort")
         try:
             from .trt import TrtRunner
         except ImportError as e:
             raise BackendError(f"backend trt: runtimes.trt is not importable ({e})") from None
         path = Path(engine) if engine else art.engine_path()
+        if (path is None or not path.is_file()) and importlib.util.find_spec("tensorrt") is None:
+            raise BackendError("backend trt: TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU "
+                               "and driver), then build the engine with `ispa engine DIR`; or use --backend ort")
         if path is None or not path.is_file():
             raise ArtifactError(f"{path or art.directory}: expected a TensorRT engine (*.engine or *.plan listed in "
                                 f"manifest.json files, or --engine PATH), found none; build one with `ispa engine`")

@@ -1,0 +1,150 @@
+"""The quality evaluation: protocol (same warmup, same noise, equal KV bytes), metrics, outputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from graphs.config import preset
+from graphs.wan import WanModel
+from ispa_export import cli
+from ispa_export import evaluate as ev
+from ispa_export.ispa import IspaOptions
+from ispa_export.kv import kv_bytes, layers_for_target
+from ispa_export.torch_runner import torch_stream
+from ispa_export.videos import make_video
+
+
+def tiny(**changes):
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(**changes)
+    return WanModel(cfg).eval(), torch.randn(1, 5, cfg.text_dim)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def test_psnr_matches_its_definition_and_caps_equal_frames():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(-1, 1, (3, 3, 16, 16)).astype(np.float32)
+    gen = ref.copy()
+    gen[1] += 0.1
+    gen[2] -= 0.01
+    p = ev.psnr_frames(ref, gen)
+    assert p[0] == ev.PSNR_CAP
+    for t, delta in ((1, 0.1), (2, 0.01)):
+        mse = np.mean((gen[t].astype(np.float64) - ref[t]) ** 2)
+        assert p[t] == pytest.approx(10 * np.log10(2.0**2 / mse), abs=1e-3)
+        assert mse == pytest.approx(delta**2, rel=1e-3)
+
+
+def test_ssim_flicker_and_drift():
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32)
+    assert np.allclose(ev.ssim_frames(ref, ref), 1.0)
+    assert ev.ssim_frames(ref, -ref).max() < 0.1
+    still = np.repeat(ref[:1], 4, axis=0)
+    assert ev.flicker_energy(still) == 0.0
+    assert ev.flicker_energy(ref) == pytest.approx(np.mean(np.diff(ref, axis=0) ** 2))
+    # 8 frames: quarters are 2 frames; drift = mean(last 2) - mean(first 2).
+    assert ev.drift(np.arange(8.0)) == pytest.approx(6.5 - 0.5)
+    m = ev.video_metrics(ref, ref, ev.flicker_energy(ref))
+    assert m["psnr"] == ev.PSNR_CAP and m["flicker"] == pytest.approx(1.0) and m["drift"] == 0.0
+
+
+# -- methods at equal KV bytes ------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ev.REDUCTIONS)
+def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction):
+    cfg = preset("demo")
+    rng = np.random.default_rng(2)
+    d_corr, d_raw, d_plain = (rng.permutation(cfg.num_layers).astype(float) for _ in range(3))
+    methods, notes = ev.methods_for(reduction, cfg, 1, 2, d_corr, d_raw, d_plain, variants=True, rank=4)
+    n = layers_for_target(cfg, reduction, 2, 1)
+    by = {m.name: m for m in methods}
+    assert set(ev.MAIN_METHODS) <= set(by), notes  # demo: every uniform span is whole
+    lowest = lambda d: tuple(sorted(np.argsort(d)[:n].tolist()))  # noqa: E731
+    assert by["ispa"].layers == by["ispa-nocorr"].layers == lowest(d_corr)
+    assert by["sink-window"].layers == by["ispa-rawsel"].layers == lowest(d_raw)
+    assert by["drop"].layers == lowest(d_plain) and (by["drop"].sink, by["drop"].window) == (0, 3)
+    assert by["ispa"].variant == "full" and by["ispa-nocorr"].variant == by["drop"].variant == "none"
+    full = kv_bytes(cfg).total
+    sizes = {kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total for m in methods}
+    assert len(sizes) == 1
+    assert 1 - sizes.pop() / full >= reduction
+    assert len(by["uniform"].layers) == cfg.num_layers
+
+
+def test_uniform_is_skipped_when_its_span_is_not_whole():
+    cfg = preset("demo").replace(num_layers=5)
+    d = np.arange(5.0)
+    methods, notes = ev.methods_for(0.25, cfg, 1, 2, d, d, d)
+    assert "uniform" not in {m.name for m in methods}
+    assert any(n.startswith("uniform:") for n in notes)
+
+
+# -- the protocol -------------------------------------------------------------------------------
+def test_runs_continue_the_warmup_with_the_reference_noise():
+    model, ctx = tiny()
+    opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
+    w = ev.warmup(model, ctx, 7, opts, layers_for_target(model.cfg, 0.5, 2, 1))
+    ref, held = ev.rollout(w, None, 3)
+    # One uninterrupted all-F stream of the same seed: the reference is its continuation, bit for bit.
+    direct = torch_stream(model, ctx, 7).run(w.chunk + 3)
+    assert np.array_equal(ref, direct[:, :, w.chunk * model.cfg.chunk_frames:])
+    assert held == kv_bytes(model.cfg).total
+    # The warmup's copy is untouched by the runs made from it.
+    again, _ = ev.rollout(w, ev.Method("x", tuple(range(4)), 1, 2, "full"), 3)
+    assert not np.allclose(again, ref)
+    assert np.array_equal(ev.rollout(w, None, 3)[0], ref)
+    assert w.model.modes == ["F"] * 4 and w.model.blocks[0].self_attn.ispa_bias is None
+
+
+def test_warmup_is_teacher_forced_by_the_procedural_video():
+    # A cut-down demo geometry (3-channel 16x16 frames) so the video path runs in a second.
+    torch.manual_seed(0)
+    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
+    model = WanModel(cfg).eval()
+    ctx = torch.randn(1, 4, cfg.text_dim)
+    sample = ev._video_for(cfg, 3, 40, teacher_force=True)
+    assert sample is not None and sample.frames.shape == (40, 3, 16, 16)
+    opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
+    w = ev.warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
+    got = ev.frames_of(np.concatenate(w.stream.latents, axis=2))
+    assert np.array_equal(got, sample.frames[:w.chunk * cfg.chunk_frames])
+    # A model drawing latents that are not 3-channel pictures gets no video.
+    assert ev._video_for(preset("tiny"), 3, 40, teacher_force=True) is None
+
+
+def test_recall_of_the_ground_truth_is_one():
+    sample = make_video(11, 60, 32)
+    assert ev.recall_of(sample.frames, sample, 0) == pytest.approx(1.0)
+
+
+# -- the command ----------------------------------------------------------------------------------
+def test_eval_command_quick_on_tiny(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", "tiny", "--quick", "--out", str(out)]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("At 50% KV reduction") and "best drop baseline" in key
+    for name in ("eval.json", "EVAL.md", "quality_vs_memory.png", "side_by_side.gif"):
+        assert (out / name).stat().st_size > 0
+    summary = json.loads((out / "eval.json").read_text())
+    cfg = preset("tiny")
+    full = kv_bytes(cfg).total
+    assert summary["full_kv_bytes"] == full
+    seed = summary["seeds"][0]
+    # tiny holds 6 frames: 75% cannot be reached with sink 1 + window 2, and says so.
+    assert set(seed["reductions"]) == {"0.25", "0.5"} and "0.75" in seed["skipped_reductions"]
+    assert seed["total_chunks"] >= 4 * seed["transition_chunk"]
+    assert seed["total_chunks"] * cfg.chunk_frames > cfg.max_frames
+    for r, red in seed["reductions"].items():
+        rows = red["methods"]
+        assert {"ispa", "ispa-nocorr", "drop", "sink-window"} <= set(rows)
+        assert {row["kv_bytes"] for row in rows.values()} == {red["kv_bytes"]}
+        assert red["kv_bytes"] <= (1 - float(r)) * full
+        for row in rows.values():
+            assert 0 < row["psnr"] <= ev.PSNR_CAP and -1 <= row["ssim"] <= 1 and row["flicker"] > 0
+            assert len(row["psnr_per_frame"]) == seed["frames_after_transition"]
+        if rows["ispa-nocorr"]["layers"] == rows["sink-window"]["layers"]:
+            # The same configuration is one run, reported under both names.
+            assert rows["ispa-nocorr"]["psnr_per_frame"] == rows["sink-window"]["psnr_per_frame"]
+    md = (out / "EVAL.md").read_text()
+    assert summary["key_line"] in md and "| 50% (" in md and "| ispa |" in md
