@@ -101,7 +101,7 @@ PRESETS: dict[str, WanConfig] = {
     # Random weights, for tests: builds in milliseconds, wraps its cache within a few chunks.
     "tiny": WanConfig(
         dim=64, ffn_dim=128, num_heads=4, num_layers=4, in_dim=4, out_dim=4, text_dim=32,
-        freq_dim=32, text_len=8, latent_height=4, latent_width=6, chunk_frames=2, max_frames=6,
+        freq_dim=32, text_len=8, latent_height=4, latent_width=6, chunk_frames=2, max_frames=8,
     ),
 }
 
