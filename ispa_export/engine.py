@@ -345,9 +345,15 @@ def _initializer_digest(init, base: Path) -> str:
                     break
                 h.update(block)
                 left -= len(block) if left > 0 else 0
+    elif init.HasField("raw_data"):
+        h.update(init.raw_data)
     else:
-        # Typed fields (float_data, ...) and raw_data both serialise into the proto: hash that.
-        h.update(init.SerializeToString())
+        # Typed fields (float_data, int64_data, ...): their little-endian bytes, which is what raw_data
+        # or an external file holds for the same tensor, so the storage form does not matter.
+        from onnx import numpy_helper
+
+        arr = numpy_helper.to_array(init)
+        h.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
     return h.hexdigest()
 
 

@@ -22,6 +22,7 @@ from runtimes.files import atomic_directory, file_records, write_json_atomic
 
 from .errors import UserError
 from .kv import kv_bytes
+from .verify import golden_feeds, save_golden
 
 DTYPES = {"fp32": (torch.float32, np.float32, "float32"), "fp16": (torch.float16, np.float16, "float16")}
 OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
@@ -80,16 +81,23 @@ def _rename_refit_weights(proto: onnx.ModelProto, wanted: dict[str, np.ndarray])
 
 
 def refit_weights(model: WanModel, np_dtype) -> dict[str, np.ndarray]:
-    """The per-instance constants of a baked graph, as they appear in ONNX (W_o transposed)."""
+    """The per-instance constants of a baked graph, as they appear in ONNX (a single matrix is folded
+    transposed by the exporter; per-pass-kind stacks stay as they are, gathered by `pass_kind`)."""
     out = {}
     for i, (block, mode) in enumerate(zip(model.blocks, model.modes)):
         attn = block.self_attn
         if mode != LOCAL or attn.ispa_bias is None:
             continue
-        out[f"blocks.{i}.self_attn.o.weight_t"] = attn.o.weight.detach().T.numpy().astype(np_dtype)
-        if attn.ispa_bias.shape[0] == 1:
-            out[f"blocks.{i}.self_attn.ispa_bias"] = attn.ispa_bias[0].detach().numpy().astype(np_dtype)
-    return out
+        pre = f"blocks.{i}.self_attn."
+        weight, bias = attn.ispa_weight, attn.ispa_bias.detach()
+        if weight is None:
+            out[pre + "o.weight_t"] = attn.o.weight.detach().T.numpy()
+        elif weight.shape[0] == 1:
+            out[pre + "ispa_weight_t"] = weight[0].detach().T.numpy()
+        else:
+            out[pre + "ispa_weight"] = weight.detach().numpy()
+        out[pre + "ispa_bias"] = (bias[0] if bias.shape[0] == 1 else bias).numpy()
+    return {k: v.astype(np_dtype) for k, v in out.items()}
 
 
 def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit: bool) -> list[str]:
@@ -149,6 +157,7 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
         refit_names = export_onnx(graph_model, feeds, tmp / ONNX, refit=modulation == "baked")
         export_seconds = time.perf_counter() - t0
         progress(f"export: ONNX written in {export_seconds:.1f} s")
+        save_golden(tmp, graph_model, golden_feeds(stream, feeds))
         for k in ("kv_full", "kv_local", "cross_kv") + (("ispa_weight", "ispa_bias") if modulation == "input" else ()):
             src = feeds[k] if k in feeds else state[k]
             state[k] = np.ascontiguousarray(src.astype(np_dtype))

@@ -136,7 +136,10 @@ def absorption_for(monitor: WarmupMonitor, layer: int, opts: IspaOptions) -> tup
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and not torch.isfinite(t).all():
             raise UserError(f"layer {layer}: the absorption {name} is not finite; refusing to bake it")
-    report = [{k: v for k, v in asdict(s).items() if k not in ("weight_delta", "bias_delta")} for s in sols]
+    # JSON has no inf: a singular G + lambda I (rho 0) has an infinite condition number, reported as
+    # null next to method 'eigh' (report.json and the manifest refuse non-finite numbers).
+    report = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in asdict(s).items() if k not in ("weight_delta", "bias_delta")} for s in sols]
     return Absorption(opts.site, weight, bias), {"variant": opts.variant, "solutions": report}
 
 

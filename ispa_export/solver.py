@@ -21,7 +21,7 @@ from ispa_export.errors import UserError
 
 # Ridge penalties. 'trace' is DESIGN section 4 as written: lambda I on G with
 # lambda = rho * trace(G) / (D + 1), the bias entry penalised too. 'centered' puts lambda on the
-# weight block only, lambda = rho * trace(centred covariance of z) / D, bias unpenalised: the
+# weight block only, lambda = rho * trace(centred scatter of a_l) / D, bias unpenalised: the
 # same as ridge on mean-centred activations, so a constant offset in a_l (large-mean channels)
 # neither inflates lambda nor shrinks the bias.
 PENALTIES = ("trace", "centered")
@@ -34,11 +34,12 @@ PENALTIES = ("trace", "centered")
 # 'trace' has no good rho once large-mean channels are present (best 1e-3 with, 1e-1 without);
 # 'centered' is flat around 0.1. Small N/D (per-pass-kind statistics of a short warmup, e.g. 14B:
 # ~4.7k tokens per pass and chunk at D = 5120) is where a too-small rho hurts most.
-# Rerun: ISPA_SOLVER_SWEEP=1 pytest tests/test_solver.py -k sweep -s (one seed per case there).
+# Rerun: ISPA_SOLVER_SWEEP=1 pytest tests/test_solver.py -k sweep -s (~4 CPU-minutes).
 DEFAULT_RHO = {"trace": 1e-2, "centered": 1e-1}
 
-# Above this condition number of (G + lambda I) the Cholesky solution loses too many of float64's
-# 16 digits; the eigendecomposition with an eigenvalue floor at lambda_max / COND_MAX takes over.
+# Above this condition number of G + P (the penalised Gram) the Cholesky solution loses too many
+# of float64's 16 digits; the eigendecomposition with an eigenvalue floor at
+# lambda_max / COND_MAX takes over.
 COND_MAX = 1e12
 
 VARIANTS = ("full", "bias", "none")
@@ -106,8 +107,9 @@ class AbsorptionStats:
         # it) before anything is accumulated, so a bad batch leaves the statistics untouched.
         bad = [k for k, t in t64.items() if not torch.isfinite(t.sum())]
         if bad:
-            raise UserError(f"{self._who()}: non-finite values (NaN/Inf) in {', '.join(bad)} fed to "
-                            "the absorption statistics; the warmup activations overflowed or diverged")
+            raise UserError(f"{self._who()}: non-finite values (NaN/Inf) in {', '.join(bad)} fed "
+                            "to the absorption statistics; the warmup activations overflowed or "
+                            "diverged")
         z, rr = _augment(t64["a_l"]), t64["r"]
         if self.G is None:
             d, dout, dev = z.shape[1], rr.shape[1], z.device
@@ -130,7 +132,7 @@ class AbsorptionStats:
         self.count += r.shape[0]
 
     def merge(self, other: AbsorptionStats) -> AbsorptionStats:
-        """Add another accumulator's sums into this one (e.g. pass kinds into a layer); returns self."""
+        """Add another accumulator's sums into this one (pass kinds into a layer); returns self."""
         if other.count == 0:
             return self
         if self.count == 0:
@@ -139,7 +141,7 @@ class AbsorptionStats:
                 setattr(self, k, None if v is None else v.clone())
             self.count = other.count
             return self
-        if self.has_x != other.has_x or self.G.shape != other.G.shape or self.C.shape != other.C.shape:
+        if (self.has_x, self.G.shape, self.C.shape) != (other.has_x, other.G.shape, other.C.shape):
             raise ValueError(f"{self._who()}: cannot merge statistics of different shapes or sites")
         for k in ("G", "C", "sum_r", "sum_rr") + (("G_x", "C_x") if self.has_x else ()):
             getattr(self, k).add_(getattr(other, k).to(getattr(self, k).device))
@@ -177,7 +179,7 @@ class Solution:
     method: str  # 'cholesky' | 'eigh' (fallback) | 'mean' (bias variant) | 'zero' (none variant)
     rho: float
     lambda_: float  # on every entry ('trace') or on the weight block only ('centered')
-    condition_number: float | None  # of G + lambda I; an estimate on the Cholesky path
+    condition_number: float | None  # of G + P; an estimate on the Cholesky path
     rank: int | None
     rank_metric: str | None
     count: int
@@ -227,13 +229,15 @@ def solve(stats: AbsorptionStats, rho: float | None = None, variant: str = "full
         raise UserError(f"absorption rank: expected an integer >= 1 with variant 'full', "
                         f"got {rank!r} with variant {variant!r}")
     if rank_metric not in RANK_METRICS:
-        raise UserError(f"absorption rank metric: expected one of {RANK_METRICS}, got {rank_metric!r}")
+        raise UserError(f"absorption rank metric: expected one of {RANK_METRICS}, "
+                        f"got {rank_metric!r}")
     if stats.count == 0:
-        raise UserError(f"{stats._who()}: no absorption samples: the warmup never produced a history "
-                        "longer than the local span (sink + window frames); lengthen the warmup or "
-                        "shrink the span")
+        raise UserError(f"{stats._who()}: no absorption samples: the warmup never produced a "
+                        "history longer than the local span (sink + window frames); lengthen the "
+                        "warmup or shrink the span")
     if site == "adapter" and not stats.has_x:
-        raise UserError(f"{stats._who()}: site 'adapter' needs x_in in every update; none was given")
+        raise UserError(f"{stats._who()}: site 'adapter' needs x_in in every update; "
+                        "none was given")
     G, C = (stats.G_x, stats.C_x) if site == "adapter" else (stats.G, stats.C)
     if not all(bool(torch.isfinite(t).all()) for t in (G, C, stats.sum_r, stats.sum_rr)):
         raise UserError(f"{stats._who()}: the absorption statistics hold NaN/Inf (a corrupt or "
@@ -245,7 +249,8 @@ def solve(stats: AbsorptionStats, rho: float | None = None, variant: str = "full
 
     if variant == "none":
         return Solution(torch.zeros(dout, d - 1, dtype=_F64, device=C.device),
-                        torch.zeros(dout, dtype=_F64, device=C.device), method="zero", lambda_=0.0, condition_number=None,
+                        torch.zeros(dout, dtype=_F64, device=C.device), method="zero",
+                        lambda_=0.0, condition_number=None,
                         fit_residual=1.0 if sum_rr > 0 else 0.0, **report)
     if variant == "bias":
         mean = stats.sum_r / stats.count
@@ -263,7 +268,7 @@ def solve(stats: AbsorptionStats, rho: float | None = None, variant: str = "full
         lam = float(rho) * max(centred_trace, 0.0) / (d - 1)
         P[-1] = 0.0
     P *= lam
-    # One D x D allocation: at D = 5120 each fresh one costs about a second on CPU. Symmetrised
+    # One D x D allocation: at D = 5120 a fresh one measured up to a second on CPU. Symmetrised
     # because the float64 accumulation is symmetric only up to rounding.
     A = G.clone().add_(G.mT).mul_(0.5)
     A.diagonal().add_(P)

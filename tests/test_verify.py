@@ -25,28 +25,18 @@ from ispa_export.export import DTYPES, graph_feeds, write_artifact
 from ispa_export.ispa import IspaOptions, report, transition
 from ispa_export.pipeline import load_context, load_model
 from ispa_export.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
-from ispa_export.verify import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_RUNNER, TOLERANCES, add_golden,
+from ispa_export.verify import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_RUNNER, TOLERANCES, add_golden, golden_feeds,
                                 update_manifest_files, verify)
 from runtimes.artifact import ArtifactError, load_artifact
-from runtimes.schedule import chunk_noise
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (tensorrt cannot be imported)")
 no_trt = pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is missing")
 POLYGRAPHY = Path(sys.executable).with_name("polygraphy")
-# 2 of 4 layers local: the graph has both caches (kv_full and kv_local) and 4 refit weights.
+# 2 of 4 layers local: the graph has both caches (kv_full and kv_local, one sink frame pinned).
 TINY = ["--model", "tiny", "--kv-reduction", "0.25", "--warmup-chunks", "4", "--seed", "0"]
 MEDIUM = preset("tiny").replace(dim=128, num_heads=4, ffn_dim=256, num_layers=4, latent_height=8, latent_width=8,
                                 max_frames=8)
-
-
-def _golden_feeds(stream, graph_model, modulation: str, np_dtype) -> dict:
-    # The export's example inputs, with a denoising step's noisy latents and timestep (the export
-    # traces with zero latents, which would leave the patch embedding's weights untested).
-    feeds = graph_feeds(stream, graph_model, modulation, np_dtype)
-    feeds["latents"] = chunk_noise(stream.seed + 1, stream.chunk, 0, stream.geo.chunk_shape).astype(np_dtype)
-    feeds["timestep"] = np.full_like(feeds["timestep"], stream.geo.timesteps[0])
-    return feeds
 
 
 def _ensure_golden(directory: Path, model, stream, modulation="baked", dtype="fp32") -> None:
@@ -56,8 +46,8 @@ def _ensure_golden(directory: Path, model, stream, modulation="baked", dtype="fp
         return
     torch_dtype, np_dtype, _ = DTYPES[dtype]
     graph_model = copy.deepcopy(model).cast(torch_dtype)
-    assert add_golden(directory, graph_model, _golden_feeds(stream, graph_model, modulation, np_dtype)) == [
-        GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+    feeds = golden_feeds(stream, graph_feeds(stream, graph_model, modulation, np_dtype))
+    assert add_golden(directory, graph_model, feeds) == [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
 
 
 def _export_pieces(out: Path, model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions) -> Path:
@@ -93,10 +83,12 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def video_b(tmp_path_factory, tiny):
     """Another video of the same model (another noise seed and prompt), same L-layers: refit-compatible with `tiny`."""
-    layers = json.loads((tiny / "manifest.json").read_text())["absorption"]["layers"]
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    geo = manifest["geometry"]
     name, model = load_model("tiny", seed=0)
     ctx, _ = load_context(None, name, model.cfg, seed=1)
-    opts = IspaOptions(kv_reduction=None, layers=layers, window=model.cfg.chunk_frames, sink=1, warmup_chunks=4)
+    opts = IspaOptions(kv_reduction=None, layers=manifest["absorption"]["layers"], sink=geo["local_sink"],
+                       window=geo["local_capacity"] - geo["local_sink"], warmup_chunks=4)
     return _export_pieces(tmp_path_factory.mktemp("b") / "art", model, ctx, 1, opts)
 
 
@@ -154,7 +146,32 @@ def test_golden_files_are_listed_and_match_the_manifest(tiny):
         assert (feeds[name].shape, feeds[name].dtype.name) == (spec.shape, spec.dtype)
     for name, spec in art.outputs.items():
         assert (outs[name].shape, outs[name].dtype.name) == (spec.shape, spec.dtype)
-    assert {"kv_full", "kv_local"} <= set(feeds) and len(art.manifest["refit_names"]) == 4
+    assert {"kv_full", "kv_local"} <= set(feeds)
+    assert np.abs(feeds["latents"]).std() > 0.5  # a denoising step's noise (golden_feeds), not the trace's zeros
+    # Baked modulation, variant "full": W_o' (transposed) and the absorbed bias of each L-layer.
+    assert len(art.manifest["refit_names"]) == 2 * art.geometry.modes.count("L") > 0
+
+
+def test_save_golden_skips_graphs_over_the_size_limit(tmp_path):
+    from ispa_export.torch_runner import torch_stream
+    from ispa_export.verify import save_golden
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = WanModel(cfg).eval()
+    model.set_modes(["F", "L", "F", "L"])
+    stream = torch_stream(model, torch.randn(1, 4, cfg.text_dim), 0, local_window=2, local_sink=1)
+    stream.run(1)
+    feeds = golden_feeds(stream, graph_feeds(stream, model, "baked", np.float32))
+    size = sum(a.nbytes for a in feeds.values())
+    assert save_golden(tmp_path, model, feeds, max_bytes=size - 1) == [] and not list(tmp_path.iterdir())
+    assert save_golden(tmp_path, model, feeds, max_bytes=10 * size) == [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+    _, results = _golden(tmp_path)
+    want = results[GOLDEN_RUNNER][0]
+    with torch.no_grad():
+        got = model(**{k: torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()})
+    np.testing.assert_array_equal(want["prediction"], got[0].numpy())  # stored exactly, float32 round trip
+    np.testing.assert_array_equal(want["new_kv_local"], got[2].numpy())
 
 
 def test_verify_passes_on_the_exported_artifact(tiny, capsys):
@@ -219,12 +236,15 @@ def test_golden_inputs_must_match_the_graph(tiny, tmp_path):
 
     d = _copy(tiny, tmp_path)
     feeds_list, _ = _golden(d)
-    feeds_list[0]["kv_local"] = feeds_list[0]["kv_local"][:, :, :, :-1]
+    shape = list(feeds_list[0]["kv_local"].shape)
+    feeds_list[0]["kv_local"] = feeds_list[0]["kv_local"][..., :-1]
     (d / GOLDEN_INPUTS).write_text(to_json(feeds_list))
     update_manifest_files(d, [GOLDEN_INPUTS])
-    with pytest.raises(UserError, match=r"input 'kv_local': expected float32\[2, 2, 1, 18, 4, 16\] "
-                                        r"\(manifest.json\), found float32\[2, 2, 1, 18, 4, 15\]"):
+    found = shape[:-1] + [shape[-1] - 1]
+    with pytest.raises(UserError) as e:
         verify(d)
+    assert str(e.value) == (f"{d / GOLDEN_INPUTS}: iteration 0: input 'kv_local': expected float32{shape} "
+                            f"(manifest.json), found float32{found}")
 
 
 @no_trt
@@ -293,6 +313,60 @@ def test_engine_reports_graph_problems_before_looking_for_tensorrt(tiny, tmp_pat
     assert cli.main(["engine", str(d)]) == 2
 
 
+def _fake_build(lose: tuple = ()):
+    """Stands in for engine.build_engine where TensorRT is missing: writes bytes, reports refittable names."""
+    calls = []
+
+    def build(onnx_path, engine_path, *, workspace_bytes, timing_cache_path, refit, progress):
+        calls.append({"onnx": Path(onnx_path), "engine": Path(engine_path), "cache": Path(timing_cache_path),
+                      "refit": refit, "workspace": workspace_bytes})
+        Path(engine_path).write_bytes(b"fake engine for " + Path(onnx_path).read_bytes()[:64])
+        Path(timing_cache_path).write_bytes(b"cache")
+        names = json.loads((Path(onnx_path).parent / "manifest.json").read_text())["refit_names"]
+        return {"tensorrt_version": "10.99", "gpu": "Fake GPU", "compute_capability": "9.0", "build_seconds": 1.25,
+                "workspace_bytes": workspace_bytes, "strongly_typed": True, "refittable": refit,
+                "refittable_weights": sorted(set(names) - set(lose)) + ["other.weight"],
+                "onnx": "model.onnx", "engine": Path(engine_path).name}
+
+    return build, calls
+
+
+def test_engine_build_records_the_engine_in_the_manifest(tiny, tmp_path, monkeypatch, capsys):
+    import ispa_export.engine as engine_mod
+
+    d = _copy(tiny, tmp_path)
+    build, calls = _fake_build()
+    monkeypatch.setattr(engine_mod, "_trt", lambda: None)
+    monkeypatch.setattr(engine_mod, "build_engine", build)
+    assert cli.main(["engine", str(d), "--workspace-gib", "2"]) == 0
+    (call,) = calls
+    assert call["onnx"] == d / "model.onnx" and call["cache"] == d / "timing.cache" and call["refit"]
+    assert call["engine"].parent == d and call["engine"].name != ENGINE and call["workspace"] == 2 << 30
+    art = load_artifact(d)  # the checksums, the engine's included, hold
+    assert art.engine_path() == d / ENGINE and not call["engine"].exists()
+    t = art.manifest["tensorrt"]
+    assert t == {"engine": ENGINE, "timing_cache": "timing.cache", "tensorrt_version": "10.99", "gpu": "Fake GPU",
+                 "compute_capability": "9.0", "build_seconds": 1.25, "workspace_bytes": 2 << 30,
+                 "strongly_typed": True, "refittable": True, "refit_names": art.manifest["refit_names"],
+                 "refittable_weight_count": len(art.manifest["refit_names"]) + 1}
+    assert f"engine {d / ENGINE}: TensorRT 10.99 on Fake GPU (sm 9.0)" in capsys.readouterr().out
+
+
+def test_engine_with_a_refit_name_folded_away_is_refused(tiny, tmp_path, monkeypatch):
+    import ispa_export.engine as engine_mod
+
+    d = _copy(tiny, tmp_path)
+    lost = json.loads((d / "manifest.json").read_text())["refit_names"][1]
+    before = (d / "manifest.json").read_bytes()
+    build, _ = _fake_build(lose=(lost,))
+    monkeypatch.setattr(engine_mod, "_trt", lambda: None)
+    monkeypatch.setattr(engine_mod, "build_engine", build)
+    with pytest.raises(UserError, match=rf"not refittable in the engine: {lost}$"):
+        build_for_artifact(d, 1 << 30)
+    assert (d / "manifest.json").read_bytes() == before
+    assert not (d / ENGINE).exists() and not list(d.glob(".model.engine*"))
+
+
 # -- refit per video (what can be checked without TensorRT) -----------------------------------------
 
 def test_refit_plan_between_two_videos_of_one_model(tiny, video_b, tmp_path):
@@ -319,6 +393,18 @@ def test_refit_plan_between_two_videos_of_one_model(tiny, video_b, tmp_path):
     assert np.abs(unrefitted["prediction"] - want["prediction"]).max() > 100 * atol
 
 
+def test_refit_plan_reads_external_weights(tiny, tmp_path):
+    d = _copy(tiny, tmp_path)
+    onnx.save(onnx.load(str(d / "model.onnx")), str(d / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    update_manifest_files(d, ["model.onnx", "model.onnx.data"])
+    own = refit_plan(tiny, tiny)
+    for a, b in ((tiny, d), (d, tiny), (d, d)):  # embedded and external storage hash alike
+        plan = refit_plan(a, b)
+        assert list(plan) == list(own) and all(np.array_equal(plan[n], own[n]) for n in own)
+    assert check_artifact(d) == []
+
+
 def test_refit_plan_refuses_another_graph_or_base_model(tiny, video_b, medium, tmp_path):
     with pytest.raises(UserError, match=r"manifest\.json: inputs: expected the engine artifact's value"):
         refit_plan(tiny, medium)
@@ -332,6 +418,33 @@ def test_refit_plan_refuses_another_graph_or_base_model(tiny, video_b, medium, t
     update_manifest_files(d, ["model.onnx"])
     with pytest.raises(UserError, match=rf"initializer '{init.name}' differs .* but is not a refit weight"):
         refit_plan(tiny, d)
+
+
+def test_refit_for_artifact_hands_the_plan_to_refit_engine(tiny, video_b, tmp_path, monkeypatch):
+    import ispa_export.engine as engine_mod
+
+    a, b = _copy(tiny, tmp_path / "a"), _copy(video_b, tmp_path / "b")
+    build, _ = _fake_build()
+    monkeypatch.setattr(engine_mod, "_trt", lambda: None)
+    monkeypatch.setattr(engine_mod, "build_engine", build)
+    build_for_artifact(a, 1 << 30)
+    seen = {}
+
+    def refit(path, weights):
+        seen.update(path=Path(path), data=Path(path).read_bytes(), weights=weights)
+        Path(path).write_bytes(b"refitted")
+        return {"tensorrt_version": "10.99", "refitted": sorted(weights)}
+
+    monkeypatch.setattr(engine_mod, "refit_engine", refit)
+    record = engine_mod.refit_for_artifact(b, a)
+    assert seen["data"] == (a / ENGINE).read_bytes() and seen["path"].parent == b  # a copy of A's engine
+    plan = refit_plan(a, b)
+    assert sorted(seen["weights"]) == sorted(plan)
+    assert all(np.array_equal(seen["weights"][n], plan[n]) for n in plan)
+    art = load_artifact(b)
+    assert art.engine_path() == b / ENGINE and (b / ENGINE).read_bytes() == b"refitted"
+    assert record == art.manifest["tensorrt"] and record["refitted_from"] == str(a.resolve())
+    assert (a / ENGINE).read_bytes().startswith(b"fake engine")  # the source engine is untouched
 
 
 # -- TensorRT itself --------------------------------------------------------------------------------
