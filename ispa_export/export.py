@@ -26,6 +26,7 @@ from .verify import golden_feeds, save_golden
 
 DTYPES = {"fp32": (torch.float32, np.float32, "float32"), "fp16": (torch.float16, np.float16, "float16")}
 OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
+EXTERNAL_DATA_BYTES = 1 << 30
 ONNX_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
               onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
 
@@ -113,11 +114,15 @@ def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit
                                     verbose=False)
     proto = program.model_proto
     names = _rename_refit_weights(proto, refit_weights(model, feeds["latents"].dtype)) if refit else []
-    onnx.save_model(proto, str(path))
+    # protobuf caps a file at 2 GiB: real model widths keep their weights in one external file beside it.
+    big = sum(int(np.prod(t.dims)) * 4 for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
     return names
 
 
 def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
+    """Graph I/O names, shapes and dtypes as the manifest records them."""
     proto = onnx.load(str(path), load_external_data=False)
 
     def spec(v):

@@ -176,3 +176,17 @@ def test_runtime_streams_without_torch(artifacts, tmp_path):
     assert res.returncode == 0, res.stderr
     frames = np.load(out / "frames.npy")
     assert frames.shape[2] == load_artifact(artifacts["baked"]).state["latents"].shape[2] + 3 * 2
+
+
+def test_large_graphs_keep_weights_in_external_data(tiny, tmp_path, monkeypatch):
+    """Past protobuf's 2 GiB limit the weights go to model.onnx.data; everything downstream follows."""
+    import ispa_export.export as export
+    from runtimes.run import main
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)
+    model, stream, rep = tiny
+    write_artifact(tmp_path / "ext", model, stream, rep, preset="tiny", progress=lambda s: None)
+    man = json.loads((tmp_path / "ext" / "manifest.json").read_text())
+    assert "model.onnx.data" in man["files"]
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < 100_000
+    assert main([str(tmp_path / "ext"), "--chunks", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
