@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,6 +28,7 @@ def plot_discrepancy(report: dict, path: Path) -> Path:
                 label=f"layer {layer['index']} ({layer['mode']})")
     ax.axvline(report["transition_chunk"] - 0.5, color="k", lw=0.8)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("warmup chunk")
     ax.set_ylabel("discrepancy  ||W_o(a_g - a_l)||² / ||W_o a_g||²")
     ax.set_title(f"raw (faint) vs held-out corrected (markers); transition at chunk {report['transition_chunk']}, "

@@ -1,6 +1,6 @@
 """Train the `demo` model: chunk-wise flow matching with teacher forcing on procedural videos.
 
-    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --minutes 35
+    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --minutes 38 [--eval]
 
 One training step samples B videos of T frames (ispa_export.videos), keeps the clean frames as
 latents x in [-1, 1] ([B, 3, T, 32, 32], no VAE), draws one noise level sigma per chunk (mostly the
@@ -9,6 +9,9 @@ uniform), and runs ONE forward over [clean; noisy] frames under the teacher-forc
 (graphs.masks.teacher_forcing): every noisy chunk sees the clean history a full cache of M frames
 keeps, exactly what the streaming driver feeds it. The model predicts the flow v = noise - x
 (x0 = noisy - sigma * v, as runtimes.schedule.flow_step); the loss is the MSE of v on the noisy half.
+AdamW, linear warmup then cosine, gradient clipping; the shipped weights are an EMA of the trained
+ones. `--minutes` fixes the step count after timing steps 5..25 (logged; `--steps N` replays a run
+exactly: every random draw comes from the seed).
 
 The text context is fixed (`demo_context()`): the demo model is unconditional in practice, and the
 CLI, the evaluation and the tests all use that one embedding.
@@ -36,9 +39,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# Threads that sleep instead of spinning at OpenMP barriers: on a shared 2-core machine spinning
+# threads wait on each other (measured 10x more CPU time per step under load). Only effective when
+# this module is what first imports torch (python -m ispa_export.train).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from graphs.config import WanConfig, preset
 from graphs.masks import teacher_forcing
@@ -48,7 +56,7 @@ from ispa_export.errors import UserError
 from ispa_export.torch_runner import torch_stream
 from ispa_export.videos import batch as video_batch
 from ispa_export.videos import identity_recall, make_video
-from runtimes.schedule import warped_timesteps
+from runtimes.schedule import chunk_noise, warped_timesteps
 
 PRESET = "demo"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "demo.safetensors"
@@ -188,11 +196,13 @@ def clean_latents(seeds, frames: int) -> torch.Tensor:
 class TeacherForcing:
     """The training layout of one model and sequence length: mask, positions, sparse layout."""
 
-    def __init__(self, cfg: WanConfig, frames: int):
+    def __init__(self, cfg: WanConfig, frames: int, capacity: int | None = None, sink: int | None = None):
         if frames % cfg.chunk_frames:
             raise UserError(f"train: --frames must be a multiple of chunk_frames={cfg.chunk_frames}, got {frames}")
         self.cfg, self.frames = cfg, frames
-        self.mask = teacher_forcing(frames, cfg.chunk_frames, cfg.max_frames, cfg.full_sink)
+        capacity = cfg.max_frames if capacity is None else capacity
+        sink = cfg.full_sink if sink is None else sink
+        self.mask = teacher_forcing(frames, cfg.chunk_frames, capacity, sink)
         self.layout = SparseLayout.from_mask(self.mask)
         self.positions = torch.arange(frames).repeat(2)
 
@@ -234,17 +244,20 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
 class TrainConfig:
     seed: int = 0
     steps: int | None = None  # None: chosen from `minutes` after timing the first steps
-    minutes: float = 35.0
-    frames: int = 24
-    batch: int = 2
+    minutes: float = 38.0
+    frames: int = 32
+    batch: int = 1
     lr: float = 1e-3
-    warmup: int = 150
+    warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema: float = 0.998
     p_schedule: float = 0.75
-    calibrate_steps: int = 20
+    calibrate_steps: int = 25
     log_every: int = 25
+    # Two intra-op threads with passive OpenMP waits (set above): 0.82 s/step on an idle 2-core
+    # machine vs 1.16 s with one thread; under heavy load one thread is ~1.5x faster, and two
+    # spinning threads ~10x slower.
     threads: int = 2
 
 
@@ -274,13 +287,17 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     start = time.time()
     step = 0
     stopped_early = False
+    t_calib = 0.0
     base_seed = (cfg.seed + 1) * TRAIN_SEED_STRIDE
     while total is None or step < total:
         elapsed = time.time() - start
+        if step == 5:
+            t_calib = elapsed  # the first steps pay one-off allocation costs: time from step 5
         if total is None and step == cfg.calibrate_steps:
             # Fix the step count once: the run is then reproducible with --steps.
-            total = max(step + 1, int(step * 0.97 * deadline / elapsed))
-            print(f"[train] {step / elapsed:.3f} steps/s -> {total} steps for {cfg.minutes} min", flush=True)
+            rate = (step - 5) / (elapsed - t_calib)
+            total = max(step + 1, int(step + 0.97 * (deadline - elapsed) * rate))
+            print(f"[train] {rate:.3f} steps/s -> {total} steps for {cfg.minutes} min", flush=True)
             if step >= total:
                 break
         if elapsed > 1.15 * deadline and step > cfg.calibrate_steps:
@@ -373,7 +390,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24, noise_seed: int = 0,
-                     batch: int = 4) -> dict:
+                     batch: int = 4, sigmas: list[float] | None = None) -> dict:
     """x0 error of the model on unseen videos, per schedule sigma, against copy-last-frame predictors.
 
     Every chunk after the first is noised at sigma and predicted with its clean history (the
@@ -386,6 +403,7 @@ def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24,
     cfg = preset(PRESET)
     tf = TeacherForcing(cfg, frames)
     f = cfg.chunk_frames
+    sigmas = schedule_sigmas() if sigmas is None else list(sigmas)
     chunks = frames // f
     model.eval()
     sums: dict[str, float] = {}
@@ -397,7 +415,7 @@ def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24,
             b = clean.shape[0]
             gen = torch.Generator().manual_seed(noise_seed + i)
             noise = torch.randn(clean.shape, generator=gen)
-            for s in schedule_sigmas():
+            for s in sigmas:
                 pred, _, _, noisy = tf.predict(model, clean, torch.full((b, chunks), s), noise, kv)
                 x0 = noisy - s * pred
                 err = ((x0 - clean) ** 2)[:, :, f:].mean().item()
@@ -408,75 +426,116 @@ def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24,
             sums["copy_previous"] = sums.get("copy_previous", 0.0) + prev * b
             count += b
     out = {k: v / count for k, v in sums.items()}
-    out["model_mean_schedule"] = float(np.mean([out[f"model_sigma_{s:.4f}"] for s in schedule_sigmas()]))
+    out["model_mean"] = float(np.mean([out[f"model_sigma_{s:.4f}"] for s in sigmas]))
     out["videos"], out["frames"] = count, frames
     return out
 
 
-def rollout(model: WanModel, video: np.ndarray, given_chunks: int, noise_seed: int, *, local_window: int = 0,
-            local_sink: int = 0) -> np.ndarray:
-    """Stream a video [F, 3, S, S]: the first `given_chunks` chunks teacher-forced from `video` (stored
-    in the cache as given), the rest free-run. Returns the frames [F, 3, S, S] (given ones included)."""
+def teacher_forced_samples(model: WanModel, videos: np.ndarray, noise_seed: int, capacity: int | None = None,
+                           sink: int = 0) -> np.ndarray:
+    """Every chunk of videos [B, F, 3, S, S] sampled by the few-step sampler given the TRUE earlier
+    frames (as many as a cache of `capacity` frames keeps, default M), with the stream's noise.
+
+    This is what the stream produces for chunk c after teacher-forcing chunks 0..c-1 (every chunk at
+    once, in 4 sequence forwards): it measures the use of history without free-run drift. With a
+    capacity of s + w frames it is the stream with every layer local (window w, sink s)."""
     cfg = model.cfg
     f = cfg.chunk_frames
-    stream = torch_stream(model, demo_context(), noise_seed, local_window=local_window, local_sink=local_sink)
+    b, frames = videos.shape[:2]
+    tf = TeacherForcing(cfg, frames, capacity=capacity, sink=sink)
+    clean = torch.from_numpy(np.ascontiguousarray(videos.transpose(0, 2, 1, 3, 4)))
+    shape = (b, cfg.in_dim, f, cfg.latent_height, cfg.latent_width)
+    noise = lambda k: torch.from_numpy(np.concatenate(  # noqa: E731
+        [chunk_noise(noise_seed, c, k, shape) for c in range(frames // f)], axis=2))
+    ts = warped_timesteps()
+    noisy = noise(0)
+    with torch.no_grad():
+        kv = model.cross_kv(demo_context(b))
+        for k, t in enumerate(ts):
+            lat = torch.cat([clean, noisy], 2)
+            t_frames = torch.cat([torch.zeros(b, frames), torch.full((b, frames), t)], 1)
+            pred = training_forward(model, lat, t_frames, tf.positions, kv, tf.layout)[:, :, frames:]
+            x0 = noisy - t / 1000.0 * pred
+            if k + 1 < len(ts):
+                s = ts[k + 1] / 1000.0
+                noisy = (1 - s) * x0 + s * noise(k + 1)
+    return x0.numpy().transpose(0, 2, 1, 3, 4)
+
+
+def rollout(model: WanModel, video: np.ndarray, given_chunks: int, noise_seed: int, *, local_window: int = 0,
+            local_sink: int = 0) -> np.ndarray:
+    """Stream videos [F, 3, S, S] or [B, F, 3, S, S] (one batched stream): the first `given_chunks` chunks
+    teacher-forced from `video` (stored in the cache as given), the rest free-run. Returns frames of
+    the same shape (given ones included)."""
+    single = video.ndim == 4
+    videos = video[None] if single else video
+    f = model.cfg.chunk_frames
+    stream = torch_stream(model, demo_context(len(videos)), noise_seed, local_window=local_window,
+                          local_sink=local_sink)
     out = []
-    for c in range(len(video) // f):
-        given = video[c * f:(c + 1) * f].transpose(1, 0, 2, 3)[None] if c < given_chunks else None
-        out.append(stream.step(given=given)[0].transpose(1, 0, 2, 3))
-    return np.concatenate(out, 0)
+    for c in range(videos.shape[1] // f):
+        given = videos[:, c * f:(c + 1) * f].transpose(0, 2, 1, 3, 4) if c < given_chunks else None
+        out.append(stream.step(given=given).transpose(0, 2, 1, 3, 4))
+    frames = np.concatenate(out, 1)
+    return frames[0] if single else frames
 
 
-def rollout_error(model: WanModel, seeds=HELDOUT_SEEDS[:6], frames: int = 24, given_chunks: int = 3) -> dict:
+def rollout_error(model: WanModel, seeds=HELDOUT_SEEDS[:6], frames: int = 24, given_chunks: int = 3,
+                  noise_seed: int = 0) -> dict:
     """MSE to the true continuation of free-run frames after a teacher-forced start, vs repeating the
     last given frame; per free-run chunk (horizon) and overall."""
     f = model.cfg.chunk_frames
     start = given_chunks * f
-    gen_err, copy_err = [], []
-    for s in seeds:
-        video = make_video(int(s), frames).frames
-        gen = rollout(model, video, given_chunks, noise_seed=int(s))
-        gen_err.append(((gen[start:] - video[start:]) ** 2).mean(axis=(1, 2, 3)))
-        copy_err.append(((video[start - 1:start] - video[start:]) ** 2).mean(axis=(1, 2, 3)))
-    g, c = np.mean(gen_err, 0), np.mean(copy_err, 0)
+    videos = video_batch(seeds, frames)
+    gen = rollout(model, videos, given_chunks, noise_seed)
+    gen_err = ((gen[:, start:] - videos[:, start:]) ** 2).mean(axis=(0, 2, 3, 4))
+    copy_err = ((videos[:, start - 1:start] - videos[:, start:]) ** 2).mean(axis=(0, 2, 3, 4))
     horizon = lambda e: [round(float(e[i:i + f].mean()), 5) for i in range(0, len(e), f)]  # noqa: E731
-    return {"model": float(g.mean()), "copy_last_given": float(c.mean()), "model_by_chunk": horizon(g),
-            "copy_by_chunk": horizon(c), "finite": bool(np.isfinite(np.array(gen_err)).all()),
+    return {"model": float(gen_err.mean()), "copy_last_given": float(copy_err.mean()),
+            "model_by_chunk": horizon(gen_err), "copy_by_chunk": horizon(copy_err),
+            "finite": bool(np.isfinite(gen).all()), "max_abs": float(np.abs(gen).max()),
             "videos": len(seeds), "frames": frames, "given_chunks": given_chunks}
 
 
-def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 48, given_chunks: int = 6,
-                      window: int = 2, k: int = 6) -> dict:
+def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 40, given_chunks: int = 6,
+                      window: int = 2, k: int = 6, noise_seed: int = 0) -> dict:
     """identity_recall of rollouts with every layer full (cache M frames) vs every layer local with a
     `window`-frame cache (no sink), same videos, same teacher-forced start, same noise. Only events in
-    free-run frames are scored; videos without such an event are skipped."""
+    free-run frames are scored; videos without such an event are skipped. `copy_last_given`: the
+    score of repeating the last given frame (what a model with no use of its history tends towards)."""
     start = given_chunks * model.cfg.chunk_frames
+    samples = [(int(s), make_video(int(s), frames)) for s in seeds]
+    samples = [(s, v) for s, v in samples if any(t >= start for _, t in v.returns(k))]
+    if not samples:
+        raise UserError(f"recall_comparison: no video among seeds {list(seeds)} has a return after frame {start}")
+    videos = np.stack([v.frames for _, v in samples])
     modes = list(model.modes)
-    full, local, used = [], [], []
-    copy = []
     try:
-        for s in seeds:
-            sample = make_video(int(s), frames)
-            if not any(t >= start for _, t in sample.returns(k)):
-                continue
-            model.set_modes([FULL] * model.cfg.num_layers)
-            gf = rollout(model, sample.frames, given_chunks, int(s))
-            model.set_modes([LOCAL] * model.cfg.num_layers)
-            gl = rollout(model, sample.frames, given_chunks, int(s), local_window=window, local_sink=0)
-            full.append(identity_recall(gf, sample, k=k, frames_from=start))
-            local.append(identity_recall(gl, sample, k=k, frames_from=start))
-            held = np.concatenate([sample.frames[:start], np.repeat(sample.frames[start - 1:start], frames - start, 0)])
-            copy.append(identity_recall(held, sample, k=k, frames_from=start))
-            used.append(int(s))
+        model.set_modes([FULL] * model.cfg.num_layers)
+        gf = rollout(model, videos, given_chunks, noise_seed)
+        model.set_modes([LOCAL] * model.cfg.num_layers)
+        gl = rollout(model, videos, given_chunks, noise_seed, local_window=window, local_sink=0)
     finally:
         model.set_modes(modes)
-    full_a, local_a = np.array(full), np.array(local)
-    ok = np.isfinite(full_a) & np.isfinite(local_a)
-    return {"full": float(full_a[ok].mean()) if ok.any() else float("nan"),
-            "window": float(local_a[ok].mean()) if ok.any() else float("nan"),
-            "copy_last_given": float(np.nanmean(copy)) if copy else float("nan"),
-            "full_better_in": int((full_a[ok] > local_a[ok]).sum()), "videos": int(ok.sum()),
-            "per_video": {str(s): [round(a, 4), round(b, 4)] for s, a, b in zip(used, full, local)},
+    full = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(gf, samples)])
+    local = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(gl, samples)])
+    held = np.concatenate([videos[:, :start], np.repeat(videos[:, start - 1:start], frames - start, 1)], 1)
+    copy = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(held, samples)])
+    # One chunk ahead with the true history (no drift): the same comparison, same noise.
+    tf_full = teacher_forced_samples(model, videos, noise_seed)
+    tf_local = teacher_forced_samples(model, videos, noise_seed, capacity=window, sink=0)
+    tf_f = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(tf_full, samples)])
+    tf_l = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(tf_local, samples)])
+    ok = np.isfinite(full) & np.isfinite(local)
+    mse = lambda g: float(((g[:, start:] - videos[:, start:]) ** 2).mean())  # noqa: E731
+    return {"full": float(full[ok].mean()), "window": float(local[ok].mean()),
+            "copy_last_given": float(copy[ok].mean()),
+            "full_better_in": int((full[ok] > local[ok]).sum()), "window_better_in": int((full[ok] < local[ok]).sum()),
+            "videos": int(ok.sum()), "mse_full": mse(gf), "mse_window": mse(gl),
+            "teacher_forced_full": float(tf_f[ok].mean()), "teacher_forced_window": float(tf_l[ok].mean()),
+            "teacher_forced_full_better_in": int((tf_f[ok] > tf_l[ok]).sum()),
+            "teacher_forced_mse_full": mse(tf_full), "teacher_forced_mse_window": mse(tf_local),
+            "per_video": {str(s): [round(float(a), 4), round(float(b), 4)] for (s, _), a, b in zip(samples, full, local)},
             "window_frames": window, "frames": frames, "given_chunks": given_chunks, "k": k}
 
 
@@ -488,8 +547,8 @@ def evaluate(model: WanModel, quick: bool = False) -> dict:
                "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:6])}
     else:
         res = {"heldout_x0": heldout_x0_error(model, HELDOUT_SEEDS[:32]),
-               "rollout": rollout_error(model, HELDOUT_SEEDS[:12], frames=32),
-               "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:40])}
+               "rollout": rollout_error(model, HELDOUT_SEEDS[:16], frames=32),
+               "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:48])}
     res["eval_seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -503,12 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--log", type=Path, default=None, help="training log JSON (default: <out>_training.json)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=35.0, help="wall-time budget (sets --steps after timing)")
+    ap.add_argument("--minutes", type=float, default=38.0, help="wall-time budget (sets --steps after timing)")
     ap.add_argument("--steps", type=int, default=None, help="exact step count (overrides --minutes)")
-    ap.add_argument("--frames", type=int, default=24)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (1 is faster on a busy CPU)")
     ap.add_argument("--eval", action="store_true", help="after training, run the full checks into the log")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, update the log")
     args = ap.parse_args(argv)
@@ -516,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         if not args.out.exists():
             raise UserError(f"{args.out}: no such weights file (expected a trained demo checkpoint)")
+        torch.set_num_threads(args.threads)
         model = load_demo_model(args.out)
-        torch.set_num_threads(2)
         res = evaluate(model)
         log = json.loads(log_path.read_text()) if log_path.exists() else {}
         log["evaluation"] = res
@@ -527,10 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.frames < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1) or args.minutes <= 0:
         raise UserError("train: --frames >= 2, --batch >= 1, --steps >= 1 and --minutes > 0 expected")
     cfg = TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, frames=args.frames, batch=args.batch,
-                      lr=args.lr, warmup=args.warmup)
+                      lr=args.lr, warmup=args.warmup, threads=args.threads)
     log = train(cfg, args.out, log_path)
     print(f"[train] wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {log['wall_time_s']:.0f}s")
     if args.eval:
+        torch.set_num_threads(args.threads)
         res = evaluate(load_demo_model(args.out))
         log["evaluation"] = res
         write_json(log_path, log)
