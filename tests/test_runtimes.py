@@ -243,7 +243,7 @@ def test_zero_size_groups_store_and_rebuild(tmp_path, streams):
     ("bad_json", "manifest.json: expected valid JSON, found a parse error at line 1"),
     ("schema", "manifest.json: schema_version: expected 1"),
     ("format", "manifest.json: format: expected 'ispa-export', found string 'other'"),
-    ("cache_shape", "manifest.json: caches.full.shape: expected [2, 2, 1, 36, 4, 16]"),
+    ("cache_shape", "manifest.json: caches.full.shape: expected [2, 2, 1, 48, 4, 16]"),
     ("cache_bytes", "manifest.json: caches.local.bytes: expected 24576"),
     ("layers", "manifest.json: layers[1]: expected {'index': 1, 'mode': 'L'}"),
     ("io_shape", "manifest.json: inputs['kv_local_mask'].shape: expected [4] (from geometry), found [5]"),
