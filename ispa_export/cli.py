@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-reduction", type=_fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
     e.add_argument("--layers", type=_layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
     e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: one chunk)")
-    e.add_argument("--sink", type=int, default=1, help="first frames of the video an L-layer keeps")
+    e.add_argument("--sink", type=int, default=0, help="first frames of the video an L-layer keeps (default 0: "
+                   "measured best on the demo model, which like Self-Forcing was trained without a sink)")
     e.add_argument("--warmup-chunks", type=int, default=8, help="most chunks generated before the transition")
     e.add_argument("--tol", type=float, default=0.05, help="convergence tolerance of the held-out corrected discrepancy")
     e.add_argument("--variant", default="full", help="full | per_pass | bias | none")
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--kv-reduction", type=_fraction, default=0.5)
     i.add_argument("--window", type=int)
-    i.add_argument("--sink", type=int, default=1)
+    i.add_argument("--sink", type=int, default=0)
     i.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
 
     v = sub.add_parser("eval", help="quality of ISPA vs token dropping on the demo model")

@@ -32,7 +32,7 @@ class IspaOptions:
     kv_reduction: float | None = 0.5
     layers: list[int] | None = None  # explicit L-layers instead of a KV target
     window: int = 2
-    sink: int = 1
+    sink: int = 0
     warmup_chunks: int = 8  # the most chunks generated before the transition
     tol: float = 0.05  # convergence: relative change of the selected layers' held-out d*
     rho: float | None = None  # None: the solver's measured default
