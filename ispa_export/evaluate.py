@@ -18,8 +18,17 @@ stream actually allocates):
 - drop: the n layers with the lowest raw d of a plain window (sink 0, window s + w), no correction;
 - sink-window (StreamingLLM / LongLive): the n layers with the lowest raw d of sink s + window w,
   no correction;
-- uniform: every layer local, sink s and the window that gives the same bytes (when integral);
-- ISPA variants (full run): per_pass, bias, adapter site, rank k, raw-d selection.
+- uniform: every layer local, sink s and the window that gives the same bytes (when integral), and
+  uniform-nosink, the same bytes as plain windows (sink 0);
+- ispa-nosink: ISPA on the same bytes without the sink frame (sink 0, window s + w), selected and
+  corrected from the plain window's statistics of the same warmup;
+- ISPA variants (full run): per_pass, bias, adapter site, rank k, ridge rho, raw-d selection; and
+  other (sink, window) spans, each with its own warmup and equal-bytes baselines.
+
+Two protocols after the transition: 'free' (the model continues on its own samples, the protocol of
+DESIGN.md section 8) and 'teacher' (every cache pass stores the true video frame and each chunk's
+denoised sample is scored: the effect of the compression on one chunk's prediction from a known
+history, without the compounding of a free run; it needs the procedural video).
 
 Metrics on the frames after the transition, against the reference: PSNR and SSIM (data range 2
 for frames in [-1, 1]), flicker (frame-difference energy relative to the reference's), drift (PSNR
@@ -35,7 +44,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,7 @@ import torch
 from graphs.config import WanConfig
 from graphs.wan import FULL, LOCAL, WanModel
 from runtimes.driver import Stream
+from runtimes.schedule import flow_step
 
 from .errors import UserError
 from .ispa import IspaOptions, bake, decide
@@ -53,8 +63,8 @@ from .torch_runner import TorchRunner, torch_stream
 
 REDUCTIONS = (0.25, 0.5, 0.75)
 HEADLINE = 0.5
-MAIN_METHODS = ("ispa", "ispa-nocorr", "drop", "sink-window", "uniform")
-BASELINES = ("drop", "sink-window", "uniform")  # the token-dropping methods ISPA must beat
+MAIN_METHODS = ("ispa", "ispa-nosink", "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink")
+BASELINES = ("drop", "sink-window", "uniform", "uniform-nosink")  # the token-dropping methods ISPA must beat
 PSNR_CAP = 100.0  # dB for frames equal to the reference (skimage would say inf)
 METRICS = ("psnr", "ssim", "flicker", "drift", "recall")
 
@@ -72,10 +82,12 @@ class Method:
     site: str = "wo"
     rank: int | None = None
     rho: float | None = None  # None: the monitor's (the solver's default)
+    stats: str = "wo"  # the warmup monitor whose statistics give the correction (Warmup.monitors)
 
     def key(self) -> tuple:
         """Identity of the run: two methods with the same key generate the same frames."""
-        corr = None if self.variant == "none" or not self.layers else (self.variant, self.site, self.rank, self.rho)
+        corr = (None if self.variant == "none" or not self.layers
+                else (self.variant, self.site, self.rank, self.rho, self.stats))
         return (self.layers, self.sink, self.window, corr)
 
     def modes(self, num_layers: int) -> list[str]:
@@ -86,37 +98,52 @@ def _lowest(d: np.ndarray, n: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in np.argsort(d, kind="stable")[:n]))
 
 
-def methods_for(reduction: float, cfg: WanConfig, sink: int, window: int, d_corrected: np.ndarray,
-                d_raw: np.ndarray, d_raw_plain: np.ndarray, variants: bool = False,
-                rank: int | None = None) -> tuple[list[Method], list[str]]:
+def methods_for(reduction: float, cfg: WanConfig, sink: int, window: int, d: dict[str, np.ndarray],
+                variants: bool = False, rank: int | None = None,
+                rhos: tuple[float, ...] = ()) -> tuple[list[Method], list[str]]:
     """The methods compared at one KV reduction, all at the same steady-state KV bytes, and notes
-    on the ones that cannot be formed (a uniform span that is not a whole number of frames)."""
+    on the ones that cannot be formed (a uniform span that is not a whole number of frames).
+
+    `d` holds per-layer discrepancies at the transition (Warmup.d): 'corrected'/'raw' for sink +
+    window, 'plain_corrected'/'plain_raw' for a plain window of the same length (sink 0)."""
     num_layers, max_frames, span = cfg.num_layers, cfg.max_frames, sink + window
     n = layers_for_target(cfg, reduction, window, sink)
     notes: list[str] = []
-    ispa_layers = _lowest(d_corrected, n)
-    out = [
-        Method("ispa", ispa_layers, sink, window, "full"),
+    ispa_layers = _lowest(d["corrected"], n)
+    nosink_layers = _lowest(d["plain_corrected"], n)
+    out = [Method("ispa", ispa_layers, sink, window, "full")]
+    if sink:
+        # The same bytes without a sink frame: ISPA on the plain window's statistics.
+        out.append(Method("ispa-nosink", nosink_layers, 0, span, "full", stats="plain"))
+    out += [
         Method("ispa-nocorr", ispa_layers, sink, window, "none"),
-        Method("drop", _lowest(d_raw_plain, n), 0, span, "none"),
-        Method("sink-window", _lowest(d_raw, n), sink, window, "none"),
+        Method("drop", _lowest(d["plain_raw"], n), 0, span, "none"),
+        Method("sink-window", _lowest(d["raw"], n), sink, window, "none"),
     ]
     # Every layer local with the span that keeps the same total frames.
     total = (num_layers - n) * max_frames + n * span
     if total % num_layers == 0 and total // num_layers > sink:
         out.append(Method("uniform", tuple(range(num_layers)), sink, total // num_layers - sink, "none"))
+        if sink:  # the same without a sink: every layer a plain window (a uniform drop)
+            out.append(Method("uniform-nosink", tuple(range(num_layers)), 0, total // num_layers, "none"))
     else:
         notes.append(f"uniform: {total} cached frames over {num_layers} layers is not a whole span "
                      f"longer than the sink ({total / num_layers:.2f} frames); not run")
     if variants:
-        out += [
-            Method("ispa-per_pass", ispa_layers, sink, window, "per_pass"),
-            Method("ispa-bias", ispa_layers, sink, window, "bias"),
-            Method("ispa-adapter", ispa_layers, sink, window, "full", site="adapter"),
-            Method("ispa-rawsel", _lowest(d_raw, n), sink, window, "full"),
-        ]
-        if rank is not None:
-            out.append(Method(f"ispa-rank{rank}", ispa_layers, sink, window, "full", rank=rank))
+        bases = [("ispa", ispa_layers, sink, window, "", _lowest(d["raw"], n))]
+        if sink:
+            bases.append(("ispa-nosink", nosink_layers, 0, span, "plain", _lowest(d["plain_raw"], n)))
+        for base, layers, s, w, stats, raw_layers in bases:
+            wo, adapter = stats or "wo", f"{stats}-adapter" if stats else "adapter"
+            out += [
+                Method(f"{base}-per_pass", layers, s, w, "per_pass", stats=wo),
+                Method(f"{base}-bias", layers, s, w, "bias", stats=wo),
+                Method(f"{base}-adapter", layers, s, w, "full", site="adapter", stats=adapter),
+                Method(f"{base}-rawsel", raw_layers, s, w, "full", stats=wo),
+            ]
+            if rank is not None:
+                out.append(Method(f"{base}-rank{rank}", layers, s, w, "full", rank=rank, stats=wo))
+            out += [Method(f"{base}-rho{rho:g}", layers, s, w, "full", rho=rho, stats=wo) for rho in rhos]
     return out, notes
 
 
@@ -151,12 +178,12 @@ class Warmup:
 
     model: WanModel
     stream: Stream
-    monitors: dict[str, WarmupMonitor]  # by absorption site
+    # 'wo' / 'adapter': sink + window statistics by absorption site; 'plain' / 'plain-adapter': the
+    # same for a plain window of the same length (sink 0), from a replay of the warmup.
+    monitors: dict[str, WarmupMonitor]
     chunk: int  # first chunk after the transition
     reason: str
-    d_corrected: np.ndarray  # per layer, at the last warmup chunk (mean over passes)
-    d_raw: np.ndarray
-    d_raw_plain: np.ndarray  # raw d of a plain window of the same length (sink 0)
+    d: dict[str, np.ndarray]  # per layer at the last warmup chunk (mean over passes): see methods_for
     seconds: float
 
 
@@ -171,16 +198,20 @@ def _chunk_of(video: np.ndarray | None, c: int, f: int) -> np.ndarray | None:
     return np.ascontiguousarray(video[c * f:(c + 1) * f].transpose(1, 0, 2, 3)[None])
 
 
+def _monitors(span: LocalSpan, rho: float | None, adapter: bool, prefix: str = "") -> dict[str, WarmupMonitor]:
+    out = {prefix or "wo": WarmupMonitor(span, rho, "full", "wo")}
+    if adapter:
+        out[f"{prefix}-adapter" if prefix else "adapter"] = WarmupMonitor(span, rho, "full", "adapter")
+    return out
+
+
 def warmup(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions, n_local: int,
            video: np.ndarray | None = None, adapter: bool = True) -> Warmup:
     """ispa.transition up to (not including) the bake, with teacher forcing by `video` frames."""
     t0 = time.perf_counter()
     cfg = model.cfg
     model.set_modes([FULL] * cfg.num_layers)
-    span = LocalSpan(opts.sink, opts.window)
-    monitors = {"wo": WarmupMonitor(span, opts.rho, "full", "wo")}
-    if adapter:
-        monitors["adapter"] = WarmupMonitor(span, opts.rho, "full", "adapter")
+    monitors = _monitors(LocalSpan(opts.sink, opts.window), opts.rho, adapter)
     fan = _Fanout(list(monitors.values()))
     stream = torch_stream(model, context, seed, before_pass=fan.before_pass)
     for m in monitors.values():
@@ -196,51 +227,57 @@ def warmup(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
             break
     stream.runner.before_pass = None
     last = stream.chunk - 1
-    # The plain window's raw d needs its own local mask, hence a second pass over the warmup,
-    # teacher-forced with the frames the first one produced (so the caches are the same).
-    plain = WarmupMonitor(LocalSpan(0, opts.sink + opts.window), opts.rho)
-    replay = torch_stream(model, context, seed, before_pass=plain.before_pass)
-    plain.stream = replay
+    # The plain window needs its own local mask, hence a second pass over the warmup, teacher-forced
+    # with the frames the first one produced (so every cache and activation is the same).
+    plain = _monitors(LocalSpan(0, opts.sink + opts.window), opts.rho, adapter, prefix="plain")
+    fan = _Fanout(list(plain.values()))
+    replay = torch_stream(model, context, seed, before_pass=fan.before_pass)
+    for m in plain.values():
+        m.stream = replay
     for x in stream.latents:
         replay.step(x)
-        plain.finish()
-    mon = monitors["wo"]
-    return Warmup(model, stream, monitors, stream.chunk, decision[2],
-                  _chunk_d(mon, last, cfg.num_layers, 1), _chunk_d(mon, last, cfg.num_layers, 0),
-                  _chunk_d(plain, last, cfg.num_layers, 0), time.perf_counter() - t0)
+        fan.finish()
+    monitors.update(plain)
+    n = cfg.num_layers
+    d = {"corrected": _chunk_d(monitors["wo"], last, n, 1), "raw": _chunk_d(monitors["wo"], last, n, 0),
+         "plain_corrected": _chunk_d(plain["plain"], last, n, 1), "plain_raw": _chunk_d(plain["plain"], last, n, 0)}
+    return Warmup(model, stream, monitors, stream.chunk, decision[2], d, time.perf_counter() - t0)
 
 
-class _ScalarFeeds:
-    """The model as TorchRunner calls it, with `pass_kind` kept 0-d.
+class _LastSample:
+    """Runner wrapper that keeps each chunk's denoised sample: Stream.step(given=...) stores and
+    returns the given frames, so under teacher forcing the sample would otherwise be lost."""
 
-    TorchRunner.run converts feeds with np.ascontiguousarray, which turns 0-d arrays into shape
-    [1]; a per-pass-kind correction then indexes its [K, D, D] weight with a [1] tensor and the
-    matmul fails. Remove this once torch_runner keeps scalars scalar."""
+    def __init__(self, runner, timesteps: list[float]):
+        self.runner = runner
+        self.input_names = runner.input_names
+        self.last_kind = len(timesteps) - 1
+        self.sigma = timesteps[-1] / 1000.0
+        self.samples: list[np.ndarray] = []
 
-    def __init__(self, model: WanModel):
-        self.model = model
-
-    def eval(self) -> "_ScalarFeeds":
-        return self
-
-    def per_pass_kind(self) -> bool:
-        return self.model.per_pass_kind()
-
-    def __call__(self, *args, pass_kind: torch.Tensor | None = None, **kwargs):
-        return self.model(*args, pass_kind=None if pass_kind is None else pass_kind.reshape(()), **kwargs)
+    def run(self, feeds: dict[str, np.ndarray], info) -> dict[str, np.ndarray]:
+        out = self.runner.run(feeds, info)
+        if info.pass_kind == self.last_kind:  # the step the driver's x0 comes from (runtimes.driver)
+            self.samples.append(flow_step(feeds["latents"].astype(np.float32),
+                                          out["prediction"].astype(np.float32), self.sigma))
+        return out
 
 
-def rollout(w: Warmup, method: Method | None, chunks: int) -> tuple[np.ndarray, int]:
+def rollout(w: Warmup, method: Method | None, chunks: int,
+            video: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Continue a copy of the warmup's stream for `chunks` chunks with `method` baked in (None: the
-    full-cache reference). Returns the generated latents [B, C, chunks*f, H, W] and the bytes of
+    full-cache reference). Free-running without `video`; with `video` frames [F, C, H, W] (the
+    whole video, warmup included) every cache pass stores the true frames (teacher forcing) and the
+    result is each chunk's denoised sample. Returns latents [B, C, chunks*f, H, W] and the bytes of
     the self-attention caches the stream holds."""
     model = copy.deepcopy(w.model)
     stream = copy.deepcopy(w.stream, {id(w.model): model})
-    stream.runner = TorchRunner(_ScalarFeeds(model))
+    stream.runner = TorchRunner(model)
     if method is not None and method.layers:
-        monitor = w.monitors.get(method.site)
+        monitor = w.monitors.get(method.stats)
         if monitor is None:
-            raise UserError(f"method {method.name}: the warmup kept no statistics for site {method.site!r}")
+            raise UserError(f"method {method.name}: the warmup kept no statistics {method.stats!r}; "
+                            f"it has {sorted(w.monitors)}")
         if method.rank is not None or method.rho is not None:
             monitor = copy.copy(monitor)  # solution() reads rank/rho off the monitor
             monitor.rank = method.rank
@@ -250,7 +287,14 @@ def rollout(w: Warmup, method: Method | None, chunks: int) -> tuple[np.ndarray, 
                            variant=method.variant, site=method.site, rank=method.rank, rho=method.rho)
         bake(model, stream, monitor, list(method.layers), opts)
     held = sum(g.data.nbytes for g in stream.groups.values())
-    return stream.run(chunks), held
+    if video is None:
+        return stream.run(chunks), held
+    capture = _LastSample(stream.runner, stream.geo.timesteps)
+    stream.runner = capture
+    f = stream.geo.chunk_frames
+    for c in range(w.chunk, w.chunk + chunks):
+        stream.step(_chunk_of(video, c, f))
+    return np.concatenate(capture.samples, axis=2), held
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -311,6 +355,13 @@ def recall_of(frames: np.ndarray, sample, frames_from: int) -> float:
 
 
 # -- one seed -----------------------------------------------------------------------------------
+# 'free': after the transition the model generates on its own samples (DESIGN.md section 8).
+# 'teacher': every cache pass stores the true video frame and each chunk's denoised sample is scored:
+# what the compression changes in one chunk's prediction from a known history, without the
+# compounding of a free run (meaningful even for a model whose free runs wander off).
+PROTOCOLS = ("free", "teacher")
+
+
 @dataclass
 class Settings:
     seeds: list[int]
@@ -319,10 +370,13 @@ class Settings:
     window: int = 2
     warmup_chunks: int = 8
     min_chunks: int = 32  # total video length in chunks (at least 4x the warmup and > capacity)
-    variants: bool = False
+    variants: bool = False  # ISPA variants at the headline reduction
     rank: int | None = None
-    teacher_force: bool = True
-    keep_frames: int = 1  # how many seeds keep their frames (for the GIF)
+    rhos: tuple[float, ...] = ()  # ridge strengths tried as variants (same layers as ispa)
+    # (sink, window, with ISPA variants) of the span sweep at the headline reduction
+    spans: tuple[tuple[int, int, bool], ...] = ()
+    teacher_force: bool = True  # warm up on a procedural video where the model draws 3-channel frames
+    protocols: tuple[str, ...] = PROTOCOLS  # 'teacher' runs only where there is a video
 
 
 def _video_for(cfg, seed: int, frames: int, teacher_force: bool):
@@ -336,6 +390,7 @@ def _video_for(cfg, seed: int, frames: int, teacher_force: bool):
 
 def evaluate_seed(model: WanModel, context: torch.Tensor, seed: int, s: Settings,
                   log=lambda msg: None) -> dict:
+    """One warmup, the reference and every method under each protocol; frames kept in '_frames'."""
     cfg = model.cfg
     reachable, skipped = [], {}
     for r in s.reductions:
@@ -361,60 +416,66 @@ def evaluate_seed(model: WanModel, context: torch.Tensor, seed: int, s: Settings
     total = max(s.min_chunks, 4 * w.chunk, -(-2 * cfg.max_frames // f))
     rest = total - w.chunk
     t_frame = w.chunk * f
-    log(f"seed {seed}: transition at chunk {w.chunk} ({w.reason}); generating {rest} more chunks per run")
-
-    t0 = time.perf_counter()
-    ref_lat, ref_bytes = rollout(w, None, rest)
-    ref_time = time.perf_counter() - t0
-    ref = frames_of(ref_lat)
-    ref_flicker = flicker_energy(ref)
-    warm = frames_of(np.concatenate(w.stream.latents, axis=2))
     truth = None if sample is None else dataclasses.replace(sample, **{
         k: getattr(sample, k)[:total * f] for k in ("frames", "background", "visible_fraction", "visible", "bbox", "masks")})
-    full_recall = float("nan") if truth is None else recall_of(np.concatenate([warm, ref]), truth, t_frame)
-
+    protocols = [p for p in s.protocols if p == "free" or truth is not None]
+    log(f"seed {seed}: transition at chunk {w.chunk} ({w.reason}); {rest} more chunks per run, "
+        f"protocols {protocols}")
+    warm = frames_of(np.concatenate(w.stream.latents, axis=2))
     result = {
         "seed": seed, "transition_chunk": w.chunk, "transition_frame": t_frame, "reason": w.reason,
         "total_chunks": total, "frames_after_transition": rest * f, "warmup_seconds": w.seconds,
-        "teacher_forced": sample is not None,
-        "d_corrected": w.d_corrected.tolist(), "d_raw": w.d_raw.tolist(), "d_raw_plain": w.d_raw_plain.tolist(),
-        "reference": {"kv_bytes": ref_bytes, "recall": full_recall, "flicker_energy": ref_flicker,
-                      "seconds": ref_time},
-        "skipped_reductions": skipped, "reductions": {},
+        "teacher_forced_warmup": truth is not None, "discrepancy": {k: v.tolist() for k, v in w.d.items()},
+        "skipped_reductions": skipped, "protocols": {},
     }
-    frames = {"reference": ref, "warmup": warm}
-    done: dict[tuple, tuple[dict, np.ndarray]] = {}
-    for r in reachable:
-        methods, notes = methods_for(r, cfg, s.sink, s.window, w.d_corrected, w.d_raw, w.d_raw_plain,
-                                     variants=s.variants and r == HEADLINE, rank=s.rank)
-        rows = {}
-        for m in methods:
-            expect = kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total
-            if m.key() in done:
-                metrics, gen = done[m.key()]
-                metrics = dict(metrics, same_run_as=metrics.get("same_run_as") or metrics["method"])
-            else:
-                t0 = time.perf_counter()
-                lat, held = rollout(w, m, rest)
-                gen = frames_of(lat)
-                if held != expect:
-                    raise RuntimeError(f"{m.name} at {r:.0%}: the stream holds {held} KV bytes, kv_bytes says {expect}")
-                metrics = video_metrics(ref, gen, ref_flicker)
-                metrics["recall"] = (float("nan") if truth is None
-                                     else recall_of(np.concatenate([warm, gen]), truth, t_frame))
-                metrics["seconds"] = time.perf_counter() - t0
-                metrics["method"] = m.name
-                done[m.key()] = (metrics, gen)
-            rows[m.name] = dict(metrics, method=m.name, layers=list(m.layers), sink=m.sink, window=m.window,
-                                variant=m.variant, site=m.site, rank=m.rank, kv_bytes=expect,
-                                kv_reduction=1 - expect / ref_bytes)
-            frames[(r, m.name)] = gen
-            log(f"  {r:.0%} {m.name:14s} layers {list(m.layers)} s{m.sink}+w{m.window}: "
-                f"PSNR {metrics['psnr']:.2f} SSIM {metrics['ssim']:.3f} recall {metrics['recall']:.3f}")
-        main_bytes = {row["kv_bytes"] for row in rows.values()}
-        if len(main_bytes) != 1:
-            raise RuntimeError(f"methods at {r:.0%} hold different KV bytes: {sorted(main_bytes)}")
-        result["reductions"][str(r)] = {"methods": rows, "notes": notes, "kv_bytes": main_bytes.pop()}
+    frames: dict = {"warmup": warm, "truth": None if truth is None else truth.frames}
+    all_methods = {r: methods_for(r, cfg, s.sink, s.window, w.d, variants=s.variants and r == HEADLINE,
+                                  rank=s.rank, rhos=s.rhos if s.variants else ()) for r in reachable}
+    for proto in protocols:
+        video = truth.frames if proto == "teacher" else None
+        t0 = time.perf_counter()
+        ref_lat, ref_bytes = rollout(w, None, rest, video)
+        ref = frames_of(ref_lat)
+        ref_flicker = flicker_energy(ref)
+        ref_info = {"kv_bytes": ref_bytes, "flicker_energy": ref_flicker, "seconds": time.perf_counter() - t0,
+                    "recall": float("nan") if truth is None else recall_of(np.concatenate([warm, ref]), truth, t_frame),
+                    "psnr_vs_truth": (float("nan") if truth is None
+                                      else float(np.mean(psnr_frames(truth.frames[t_frame:], ref))))}
+        out = {"reference": ref_info, "reductions": {}}
+        frames[(proto, "reference")] = ref
+        done: dict[tuple, tuple[dict, np.ndarray]] = {}
+        for r in reachable:
+            methods, notes = all_methods[r]
+            rows = {}
+            for m in methods:
+                expect = kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total
+                if m.key() in done:
+                    metrics, gen = done[m.key()]
+                    metrics = dict(metrics, same_run_as=metrics.get("same_run_as") or metrics["method"])
+                else:
+                    t0 = time.perf_counter()
+                    lat, held = rollout(w, m, rest, video)
+                    gen = frames_of(lat)
+                    if held != expect:
+                        raise RuntimeError(f"{m.name} at {r:.0%}: the stream holds {held} KV bytes, "
+                                           f"kv_bytes says {expect}")
+                    metrics = video_metrics(ref, gen, ref_flicker)
+                    metrics["recall"] = (float("nan") if truth is None
+                                         else recall_of(np.concatenate([warm, gen]), truth, t_frame))
+                    metrics["seconds"] = time.perf_counter() - t0
+                    metrics["method"] = m.name
+                    done[m.key()] = (metrics, gen)
+                rows[m.name] = dict(metrics, method=m.name, layers=list(m.layers), sink=m.sink, window=m.window,
+                                    variant=m.variant, site=m.site, rank=m.rank, rho=m.rho, stats=m.stats,
+                                    kv_bytes=expect, kv_reduction=1 - expect / ref_bytes)
+                frames[(proto, r, m.name)] = gen
+                log(f"  {proto:7s} {r:.0%} {m.name:20s} layers {list(m.layers)} s{m.sink}+w{m.window}: "
+                    f"PSNR {metrics['psnr']:.2f} SSIM {metrics['ssim']:.3f} recall {metrics['recall']:.3f}")
+            sizes = {row["kv_bytes"] for row in rows.values()}
+            if len(sizes) != 1:
+                raise RuntimeError(f"methods at {r:.0%} hold different KV bytes: {sorted(sizes)}")
+            out["reductions"][str(r)] = {"methods": rows, "notes": notes, "kv_bytes": sizes.pop()}
+        result["protocols"][proto] = out
     result["_frames"] = frames
     return result
 
@@ -427,16 +488,15 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
 
 
-def aggregate(per_seed: list[dict]) -> dict:
-    """reduction -> method -> metric -> mean/std/n over seeds (plus KV bytes, layers per seed)."""
+def aggregate(per_seed: list[dict], protocol: str) -> dict:
+    """reduction -> method -> metric -> mean/std/n over seeds (plus KV bytes, span, layers per seed)."""
     out: dict = {}
     for res in per_seed:
-        for r, red in res["reductions"].items():
+        for r, red in res["protocols"].get(protocol, {}).get("reductions", {}).items():
             for name, row in red["methods"].items():
-                slot = out.setdefault(r, {}).setdefault(name, {"kv_bytes": row["kv_bytes"],
-                                                               "kv_reduction": row["kv_reduction"],
-                                                               "values": {k: [] for k in METRICS},
-                                                               "layers": []})
+                slot = out.setdefault(r, {}).setdefault(name, {
+                    "kv_bytes": row["kv_bytes"], "kv_reduction": row["kv_reduction"], "sink": row["sink"],
+                    "window": row["window"], "values": {k: [] for k in METRICS}, "layers": []})
                 for k in METRICS:
                     slot["values"][k].append(row[k])
                 slot["layers"].append(row["layers"])
@@ -453,25 +513,43 @@ def best_baseline(agg_r: dict) -> str | None:
     return max(names, key=lambda n: agg_r[n]["psnr"]["mean"]) if names else None
 
 
-def key_line(agg: dict, n_seeds: int) -> str:
+def _versus(a: dict, name: str, best: str, n_seeds: int) -> str:
+    """How `name` compares with `best`: difference of the means and the per-seed (paired) record."""
+    diff = a[name]["psnr"]["mean"] - a[best]["psnr"]["mean"]
+    pairs = np.array(a[name]["psnr_per_seed"]) - np.array(a[best]["psnr_per_seed"])
+    how = (f"{diff:.2f} dB closer to the reference than" if diff > 0
+           else f"{-diff:.2f} dB further from the reference than" if diff < 0 else "level with")
+    spread = f", paired difference std {pairs.std(ddof=1):.2f} dB" if len(pairs) > 1 else ""
+    return f"{how} {best} (better on {int((pairs > 0).sum())}/{n_seeds} seeds{spread})"
+
+
+PROTOCOL_TITLES = {"free": "free-running after the transition", "teacher": "teacher-forced after the transition"}
+
+
+def key_line(agg: dict, n_seeds: int, protocol: str = "free") -> str:
+    """The headline: ISPA's PSNR against the reference vs the best drop baseline's, at 50%."""
     r = str(HEADLINE)
     if r not in agg or "ispa" not in agg[r]:
-        return f"no result at {HEADLINE:.0%} KV reduction"
+        return f"{PROTOCOL_TITLES[protocol]}: no result at {HEADLINE:.0%} KV reduction"
     a = agg[r]
     best = best_baseline(a)
-    ispa = a["ispa"]["psnr"]
-    b = a[best]["psnr"]
-    diff = ispa["mean"] - b["mean"]
-    wins = sum(x > y for x, y in zip(a["ispa"]["psnr_per_seed"], a[best]["psnr_per_seed"]))
-    verdict = (f"ISPA is {diff:.2f} dB closer to the reference" if diff > 0
-               else f"ISPA is {-diff:.2f} dB further from the reference" if diff < 0 else "they tie")
-    nocorr = a.get("ispa-nocorr", {}).get("psnr")
-    tail = "" if nocorr is None else (f"; without its correction ISPA's layers give {nocorr['mean']:.2f} dB "
-                                      f"({ispa['mean'] - nocorr['mean']:+.2f} dB from the correction)")
     pm = lambda s: f" ± {s['std']:.2f}" if s["n"] > 1 else ""  # noqa: E731
-    return (f"At {HEADLINE:.0%} KV reduction ({a['ispa']['kv_bytes']:,} KV bytes), PSNR against the full-cache "
-            f"reference: ISPA {ispa['mean']:.2f}{pm(ispa)} dB, best drop baseline ({best}) "
-            f"{b['mean']:.2f}{pm(b)} dB: {verdict} (better on {wins}/{n_seeds} seeds){tail}.")
+    psnr = lambda n: f"{a[n]['psnr']['mean']:.2f}{pm(a[n]['psnr'])} dB"  # noqa: E731
+    span = lambda n: f"sink {a[n]['sink']} + window {a[n]['window']}"  # noqa: E731
+    parts = [f"{PROTOCOL_TITLES[protocol].capitalize()}, at {HEADLINE:.0%} KV reduction ({a['ispa']['kv_bytes']:,} "
+             f"KV bytes), PSNR against the full-cache reference: ISPA ({span('ispa')}) {psnr('ispa')}, best drop "
+             f"baseline {best} ({span(best)}) {psnr(best)}: ISPA is {_versus(a, 'ispa', best, n_seeds)}"]
+    if "ispa-nosink" in a:
+        parts.append(f"ISPA without the sink frame ({span('ispa-nosink')}) {psnr('ispa-nosink')}: "
+                     f"{_versus(a, 'ispa-nosink', best, n_seeds)}")
+    if "ispa-nocorr" in a:
+        parts.append(f"ISPA's layers without the correction give {psnr('ispa-nocorr')}")
+    variants = [n for n in a if n.startswith("ispa") and n not in ("ispa", "ispa-nosink", "ispa-nocorr")]
+    if variants:
+        top = max(variants, key=lambda n: a[n]["psnr"]["mean"])
+        parts.append(f"the best ISPA variant, picked after the fact on these seeds, is {top} "
+                     f"({span(top)}) {psnr(top)}: {_versus(a, top, best, n_seeds)}")
+    return "; ".join(parts) + "."
 
 
 def _fmt(s: dict, digits: int) -> str:
@@ -480,77 +558,114 @@ def _fmt(s: dict, digits: int) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if s["n"] > 1 else f"{s['mean']:.{digits}f}"
 
 
+def sweep_lines(sweep: list[dict]) -> list[str]:
+    """Per protocol and span: ISPA's PSNR minus the best drop baseline's at the same bytes."""
+    out = []
+    for proto, setting in dict.fromkeys((r["protocol"], r["setting"]) for r in sweep if "note" not in r):
+        rows = {r["method"]: r for r in sweep if (r.get("protocol"), r["setting"]) == (proto, setting)}
+        best = rows.get("ispa", {}).get("best_baseline")
+        if not best:
+            continue
+        for name in ("ispa", "ispa-nosink"):
+            if name in rows:
+                diff = rows[name]["psnr"]["mean"] - rows[best]["psnr"]["mean"]
+                out.append(f"{proto}, {setting}: {name} {rows[name]['psnr']['mean']:.2f} dB vs best baseline {best} "
+                           f"{rows[best]['psnr']['mean']:.2f} dB ({diff:+.2f} dB)")
+    return out
+
+
 def write_markdown(path: Path, summary: dict) -> None:
-    agg, per_seed = summary["aggregate"], summary["seeds"]
-    lines = [f"# Quality at equal KV bytes ({summary['model']}, {len(per_seed)} seed(s){', quick' if summary['quick'] else ''})",
-             "",
-             summary["key_line"],
-             "",
-             f"Reference: full-cache rollout ({summary['full_kv_bytes']:,} KV bytes), same warmup and noise. "
-             f"Span: sink {summary['settings']['sink']} + window {summary['settings']['window']} frames of a "
-             f"{summary['config']['max_frames']}-frame cache. Transition chunks per seed: "
-             f"{[s['transition_chunk'] for s in per_seed]} (frames {[s['transition_frame'] for s in per_seed]}); "
-             f"{per_seed[0]['frames_after_transition']} frames scored after the transition per run"
-             + (" (warmup teacher-forced with a procedural video)." if per_seed[0]["teacher_forced"] else "."),
-             "",
-             "PSNR/SSIM against the reference (higher is better); flicker = frame-difference energy / the "
-             "reference's (1 is best); drift = PSNR(last quarter) - PSNR(first quarter); recall = identity "
-             "recall of returning objects against the ground-truth video (reference: "
-             f"{_fmt(summary['reference_recall'], 3)}). Mean ± std over seeds.",
-             "",
-             "| KV reduction | method | KV bytes | PSNR dB | SSIM | flicker | drift dB | recall | layers (seed 0) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(agg, key=float):
-        order = [n for n in MAIN_METHODS if n in agg[r]] + [n for n in agg[r] if n not in MAIN_METHODS]
-        for name in order:
-            a = agg[r][name]
-            lines.append(f"| {float(r):.0%} ({a['kv_reduction']:.1%}) | {name} | {a['kv_bytes']:,} | {_fmt(a['psnr'], 2)} | "
-                         f"{_fmt(a['ssim'], 3)} | {_fmt(a['flicker'], 3)} | {_fmt(a['drift'], 2)} | "
-                         f"{_fmt(a['recall'], 3)} | {a['layers'][0]} |")
-    notes = sorted({n for s in per_seed for red in s["reductions"].values() for n in red["notes"]}
-                   | {f"{r}: {why}" for s in per_seed for r, why in s["skipped_reductions"].items()})
+    per_seed = summary["seeds"]
+    s0 = per_seed[0]
+    lines = [f"# Quality at equal KV bytes ({summary['model']}, {len(per_seed)} seed(s)"
+             f"{', quick' if summary['quick'] else ''})", ""]
+    lines += [f"- {summary['key_lines'][p]}" for p in summary["protocols"]] + [""]
+    if summary.get("weights"):
+        lines += [f"Weights: {summary['weights']['file']} (sha256 {summary['weights']['sha256']}).", ""]
+    lines += [
+        f"Reference: full-cache rollout ({summary['full_kv_bytes']:,} KV bytes) from the same warmup with the same "
+        f"noise. Span: sink {summary['settings']['sink']} + window {summary['settings']['window']} frames of a "
+        f"{summary['config']['max_frames']}-frame cache. Transition chunks per seed: "
+        f"{[s['transition_chunk'] for s in per_seed]} (frames {[s['transition_frame'] for s in per_seed]}); "
+        f"{s0['frames_after_transition']} frames scored after the transition per run"
+        + (" (warmup teacher-forced with a procedural video)." if s0["teacher_forced_warmup"] else "."),
+        "",
+        "PSNR/SSIM against the reference (higher is better); flicker = frame-difference energy / the "
+        "reference's (1 is best); drift = PSNR(last quarter) - PSNR(first quarter); recall = identity "
+        "recall of returning objects against the ground-truth video. Mean ± std over seeds.",
+    ]
+    for proto in summary["protocols"]:
+        agg = summary["aggregate"][proto]
+        ref = summary["reference"][proto]
+        lines += ["", f"## {PROTOCOL_TITLES[proto].capitalize()}", "",
+                  f"The reference itself: PSNR against the ground-truth video {_fmt(ref['psnr_vs_truth'], 2)} dB, "
+                  f"identity recall {_fmt(ref['recall'], 3)}.", "",
+                  "| KV reduction | method | KV bytes | PSNR dB | SSIM | flicker | drift dB | recall | layers (seed 0) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in sorted(agg, key=float):
+            order = [n for n in MAIN_METHODS if n in agg[r]] + [n for n in agg[r] if n not in MAIN_METHODS]
+            for name in order:
+                a = agg[r][name]
+                lines.append(f"| {float(r):.0%} ({a['kv_reduction']:.1%}) | {name} | {a['kv_bytes']:,} | "
+                             f"{_fmt(a['psnr'], 2)} | {_fmt(a['ssim'], 3)} | {_fmt(a['flicker'], 3)} | "
+                             f"{_fmt(a['drift'], 2)} | {_fmt(a['recall'], 3)} | {a['layers'][0]} |")
+    notes = sorted({n for s in per_seed for p in s["protocols"].values() for red in p["reductions"].values()
+                    for n in red["notes"]} | {f"{r}: {why}" for s in per_seed for r, why in s["skipped_reductions"].items()})
     if notes:
         lines += ["", "Not run:"] + [f"- {n}" for n in notes]
     if summary.get("sweep"):
-        lines += ["", "## Sweep at 50% KV reduction", "",
-                  "| setting | method | KV bytes | PSNR dB | SSIM | recall |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", f"## Other spans at {HEADLINE:.0%} KV reduction", "",
+                  "Each span has its own warmup and transition, so its reference frames differ; compare "
+                  "methods within a span (equal KV bytes there).", "",
+                  "| protocol | span | method | KV bytes | PSNR dB | SSIM | recall | layers (seed 0) |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
         for row in summary["sweep"]:
-            lines.append(f"| {row['setting']} | {row['method']} | {row['kv_bytes']:,} | {_fmt(row['psnr'], 2)} | "
-                         f"{_fmt(row['ssim'], 3)} | {_fmt(row['recall'], 3)} |")
-    lines += ["", f"Files: eval.json (every number, per seed and per frame), quality_vs_memory.png, "
-              f"side_by_side.gif ({summary.get('gif_caption', '')})."]
+            if "note" in row:
+                lines.append(f"| | {row['setting']} | not run: {row['note']} | | | | | |")
+                continue
+            lines.append(f"| {row['protocol']} | {row['setting']} | {row['method']} | {row['kv_bytes']:,} "
+                         f"({row['kv_reduction']:.1%}) | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | "
+                         f"{_fmt(row['recall'], 3)} | {row['layers'][0]} |")
+        lines += [""] + [f"- {line}" for line in sweep_lines(summary["sweep"])]
+    lines += ["", "Files: eval.json (every number, per seed and per frame), quality_vs_memory.png, "
+              + ", ".join(f"{name} ({caption})" for name, caption in summary.get("gifs", {}).items()) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_quality(path: Path, agg: dict, full_bytes: int) -> None:
+def plot_quality(path: Path, aggs: dict[str, dict], full_bytes: int) -> None:
+    """PSNR vs KV bytes, one line per main method, one panel per protocol; ISPA variants as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    names = [n for n in MAIN_METHODS if any(n in agg[r] for r in agg)]
-    extra = sorted({n for r in agg for n in agg[r]} - set(MAIN_METHODS))
-    styles = {"ispa": ("C3", "o", "-"), "ispa-nocorr": ("C1", "s", "--"), "drop": ("C0", "v", "-"),
-              "sink-window": ("C2", "^", "-"), "uniform": ("C4", "D", ":")}
-    for name in names:
-        pts = sorted((agg[r][name]["kv_bytes"], agg[r][name]["psnr"]["mean"], agg[r][name]["psnr"]["std"])
-                     for r in agg if name in agg[r])
-        x, y, e = (np.array(v) for v in zip(*pts))
-        c, mk, ls = styles[name]
-        ax.errorbar(x / 2**20, y, yerr=e, color=c, marker=mk, ls=ls, capsize=3, label=name)
-    for i, name in enumerate(extra):
-        for r in agg:
-            if name in agg[r]:
-                a = agg[r][name]
-                ax.errorbar([a["kv_bytes"] / 2**20], [a["psnr"]["mean"]], yerr=[a["psnr"]["std"]], marker="x",
-                            ls="none", color=plt.get_cmap("tab10")(5 + i % 5), capsize=2, label=name)
-    ax.axvline(full_bytes / 2**20, color="k", lw=0.8, ls=":", label="full cache")
-    ax.set_xlabel("steady-state KV bytes (MiB)")
-    ax.set_ylabel("PSNR vs full-cache reference (dB)")
-    ax.set_title("quality vs memory (frames after the transition; mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    styles = {"ispa": ("C3", "o", "-"), "ispa-nosink": ("C5", "P", "-"), "ispa-nocorr": ("C1", "s", "--"),
+              "drop": ("C0", "v", "-"), "sink-window": ("C2", "^", "-"), "uniform": ("C4", "D", ":"),
+              "uniform-nosink": ("C9", "d", ":")}
+    protos = list(aggs)
+    fig, axes = plt.subplots(1, len(protos), figsize=(5.2 * len(protos) + 2.2, 4.5), dpi=110, squeeze=False)
+    for ax, proto in zip(axes[0], protos):
+        agg = aggs[proto]
+        for name in MAIN_METHODS:
+            pts = sorted((agg[r][name]["kv_bytes"], agg[r][name]["psnr"]["mean"], agg[r][name]["psnr"]["std"])
+                         for r in agg if name in agg[r])
+            if not pts:
+                continue
+            x, y, e = (np.array(v) for v in zip(*pts))
+            c, mk, ls = styles[name]
+            ax.errorbar(x / 2**20, y, yerr=e, color=c, marker=mk, ls=ls, capsize=3, label=name)
+        extra = [(agg[r][n]["kv_bytes"], agg[r][n]["psnr"]["mean"]) for r in agg for n in agg[r] if n not in MAIN_METHODS]
+        if extra:
+            x, y = zip(*extra)
+            ax.scatter(np.array(x) / 2**20, y, s=12, color="0.45", marker="x", zorder=3,
+                       label=f"ISPA variants ({len(extra)})")
+        ax.axvline(full_bytes / 2**20, color="k", lw=0.8, ls=":", label="full cache")
+        ax.set_xlabel("steady-state KV bytes (MiB)")
+        ax.set_ylabel("PSNR vs full-cache reference (dB)")
+        ax.set_title(PROTOCOL_TITLES[proto], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("quality vs memory: frames after the transition, mean ± std over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -570,8 +685,35 @@ def write_gif(path: Path, panels: list[np.ndarray], scale: int = 4) -> Path:
 
 
 # -- the whole evaluation -----------------------------------------------------------------------
+def sweep_spans(model: WanModel, context: torch.Tensor, settings: Settings, log=print) -> list[dict]:
+    """ISPA and the baselines at the headline reduction for other (sink, window) spans; each span has
+    its own warmup (the monitor's a_l depends on it), transition and equal-bytes comparison."""
+    rows = []
+    for sink, window, variants in settings.spans:
+        label = f"sink {sink} + window {window}"
+        sub = dataclasses.replace(settings, sink=sink, window=window, reductions=(HEADLINE,), variants=variants,
+                                  spans=())
+        try:
+            per_seed = [evaluate_seed(model, context, seed, sub, log=log) for seed in settings.seeds]
+        except UserError as e:
+            rows.append({"setting": label, "method": "-", "note": str(e)})
+            log(f"sweep {label}: not run ({e})")
+            continue
+        for res in per_seed:
+            res.pop("_frames")
+        for proto in per_seed[0]["protocols"]:
+            agg = aggregate(per_seed, proto).get(str(HEADLINE), {})
+            best = best_baseline(agg)
+            for name, a in agg.items():
+                rows.append({"protocol": proto, "setting": label, "method": name, "kv_bytes": a["kv_bytes"],
+                             "kv_reduction": a["kv_reduction"], "psnr": a["psnr"], "ssim": a["ssim"],
+                             "recall": a["recall"], "layers": a["layers"], "best_baseline": best,
+                             "transition_chunks": [r["transition_chunk"] for r in per_seed]})
+    return rows
+
+
 def run_eval(model: WanModel, context: torch.Tensor, settings: Settings, out: Path, name: str,
-             quick: bool, log=print, sweep: list[dict] | None = None) -> dict:
+             quick: bool, log=print, weights: dict | None = None) -> dict:
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -582,25 +724,39 @@ def run_eval(model: WanModel, context: torch.Tensor, settings: Settings, out: Pa
         if i == 0:
             frames0 = fr
         per_seed.append(res)
-    agg = aggregate(per_seed)
+    protocols = list(per_seed[0]["protocols"])
+    aggs = {p: aggregate(per_seed, p) for p in protocols}
+    sweep = sweep_spans(model, context, settings, log=log) if settings.spans else []
     full = kv_bytes(cfg).total
     summary = {
-        "model": name, "quick": quick, "config": cfg.to_dict(), "settings": asdict(settings),
-        "full_kv_bytes": full, "frame_kv_bytes": frame_bytes(cfg),
-        "reference_recall": _stats([s["reference"]["recall"] for s in per_seed]),
-        "aggregate": agg, "seeds": per_seed, "sweep": sweep or [],
+        "model": name, "weights": weights, "quick": quick, "config": cfg.to_dict(), "settings": asdict(settings),
+        "protocols": protocols, "full_kv_bytes": full, "frame_kv_bytes": frame_bytes(cfg),
+        "reference": {p: {k: _stats([s["protocols"][p]["reference"][k] for s in per_seed])
+                          for k in ("recall", "psnr_vs_truth")} for p in protocols},
+        "aggregate": aggs, "seeds": per_seed, "sweep": sweep,
+        "key_lines": {p: key_line(aggs[p], len(per_seed), p) for p in protocols},
     }
-    summary["key_line"] = key_line(agg, len(per_seed))
-    # GIF: the first seed at the headline reduction (or the first one run).
-    r = HEADLINE if str(HEADLINE) in agg else float(next(iter(agg)))
-    best = best_baseline(agg[str(r)]) or "ispa-nocorr"
+    summary["key_line"] = " ".join(summary["key_lines"][p] for p in protocols)
+    # GIFs: the first seed at the headline reduction (or the first one run), one per protocol.
+    summary["gifs"] = {}
     warm = frames0["warmup"]
-    panels = [np.concatenate([warm, frames0["reference"]]), np.concatenate([warm, frames0[(r, "ispa")]]),
-              np.concatenate([warm, frames0[(r, best)]])]
-    write_gif(out / "side_by_side.gif", panels)
-    summary["gif_caption"] = (f"seed {settings.seeds[0]}, left to right: full-cache reference | ISPA | {best} "
-                              f"at {r:.0%} KV reduction; the transition is at frame {per_seed[0]['transition_frame']}")
-    plot_quality(out / "quality_vs_memory.png", agg, full)
+    for proto in protocols:
+        agg = aggs[proto]
+        r = HEADLINE if str(HEADLINE) in agg else float(next(iter(agg)))
+        best = best_baseline(agg[str(r)]) or "ispa-nocorr"
+        shown = ["reference", "ispa"] + (["ispa-nosink"] if (proto, r, "ispa-nosink") in frames0 else []) + [best]
+        panels = [np.concatenate([warm, frames0[(proto, "reference") if n == "reference" else (proto, r, n)]])
+                  for n in shown]
+        if proto == "teacher":
+            panels.insert(0, frames0["truth"])
+            shown.insert(0, "ground truth")
+        gif = "side_by_side.gif" if proto == "free" else f"side_by_side_{proto}.gif"
+        write_gif(out / gif, panels)
+        summary["gifs"][gif] = (f"{PROTOCOL_TITLES[proto]}, seed {settings.seeds[0]}, left to right: "
+                                + " | ".join(n if n != "reference" else "full-cache reference" for n in shown)
+                                + f" at {r:.0%} KV reduction; the transition is at frame "
+                                f"{per_seed[0]['transition_frame']}")
+    plot_quality(out / "quality_vs_memory.png", aggs, full)
     summary["seconds"] = time.perf_counter() - t0
     (out / "eval.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     write_markdown(out / "EVAL.md", summary)
@@ -615,39 +771,94 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
-def settings_for(quick: bool, seeds: list[int] | None = None, variants: bool | None = None) -> Settings:
-    if quick:
-        return Settings(seeds=seeds or [1000], min_chunks=20, variants=bool(variants))
-    return Settings(seeds=seeds or [1000, 1001, 1002, 1003], min_chunks=32,
-                    variants=True if variants is None else variants, rank=16)
+def span_fits(cfg: WanConfig, sink: int, window: int) -> bool:
+    """Whether a warmup can be decided (two monitored chunks: ispa.decide) while the rolling full
+    cache still holds the sink frames: the transition must come at a history of at most
+    M - full_sink + sink - 1 frames (ispa.sink_horizon), and the first monitored chunk starts
+    past the span."""
+    f, span = cfg.chunk_frames, sink + window
+    if span >= cfg.max_frames:
+        return False
+    first = f * (span // f + 1)
+    return sink <= cfg.full_sink or first + 2 * f <= cfg.max_frames - cfg.full_sink + sink - 1
 
 
-def load(name: str, random_weights: bool = False, seed: int = 0) -> tuple[WanModel, torch.Tensor, str]:
-    from .pipeline import get_preset, load_context, load_model
+def default_sink(cfg: WanConfig, window: int) -> int:
+    """1 sink frame where the full cache allows it (span_fits), else 0 (tiny's 6-frame cache)."""
+    return 1 if span_fits(cfg, 1, window) else 0
+
+
+def settings_for(cfg: WanConfig, quick: bool, seeds: list[int] | None = None, variants: bool | None = None,
+                 sweep: bool | None = None) -> Settings:
+    """Sink 1 + window one chunk (the export's defaults) where the cache allows; seeds below
+    train.HELDOUT_LIMIT, whose videos the demo model was never trained on. The full run adds the
+    ISPA variants and the span/rho sweep; --quick runs the main methods on one short seed."""
+    window = cfg.chunk_frames
+    sink = default_sink(cfg, window)
+    variants = (not quick) if variants is None else variants
+    sweep = (not quick) if sweep is None else sweep
+    # With the ISPA variants: the headline's bytes without a sink frame (0, sink + window), and ISPA
+    # on the best-case drop layout, every layer a plain window of the uniform-nosink length (when
+    # that is whole). Then other spans with the main methods only.
+    spans: dict[tuple[int, int], bool] = {}
+    n = layers_for_target(cfg, HEADLINE, window, sink) if span_fits(cfg, sink, window) else None
+    total = None if n is None else (cfg.num_layers - n) * cfg.max_frames + n * (sink + window)
+    candidates = [(0, sink + window, True)]
+    if total is not None and total % cfg.num_layers == 0:
+        candidates.append((0, total // cfg.num_layers, True))
+    candidates += [(0, window, False), (2, window, False), (1, 2 * window, False), (0, 2 * window, False)]
+    for s, w, v in candidates:
+        if (s, w) != (sink, window) and (s, w) not in spans and span_fits(cfg, s, w):
+            spans[(s, w)] = v
+    spans = {k: v for k, v in spans.items() if sweep}
+    return Settings(seeds=seeds or ([1000] if quick else list(range(1000, 1006))),
+                    min_chunks=20 if quick else 32, window=window, sink=sink, variants=variants,
+                    rank=max(cfg.dim // 8, 1), rhos=(1e-3, 1e-1, 1.0, 10.0),
+                    spans=tuple((s, w, v) for (s, w), v in spans.items()))
+
+
+def load(name: str, random_weights: bool = False, seed: int = 0,
+         checkpoint: str | None = None) -> tuple[WanModel, torch.Tensor, str, dict | None]:
+    """The preset's model (shipped demo weights, a checkpoint, or seeded random weights), its text
+    context (the demo's fixed prompt, or seeded random embeddings), a name, and which weights file
+    (with its sha256) was loaded, if any."""
+    import hashlib
+
+    from .pipeline import DATA, get_preset, load_context, load_model
 
     if random_weights:
         torch.manual_seed(seed)
         model = WanModel(get_preset(name)).eval()
         g = torch.Generator().manual_seed(seed)
         ctx = torch.randn(1, min(model.cfg.text_len, 16), model.cfg.text_dim, generator=g)
-        return model, ctx, f"{name} (random weights)"
-    name, model = load_model(name)
+        return model, ctx, f"{name} (random weights)", None
+    name, model = load_model(name, checkpoint, name if checkpoint else None)
     ctx, _ = load_context(None, name, model.cfg, seed)
-    return model, ctx, name
+    path = Path(checkpoint) if checkpoint else DATA / "demo.safetensors" if name == "demo" else None
+    weights = None if path is None or not path.is_file() else {
+        "file": path.name if not checkpoint else str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return model, ctx, name, weights
 
 
 def main(args) -> int:
-    """`ispa eval`: args.model, args.quick, args.out (and optionally seeds, random_weights)."""
+    """`ispa eval`: args.model, args.quick, args.out (and optionally seeds, variants, threads,
+    random_weights from `python -m ispa_export.evaluate`)."""
     quick = bool(getattr(args, "quick", False))
-    seeds = getattr(args, "seeds", None)
-    model, ctx, name = load(args.model, bool(getattr(args, "random_weights", False)))
-    settings = settings_for(quick, seeds, getattr(args, "variants", None))
-    threads = getattr(args, "threads", None)
-    if threads:
-        torch.set_num_threads(threads)
+    model, ctx, name, weights = load(args.model, bool(getattr(args, "random_weights", False)),
+                                     checkpoint=getattr(args, "checkpoint", None))
+    settings = settings_for(model.cfg, quick, getattr(args, "seeds", None), getattr(args, "variants", None),
+                            getattr(args, "sweep", None))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    summary = run_eval(model, ctx, settings, Path(args.out), name, quick, log=log)
-    print(summary["key_line"])
+    # One thread by default: the demo's matmuls are too small for intra-op parallelism to pay, and
+    # on a busy 2-core machine two spinning threads cost 10x the CPU time (tiny --quick: 56 s vs 4 s).
+    before = torch.get_num_threads()
+    torch.set_num_threads(getattr(args, "threads", None) or 1)
+    try:
+        summary = run_eval(model, ctx, settings, Path(args.out), name, quick, log=log, weights=weights)
+    finally:
+        torch.set_num_threads(before)
+    for proto in summary["protocols"]:
+        print(summary["key_lines"][proto])
     return 0
 
 
@@ -657,9 +868,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="artifacts/eval")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], help="comma-separated seeds")
+    p.add_argument("--checkpoint", help="weights of the --model preset instead of the shipped ones")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights (development only)")
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the ISPA variants at 50%% (default: on for the full run)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="also sweep other sink/window spans at 50%% (default: on for the full run)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
 

@@ -188,6 +188,17 @@ def flow_inputs(clean: torch.Tensor, sigma_chunks: torch.Tensor, chunk: int, noi
     return torch.cat([clean, noisy], 2), t_frames, noise - clean, sig
 
 
+def return_weights(samples, chunk: int, weight: float, k: int = 6, span: int = 3) -> np.ndarray:
+    """[B, chunks] float32: `weight` for chunks holding a frame t0 .. t0+span-1 of a return event
+    (VideoSample.returns(k)), 1 elsewhere."""
+    out = np.ones((len(samples), len(samples[0].frames) // chunk), np.float32)
+    if weight != 1.0:
+        for i, v in enumerate(samples):
+            for _, t0 in v.returns(k):
+                out[i, t0 // chunk:min(t0 + span - 1, len(v.frames) - 1) // chunk + 1] = weight
+    return out
+
+
 def clean_latents(seeds, frames: int) -> torch.Tensor:
     """Videos [B, 3, T, 32, 32] in [-1, 1] from the procedural generator."""
     return torch.from_numpy(video_batch(seeds, frames)).permute(0, 2, 1, 3, 4).contiguous()
@@ -253,6 +264,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.998
     p_schedule: float = 0.75
+    # Loss weight of chunks where an object comes back after >= 6 frames out of view (1: plain MSE).
+    # Oversamples the events only a long memory can predict; per chunk, so it reweights the data,
+    # not pixels within a frame.
+    return_weight: float = 1.0
     calibrate_steps: int = 25
     log_every: int = 25
     # Two intra-op threads with passive OpenMP waits (set above): 0.82 s/step on an idle 2-core
@@ -307,12 +322,14 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         lr = lr_at(step, total or 10**9, cfg.lr, cfg.warmup)
         for gparam in opt.param_groups:
             gparam["lr"] = lr
-        seeds = [base_seed + step * cfg.batch + b for b in range(cfg.batch)]
-        clean = clean_latents(seeds, cfg.frames)
+        samples = [make_video(base_seed + step * cfg.batch + b, cfg.frames) for b in range(cfg.batch)]
+        clean = torch.from_numpy(np.stack([v.frames for v in samples]).transpose(0, 2, 1, 3, 4).copy())
         sig_chunks = torch.from_numpy(chunk_sigmas(rng, cfg.batch, chunks, cfg.p_schedule)).float()
         noise = torch.randn(clean.shape, generator=noise_gen)
         pred, target, sig, _ = tf.predict(model, clean, sig_chunks, noise, model.cross_kv(context))
-        loss = F.mse_loss(pred, target)
+        per_chunk = ((pred - target) ** 2).mean(dim=(1, 3, 4)).unflatten(1, (chunks, -1)).mean(-1)  # [B, C]
+        weight = torch.from_numpy(return_weights(samples, model_cfg.chunk_frames, cfg.return_weight))
+        loss = (per_chunk * weight).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -350,8 +367,9 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         "wall_time_s": round(wall, 1), "steps_per_s": round(step / wall, 4),
         "weights": "ema", "context": f"demo_context(): torch.randn(1, 4, 16) with generator seed {CONTEXT_SEED}",
         "objective": ("flow matching, v = noise - x, per-chunk sigma (p=%.2f one of %s, else U(0,1]), teacher-forcing "
-                      "forward over [clean; noisy], mask teacher_forcing(T, 2, 12, 0) on every layer"
-                      % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()])),
+                      "forward over [clean; noisy], mask teacher_forcing(T, 2, 12, 0) on every layer; loss = MSE "
+                      "of v per chunk, chunks with a return event (k=6) weighted %g"
+                      % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()], cfg.return_weight)),
         "train_video_seeds": f"{base_seed} + step * batch + b",
         "history": history,
         "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
@@ -568,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--return-weight", type=float, default=1.0,
+                    help="loss weight of chunks where an object returns after >= 6 frames out of view")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (1 is faster on a busy CPU)")
     ap.add_argument("--eval", action="store_true", help="after training, run the full checks into the log")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, update the log")
@@ -587,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.frames < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1) or args.minutes <= 0:
         raise UserError("train: --frames >= 2, --batch >= 1, --steps >= 1 and --minutes > 0 expected")
     cfg = TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, frames=args.frames, batch=args.batch,
-                      lr=args.lr, warmup=args.warmup, threads=args.threads)
+                      lr=args.lr, warmup=args.warmup, threads=args.threads,
+                      return_weight=args.return_weight)
     log = train(cfg, args.out, log_path)
     print(f"[train] wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {log['wall_time_s']:.0f}s")
     if args.eval:

@@ -15,6 +15,15 @@ from ispa_export.torch_runner import torch_stream
 from ispa_export.videos import make_video
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls: a second intra-op thread only spins (10x the CPU time on a busy machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**changes):
     torch.manual_seed(0)
     cfg = preset("tiny").replace(**changes)
@@ -40,7 +49,8 @@ def test_ssim_flicker_and_drift():
     rng = np.random.default_rng(1)
     ref = rng.uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32)
     assert np.allclose(ev.ssim_frames(ref, ref), 1.0)
-    assert ev.ssim_frames(ref, -ref).max() < 0.1
+    other = rng.uniform(-1, 1, ref.shape).astype(np.float32)
+    assert np.abs(ev.ssim_frames(ref, other)).max() < 0.1
     still = np.repeat(ref[:1], 4, axis=0)
     assert ev.flicker_energy(still) == 0.0
     assert ev.flicker_energy(ref) == pytest.approx(np.mean(np.diff(ref, axis=0) ** 2))
@@ -55,16 +65,25 @@ def test_ssim_flicker_and_drift():
 def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction):
     cfg = preset("demo")
     rng = np.random.default_rng(2)
-    d_corr, d_raw, d_plain = (rng.permutation(cfg.num_layers).astype(float) for _ in range(3))
-    methods, notes = ev.methods_for(reduction, cfg, 1, 2, d_corr, d_raw, d_plain, variants=True, rank=4)
+    d = {k: rng.permutation(cfg.num_layers).astype(float)
+         for k in ("corrected", "raw", "plain_corrected", "plain_raw")}
+    methods, notes = ev.methods_for(reduction, cfg, 1, 2, d, variants=True, rank=4, rhos=(0.1,))
     n = layers_for_target(cfg, reduction, 2, 1)
     by = {m.name: m for m in methods}
     assert set(ev.MAIN_METHODS) <= set(by), notes  # demo: every uniform span is whole
     lowest = lambda d: tuple(sorted(np.argsort(d)[:n].tolist()))  # noqa: E731
-    assert by["ispa"].layers == by["ispa-nocorr"].layers == lowest(d_corr)
-    assert by["sink-window"].layers == by["ispa-rawsel"].layers == lowest(d_raw)
-    assert by["drop"].layers == lowest(d_plain) and (by["drop"].sink, by["drop"].window) == (0, 3)
+    assert by["ispa"].layers == by["ispa-nocorr"].layers == by["ispa-rho0.1"].layers == lowest(d["corrected"])
+    assert by["sink-window"].layers == by["ispa-rawsel"].layers == lowest(d["raw"])
+    assert by["drop"].layers == lowest(d["plain_raw"]) and (by["drop"].sink, by["drop"].window) == (0, 3)
+    assert by["ispa-nosink"].layers == lowest(d["plain_corrected"]) and by["ispa-nosink"].sink == 0
     assert by["ispa"].variant == "full" and by["ispa-nocorr"].variant == by["drop"].variant == "none"
+    # Each correction comes from the statistics of its own span and site.
+    assert by["ispa"].stats == "wo" and by["ispa-adapter"].stats == "adapter"
+    assert by["ispa-nosink"].stats == by["ispa-nosink-per_pass"].stats == "plain"
+    assert by["ispa-nosink-adapter"].stats == "plain-adapter" and by["ispa-nosink-adapter"].site == "adapter"
+    keys = [by[n].key() for n in ("ispa", "ispa-nosink", "ispa-nocorr", "ispa-per_pass", "ispa-bias", "ispa-adapter",
+                                  "ispa-rank4", "ispa-rho0.1", "drop")]
+    assert len(set(keys)) == len(keys)  # distinct runs, never merged by the de-duplication
     full = kv_bytes(cfg).total
     sizes = {kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total for m in methods}
     assert len(sizes) == 1
@@ -74,8 +93,8 @@ def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction):
 
 def test_uniform_is_skipped_when_its_span_is_not_whole():
     cfg = preset("demo").replace(num_layers=5)
-    d = np.arange(5.0)
-    methods, notes = ev.methods_for(0.25, cfg, 1, 2, d, d, d)
+    d = dict.fromkeys(("corrected", "raw", "plain_corrected", "plain_raw"), np.arange(5.0))
+    methods, notes = ev.methods_for(0.25, cfg, 1, 2, d)
     assert "uniform" not in {m.name for m in methods}
     assert any(n.startswith("uniform:") for n in notes)
 
@@ -97,6 +116,26 @@ def test_runs_continue_the_warmup_with_the_reference_noise():
     assert w.model.modes == ["F"] * 4 and w.model.blocks[0].self_attn.ispa_bias is None
 
 
+def test_default_sink_follows_the_sink_horizon():
+    # A 6-frame cache evicts frame 0 before two chunks past a 3-frame span can be monitored.
+    assert ev.default_sink(preset("tiny").replace(max_frames=6), 2) == 0
+    assert ev.default_sink(preset("tiny"), 2) == ev.default_sink(preset("demo"), 2) == 1
+    for sink, window in ((1, 2), (2, 2), (1, 4), (0, 8)):
+        assert ev.span_fits(preset("demo"), sink, window)
+    assert not ev.span_fits(preset("demo"), 1, 8) and not ev.span_fits(preset("demo"), 0, 12)
+    # The full run's sweep starts with the headline's bytes without a sink (0, 3) and ISPA on the
+    # uniform plain-window layout (every layer 6 frames: 6 * 6 = 2 * 12 + 4 * 3 frames), with variants.
+    spans = ev.settings_for(preset("demo"), quick=False).spans
+    assert spans[:2] == ((0, 3, True), (0, 6, True)) and (1, 2, False) not in spans
+    assert ev.settings_for(preset("demo"), quick=True).spans == ()
+    # Where the sweep runs a span, the warmup indeed reaches a decision.
+    model, ctx = tiny(max_frames=6)
+    opts = IspaOptions(kv_reduction=0.25, window=2, sink=0, warmup_chunks=8)
+    assert ev.warmup(model, ctx, 1, opts, 1, adapter=False).chunk <= 8
+    with pytest.raises(ev.UserError, match="sink"):
+        ev.warmup(model, ctx, 1, IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=8), 1)
+
+
 def test_warmup_is_teacher_forced_by_the_procedural_video():
     # A cut-down demo geometry (3-channel 16x16 frames) so the video path runs in a second.
     torch.manual_seed(0)
@@ -113,6 +152,31 @@ def test_warmup_is_teacher_forced_by_the_procedural_video():
     assert ev._video_for(preset("tiny"), 3, 40, teacher_force=True) is None
 
 
+def test_teacher_forced_runs_score_each_chunks_sample_on_the_true_history():
+    torch.manual_seed(0)
+    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
+    model = WanModel(cfg).eval()
+    ctx = torch.randn(1, 4, cfg.text_dim)
+    sample = ev._video_for(cfg, 3, 40, teacher_force=True)
+    opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
+    w = ev.warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
+    ref, _ = ev.rollout(w, None, 4, sample.frames)
+    # The same thing by hand: an all-F stream fed the whole video; each chunk's last denoising step.
+    stream = torch_stream(model, ctx, 3)
+    cap = ev._LastSample(stream.runner, stream.geo.timesteps)
+    stream.runner = cap
+    f = cfg.chunk_frames
+    for c in range(w.chunk + 4):
+        stream.step(ev._chunk_of(sample.frames, c, f))
+    assert np.array_equal(ref, np.concatenate(cap.samples[w.chunk:], axis=2))
+    # Samples, not the given frames: they differ from the video, and a free run differs from both.
+    assert not np.allclose(ref, sample.frames[w.chunk * f:(w.chunk + 4) * f].transpose(1, 0, 2, 3)[None])
+    free, _ = ev.rollout(w, None, 4)
+    assert not np.allclose(ref[:, :, f:], free[:, :, f:])
+    # The first chunk after the transition has the same history in both protocols.
+    assert np.array_equal(ref[:, :, :f], free[:, :, :f])
+
+
 def test_recall_of_the_ground_truth_is_one():
     sample = make_video(11, 60, 32)
     assert ev.recall_of(sample.frames, sample, 0) == pytest.approx(1.0)
@@ -123,7 +187,7 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli.main(["eval", "--model", "tiny", "--quick", "--out", str(out)]) == 0
     key = capsys.readouterr().out.strip().splitlines()[-1]
-    assert key.startswith("At 50% KV reduction") and "best drop baseline" in key
+    assert key.startswith("Free-running after the transition, at 50% KV reduction") and "best drop baseline" in key
     for name in ("eval.json", "EVAL.md", "quality_vs_memory.png", "side_by_side.gif"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "eval.json").read_text())
@@ -131,11 +195,15 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
     full = kv_bytes(cfg).total
     assert summary["full_kv_bytes"] == full
     seed = summary["seeds"][0]
-    # tiny holds 6 frames: 75% cannot be reached with sink 1 + window 2, and says so.
-    assert set(seed["reductions"]) == {"0.25", "0.5"} and "0.75" in seed["skipped_reductions"]
+    # tiny holds 8 frames: 75% cannot be reached with sink 1 + window 2, and says so.
+    assert summary["settings"]["sink"] == 1 and summary["settings"]["window"] == 2
+    # No 3-channel pictures, no video: only the free-running protocol.
+    assert summary["protocols"] == ["free"] and not seed["teacher_forced_warmup"]
+    free = seed["protocols"]["free"]
+    assert set(free["reductions"]) == {"0.25", "0.5"} and "0.75" in seed["skipped_reductions"]
     assert seed["total_chunks"] >= 4 * seed["transition_chunk"]
     assert seed["total_chunks"] * cfg.chunk_frames > cfg.max_frames
-    for r, red in seed["reductions"].items():
+    for r, red in free["reductions"].items():
         rows = red["methods"]
         assert {"ispa", "ispa-nocorr", "drop", "sink-window"} <= set(rows)
         assert {row["kv_bytes"] for row in rows.values()} == {red["kv_bytes"]}
@@ -147,4 +215,27 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
             # The same configuration is one run, reported under both names.
             assert rows["ispa-nocorr"]["psnr_per_frame"] == rows["sink-window"]["psnr_per_frame"]
     md = (out / "EVAL.md").read_text()
-    assert summary["key_line"] in md and "| 50% (" in md and "| ispa |" in md
+    assert summary["key_lines"]["free"] in md and "| 50% (" in md and "| ispa |" in md
+
+
+def test_variants_and_span_sweep_on_tiny(tmp_path):
+    model, ctx = tiny()
+    settings = ev.Settings(seeds=[5], reductions=(0.5,), sink=1, window=2, min_chunks=8, variants=True, rank=4,
+                           rhos=(0.1,), spans=((0, 2, True), (1, 8, False)))
+    summary = ev.run_eval(model, ctx, settings, tmp_path, "tiny", quick=True, log=lambda m: None)
+    rows = summary["seeds"][0]["protocols"]["free"]["reductions"]["0.5"]["methods"]
+    want = {"ispa-per_pass", "ispa-bias", "ispa-adapter", "ispa-rawsel", "ispa-rank4", "ispa-rho0.1",
+            "ispa-nosink", "ispa-nosink-adapter", "ispa-nosink-per_pass"}
+    assert want <= set(rows)
+    assert len({row["kv_bytes"] for row in rows.values()}) == 1
+    # Distinct corrections give distinct videos (the per-pass, adapter and rank-k paths really ran).
+    distinct = ("ispa", "ispa-per_pass", "ispa-adapter", "ispa-rank4", "ispa-nosink", "ispa-nosink-adapter")
+    frames = {n: tuple(rows[n]["psnr_per_frame"]) for n in distinct}
+    assert len(set(frames.values())) == len(distinct)
+    sweep = summary["sweep"]
+    ran = {r["setting"] for r in sweep if "note" not in r}
+    assert ran == {"sink 0 + window 2"}
+    assert any(r["setting"] == "sink 1 + window 8" and "note" in r for r in sweep)  # span >= cache: refused
+    by = {r["method"]: r for r in sweep if r["setting"] == "sink 0 + window 2"}
+    assert {"ispa", "drop", "sink-window", "ispa-adapter", "ispa-rho0.1"} <= set(by)  # variants where asked
+    assert "## Other spans at 50% KV reduction" in (tmp_path / "EVAL.md").read_text()
