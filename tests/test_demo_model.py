@@ -79,9 +79,10 @@ def test_short_rollout_is_finite_and_in_range(model):
     free = gen[4:]
     assert np.isfinite(free).all()
     assert np.abs(free).max() < 2.0  # data lie in [-1, 1]; the sampler does not clip
-    assert 0.1 < free.std() < 1.5  # not collapsed to a constant, not noise
+    truth = video[4:]
+    assert 0.3 * truth.std() < free.std() < 2 * truth.std()  # neither collapsed to a constant nor noise
     # The continuation resembles the video more than a blank mid-grey frame would.
-    assert np.mean((free - video[4:]) ** 2) < np.mean(video[4:] ** 2)
+    assert np.mean((free - truth) ** 2) < np.mean((truth - truth.mean()) ** 2)
 
 
 def test_teacher_forced_samples_equal_the_stream(model):
