@@ -168,13 +168,9 @@ def inspect(target: str, reduction: float, window: int | None, sink: int, dtype:
         raise UserError(f"--dtype: expected fp32, fp16 or bf16, got {dtype!r}")
     path = Path(target)
     if path.is_dir():
-        man_path = path / "manifest.json"
-        try:
-            man = json.loads(man_path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{man_path}: missing; not an ispa-export artifact") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{man_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        from runtimes.artifact import load_artifact
+
+        man = load_artifact(path, verify_checksums=False, check_onnx=False).manifest
         cfg = WanConfig.from_dict(man["model"]["config"])
         modes = [l["mode"] for l in man["layers"]]
         geo = man["geometry"]
