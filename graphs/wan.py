@@ -198,9 +198,10 @@ class Block(nn.Module):
         q, k, v = attn.project(x_in, cos, sin)
         keys, values = (k, v) if cache is None else (torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1))
         a = attend(q, keys, values, bias)
-        if monitor is not None:
+        if monitor is not None:  # the same queries over the frames an L-layer would keep: a_l
+            per_frame = cache.shape[2] // monitor.local_mask.shape[0]
             own = torch.ones(k.shape[1], dtype=torch.bool, device=x.device)
-            local = mask_to_bias(torch.cat([monitor.local_mask.repeat_interleave(cache.shape[2] // monitor.local_mask.shape[0]), own]))
+            local = mask_to_bias(torch.cat([monitor.local_mask.repeat_interleave(per_frame), own]))
             monitor.record(layer, x_in, a, attend(q, keys, values, local), attn.o.weight)
         x = x + gate(attn.output(a, x_in, pass_kind, modulation), e[2])
         x = x + self.cross_attn(self.norm3(x), cross_kv)
