@@ -16,12 +16,13 @@ stream actually allocates):
   (variant full, site wo);
 - ispa-nocorr: the same layers and span, no correction;
 - drop: the n layers with the lowest raw d of a plain window (sink 0, window s + w), no correction;
-- sink-window (StreamingLLM / LongLive): the n layers with the lowest raw d of sink s + window w,
-  no correction;
-- uniform: every layer local, sink s and the window that gives the same bytes (when integral), and
-  uniform-nosink, the same bytes as plain windows (sink 0);
-- ispa-nosink: ISPA on the same bytes without the sink frame (sink 0, window s + w), selected and
-  corrected from the plain window's statistics of the same warmup;
+- sink-window (StreamingLLM / LongLive): the n layers with the lowest raw d of a sink span (sink s,
+  or 1 when s = 0) of the same length, no correction;
+- uniform: every layer local, with that sink and the window that gives the same bytes, and
+  uniform-nosink, the same bytes as plain windows (rounded down, and said, when not whole);
+- ispa-nosink / ispa-sink1: ISPA on the same bytes with the other sink choice (alt_span: sink 0,
+  window s + w, or sink 1, window w - 1), selected and corrected from that span's statistics of the
+  same warmup;
 - ISPA variants (full run): per_pass, bias, adapter site, rank k, ridge rho, raw-d selection; and
   other (sink, window) spans, each with its own warmup and equal-bytes baselines.
 
@@ -63,7 +64,9 @@ from .torch_runner import TorchRunner, torch_stream
 
 REDUCTIONS = (0.25, 0.5, 0.75)
 HEADLINE = 0.5
-MAIN_METHODS = ("ispa", "ispa-nosink", "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink")
+# ispa-nosink / ispa-sink1: ISPA at the same span with the other sink choice (alt_span)
+ALT_METHODS = ("ispa-nosink", "ispa-sink1")
+MAIN_METHODS = ("ispa", *ALT_METHODS, "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink")
 BASELINES = ("drop", "sink-window", "uniform", "uniform-nosink")  # the token-dropping methods ISPA must beat
 PSNR_CAP = 100.0  # dB for frames equal to the reference (skimage would say inf)
 METRICS = ("psnr", "ssim", "flicker", "drift", "recall")
@@ -98,52 +101,75 @@ def _lowest(d: np.ndarray, n: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in np.argsort(d, kind="stable")[:n]))
 
 
+def alt_span(cfg: WanConfig, sink: int, window: int) -> tuple[int, int] | None:
+    """The other sink choice at the same span: (0, s + w) for a sink span, (1, w - 1) for a plain
+    window (when the cache can hold the sink through the warmup), else None."""
+    span = sink + window
+    if sink:
+        return 0, span
+    return (1, span - 1) if span >= 2 and span_fits(cfg, 1, span - 1) else None
+
+
 def methods_for(reduction: float, cfg: WanConfig, sink: int, window: int, d: dict[str, np.ndarray],
                 variants: bool = False, rank: int | None = None,
                 rhos: tuple[float, ...] = ()) -> tuple[list[Method], list[str]]:
-    """The methods compared at one KV reduction, all at the same steady-state KV bytes, and notes
-    on the ones that cannot be formed (a uniform span that is not a whole number of frames).
+    """The methods compared at one KV reduction and notes on the ones not formed exactly.
 
-    `d` holds per-layer discrepancies at the transition (Warmup.d): 'corrected'/'raw' for sink +
-    window, 'plain_corrected'/'plain_raw' for a plain window of the same length (sink 0)."""
+    Every method holds the same steady-state KV bytes, except a uniform layout whose span would not
+    be a whole number of frames: it is then rounded down (fewer bytes than the others) and noted.
+    `d` holds per-layer discrepancies at the transition (Warmup.d): 'corrected'/'raw' for the span
+    sink + window, 'alt_corrected'/'alt_raw' for alt_span() (absent when there is none)."""
     num_layers, max_frames, span = cfg.num_layers, cfg.max_frames, sink + window
     n = layers_for_target(cfg, reduction, window, sink)
+    alt = alt_span(cfg, sink, window) if "alt_raw" in d else None
     notes: list[str] = []
     ispa_layers = _lowest(d["corrected"], n)
-    nosink_layers = _lowest(d["plain_corrected"], n)
+    # Raw d of the plain window and of the sink span, whichever of the two spans each one is.
+    plain_raw = d["raw"] if sink == 0 else d["alt_raw"] if alt else None
+    sink_raw = d["raw"] if sink else d["alt_raw"] if alt else None
     out = [Method("ispa", ispa_layers, sink, window, "full")]
-    if sink:
-        # The same bytes without a sink frame: ISPA on the plain window's statistics.
-        out.append(Method("ispa-nosink", nosink_layers, 0, span, "full", stats="plain"))
-    out += [
-        Method("ispa-nocorr", ispa_layers, sink, window, "none"),
-        Method("drop", _lowest(d["plain_raw"], n), 0, span, "none"),
-        Method("sink-window", _lowest(d["raw"], n), sink, window, "none"),
-    ]
-    # Every layer local with the span that keeps the same total frames.
-    total = (num_layers - n) * max_frames + n * span
-    if total % num_layers == 0 and total // num_layers > sink:
-        out.append(Method("uniform", tuple(range(num_layers)), sink, total // num_layers - sink, "none"))
-        if sink:  # the same without a sink: every layer a plain window (a uniform drop)
-            out.append(Method("uniform-nosink", tuple(range(num_layers)), 0, total // num_layers, "none"))
+    alt_name = None
+    if alt:
+        alt_name = "ispa-nosink" if sink else f"ispa-sink{alt[0]}"
+        out.append(Method(alt_name, _lowest(d["alt_corrected"], n), *alt, "full", stats="alt"))
+    out.append(Method("ispa-nocorr", ispa_layers, sink, window, "none"))
+    if plain_raw is not None:
+        out.append(Method("drop", _lowest(plain_raw, n), 0, span, "none"))
+    if sink_raw is not None:
+        s_sink = sink or alt[0]
+        out.append(Method("sink-window", _lowest(sink_raw, n), s_sink, span - s_sink, "none"))
     else:
-        notes.append(f"uniform: {total} cached frames over {num_layers} layers is not a whole span "
-                     f"longer than the sink ({total / num_layers:.2f} frames); not run")
+        notes.append(f"sink-window: a sink frame does not fit a span of {span} frames here; not run")
+    # Every layer local with the span that keeps the same total frames (rounded down if need be).
+    total = (num_layers - n) * max_frames + n * span
+    per_layer = total // num_layers
+    if total % num_layers:
+        notes.append(f"uniform layouts at {reduction:.0%}: {total} cached frames over {num_layers} layers is "
+                     f"{total / num_layers:.2f} frames a layer; run with {per_layer}, i.e. FEWER KV bytes "
+                     f"than the other methods")
+    all_layers = tuple(range(num_layers))
+    # The sink form keeps the sink frames that the shared transition guarantees (this span's or the
+    # other one's: evaluate_seed ends the warmup by their horizon).
+    s_uni = sink or (alt[0] if alt else 0)
+    if s_uni and per_layer > s_uni:
+        out.append(Method("uniform", all_layers, s_uni, per_layer - s_uni, "none"))
+    if per_layer >= 1:
+        out.append(Method("uniform-nosink", all_layers, 0, per_layer, "none"))
     if variants:
-        bases = [("ispa", ispa_layers, sink, window, "", _lowest(d["raw"], n))]
-        if sink:
-            bases.append(("ispa-nosink", nosink_layers, 0, span, "plain", _lowest(d["plain_raw"], n)))
-        for base, layers, s, w, stats, raw_layers in bases:
+        bases = [("ispa", ispa_layers, sink, window, "", d["raw"])]
+        if alt:
+            bases.append((alt_name, _lowest(d["alt_corrected"], n), *alt, "alt", d["alt_raw"]))
+        for base, layers, s_, w_, stats, raw in bases:
             wo, adapter = stats or "wo", f"{stats}-adapter" if stats else "adapter"
             out += [
-                Method(f"{base}-per_pass", layers, s, w, "per_pass", stats=wo),
-                Method(f"{base}-bias", layers, s, w, "bias", stats=wo),
-                Method(f"{base}-adapter", layers, s, w, "full", site="adapter", stats=adapter),
-                Method(f"{base}-rawsel", raw_layers, s, w, "full", stats=wo),
+                Method(f"{base}-per_pass", layers, s_, w_, "per_pass", stats=wo),
+                Method(f"{base}-bias", layers, s_, w_, "bias", stats=wo),
+                Method(f"{base}-adapter", layers, s_, w_, "full", site="adapter", stats=adapter),
+                Method(f"{base}-rawsel", _lowest(raw, n), s_, w_, "full", stats=wo),
             ]
             if rank is not None:
-                out.append(Method(f"{base}-rank{rank}", layers, s, w, "full", rank=rank, stats=wo))
-            out += [Method(f"{base}-rho{rho:g}", layers, s, w, "full", rho=rho, stats=wo) for rho in rhos]
+                out.append(Method(f"{base}-rank{rank}", layers, s_, w_, "full", rank=rank, stats=wo))
+            out += [Method(f"{base}-rho{rho:g}", layers, s_, w_, "full", rho=rho, stats=wo) for rho in rhos]
     return out, notes
 
 
@@ -178,8 +204,8 @@ class Warmup:
 
     model: WanModel
     stream: Stream
-    # 'wo' / 'adapter': sink + window statistics by absorption site; 'plain' / 'plain-adapter': the
-    # same for a plain window of the same length (sink 0), from a replay of the warmup.
+    # 'wo' / 'adapter': sink + window statistics by absorption site; 'alt' / 'alt-adapter': the same
+    # for alt_span() (the other sink choice at the same span), from a replay of the warmup.
     monitors: dict[str, WarmupMonitor]
     chunk: int  # first chunk after the transition
     reason: str
@@ -227,20 +253,22 @@ def warmup(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
             break
     stream.runner.before_pass = None
     last = stream.chunk - 1
-    # The plain window needs its own local mask, hence a second pass over the warmup, teacher-forced
-    # with the frames the first one produced (so every cache and activation is the same).
-    plain = _monitors(LocalSpan(0, opts.sink + opts.window), opts.rho, adapter, prefix="plain")
-    fan = _Fanout(list(plain.values()))
-    replay = torch_stream(model, context, seed, before_pass=fan.before_pass)
-    for m in plain.values():
-        m.stream = replay
-    for x in stream.latents:
-        replay.step(x)
-        fan.finish()
-    monitors.update(plain)
     n = cfg.num_layers
-    d = {"corrected": _chunk_d(monitors["wo"], last, n, 1), "raw": _chunk_d(monitors["wo"], last, n, 0),
-         "plain_corrected": _chunk_d(plain["plain"], last, n, 1), "plain_raw": _chunk_d(plain["plain"], last, n, 0)}
+    d = {"corrected": _chunk_d(monitors["wo"], last, n, 1), "raw": _chunk_d(monitors["wo"], last, n, 0)}
+    alt = alt_span(cfg, opts.sink, opts.window)
+    if alt is not None and (alt[0] == 0 or stream.frame_index <= sink_horizon_frames(cfg, alt[0])):
+        # The other span needs its own local mask, hence a second pass over the warmup, teacher-forced
+        # with the frames the first one produced (so every cache and activation is the same).
+        other = _monitors(LocalSpan(*alt), opts.rho, adapter, prefix="alt")
+        fan = _Fanout(list(other.values()))
+        replay = torch_stream(model, context, seed, before_pass=fan.before_pass)
+        for m in other.values():
+            m.stream = replay
+        for x in stream.latents:
+            replay.step(x)
+            fan.finish()
+        monitors.update(other)
+        d |= {"alt_corrected": _chunk_d(other["alt"], last, n, 1), "alt_raw": _chunk_d(other["alt"], last, n, 0)}
     return Warmup(model, stream, monitors, stream.chunk, decision[2], d, time.perf_counter() - t0)
 
 
@@ -366,7 +394,7 @@ PROTOCOLS = ("free", "teacher")
 class Settings:
     seeds: list[int]
     reductions: tuple[float, ...] = REDUCTIONS
-    sink: int = 1
+    sink: int = 0  # the export default (IspaOptions)
     window: int = 2
     warmup_chunks: int = 8
     min_chunks: int = 32  # total video length in chunks (at least 4x the warmup and > capacity)
@@ -403,10 +431,15 @@ def evaluate_seed(model: WanModel, context: torch.Tensor, seed: int, s: Settings
         raise UserError(f"kv reductions {list(s.reductions)}: none is reachable with sink {s.sink} + "
                         f"window {s.window} of {cfg.max_frames} frames")
     decide_at = HEADLINE if HEADLINE in reachable else reachable[0]
-    opts = IspaOptions(kv_reduction=decide_at, window=s.window, sink=s.sink, warmup_chunks=s.warmup_chunks)
+    f = cfg.chunk_frames
+    # The sink baselines of a plain-window ISPA need the sink frames still in the full cache at the
+    # transition: end the warmup by their horizon (all methods share the transition).
+    alt = alt_span(cfg, s.sink, s.window)
+    horizon = min(sink_horizon_frames(cfg, s.sink), sink_horizon_frames(cfg, alt[0]) if alt else float("inf"))
+    chunks = s.warmup_chunks if horizon == float("inf") else min(s.warmup_chunks, int(horizon) // f)
+    opts = IspaOptions(kv_reduction=decide_at, window=s.window, sink=s.sink, warmup_chunks=chunks)
     opts.check(cfg.num_layers)
     n_decide = layers_for_target(cfg, decide_at, s.window, s.sink)
-    f = cfg.chunk_frames
     # The video must cover the longest possible run: warmup + the rest.
     max_total = max(s.min_chunks, 4 * s.warmup_chunks, -(-2 * cfg.max_frames // f))
     sample = _video_for(cfg, seed, max_total * f, s.teacher_force)
@@ -425,6 +458,7 @@ def evaluate_seed(model: WanModel, context: torch.Tensor, seed: int, s: Settings
     result = {
         "seed": seed, "transition_chunk": w.chunk, "transition_frame": t_frame, "reason": w.reason,
         "total_chunks": total, "frames_after_transition": rest * f, "warmup_seconds": w.seconds,
+        "warmup_limit_chunks": opts.warmup_chunks,
         "teacher_forced_warmup": truth is not None, "discrepancy": {k: v.tolist() for k, v in w.d.items()},
         "skipped_reductions": skipped, "protocols": {},
     }
@@ -471,10 +505,12 @@ def evaluate_seed(model: WanModel, context: torch.Tensor, seed: int, s: Settings
                 frames[(proto, r, m.name)] = gen
                 log(f"  {proto:7s} {r:.0%} {m.name:20s} layers {list(m.layers)} s{m.sink}+w{m.window}: "
                     f"PSNR {metrics['psnr']:.2f} SSIM {metrics['ssim']:.3f} recall {metrics['recall']:.3f}")
-            sizes = {row["kv_bytes"] for row in rows.values()}
-            if len(sizes) != 1:
-                raise RuntimeError(f"methods at {r:.0%} hold different KV bytes: {sorted(sizes)}")
-            out["reductions"][str(r)] = {"methods": rows, "notes": notes, "kv_bytes": sizes.pop()}
+            budget = rows["ispa"]["kv_bytes"]
+            off = {n: row["kv_bytes"] for n, row in rows.items() if row["kv_bytes"] != budget
+                   and not (n.startswith("uniform") and row["kv_bytes"] < budget)}
+            if off:
+                raise RuntimeError(f"methods at {r:.0%} differ from ISPA's {budget} KV bytes: {off}")
+            out["reductions"][str(r)] = {"methods": rows, "notes": notes, "kv_bytes": budget}
         result["protocols"][proto] = out
     result["_frames"] = frames
     return result
@@ -536,15 +572,18 @@ def key_line(agg: dict, n_seeds: int, protocol: str = "free") -> str:
     pm = lambda s: f" ± {s['std']:.2f}" if s["n"] > 1 else ""  # noqa: E731
     psnr = lambda n: f"{a[n]['psnr']['mean']:.2f}{pm(a[n]['psnr'])} dB"  # noqa: E731
     span = lambda n: f"sink {a[n]['sink']} + window {a[n]['window']}"  # noqa: E731
-    parts = [f"{PROTOCOL_TITLES[protocol].capitalize()}, at {HEADLINE:.0%} KV reduction ({a['ispa']['kv_bytes']:,} "
-             f"KV bytes), PSNR against the full-cache reference: ISPA ({span('ispa')}) {psnr('ispa')}, best drop "
-             f"baseline {best} ({span(best)}) {psnr(best)}: ISPA is {_versus(a, 'ispa', best, n_seeds)}"]
-    if "ispa-nosink" in a:
-        parts.append(f"ISPA without the sink frame ({span('ispa-nosink')}) {psnr('ispa-nosink')}: "
-                     f"{_versus(a, 'ispa-nosink', best, n_seeds)}")
+    fewer = (f", with fewer KV bytes ({a[best]['kv_bytes']:,})" if a[best]["kv_bytes"] < a["ispa"]["kv_bytes"]
+             else "")
+    parts = [f"{PROTOCOL_TITLES[protocol].capitalize()}, at {HEADLINE:.0%} KV reduction (target; "
+             f"{a['ispa']['kv_reduction']:.1%} removed, {a['ispa']['kv_bytes']:,} KV bytes), PSNR against the "
+             f"full-cache reference: ISPA ({span('ispa')}) {psnr('ispa')}, best drop baseline {best} ({span(best)}"
+             f"{fewer}) {psnr(best)}: ISPA is {_versus(a, 'ispa', best, n_seeds)}"]
+    for alt in (n for n in ALT_METHODS if n in a):
+        what = "without the sink frame" if alt == "ispa-nosink" else "with a sink frame"
+        parts.append(f"ISPA {what} ({span(alt)}) {psnr(alt)}: {_versus(a, alt, best, n_seeds)}")
     if "ispa-nocorr" in a:
         parts.append(f"ISPA's layers without the correction give {psnr('ispa-nocorr')}")
-    variants = [n for n in a if n.startswith("ispa") and n not in ("ispa", "ispa-nosink", "ispa-nocorr")]
+    variants = [n for n in a if n.startswith("ispa") and n not in ("ispa", "ispa-nocorr", *ALT_METHODS)]
     if variants:
         top = max(variants, key=lambda n: a[n]["psnr"]["mean"])
         parts.append(f"the best ISPA variant, picked after the fact on these seeds, is {top} "
@@ -566,7 +605,7 @@ def sweep_lines(sweep: list[dict]) -> list[str]:
         best = rows.get("ispa", {}).get("best_baseline")
         if not best:
             continue
-        for name in ("ispa", "ispa-nosink"):
+        for name in ("ispa", *ALT_METHODS):
             if name in rows:
                 diff = rows[name]["psnr"]["mean"] - rows[best]["psnr"]["mean"]
                 out.append(f"{proto}, {setting}: {name} {rows[name]['psnr']['mean']:.2f} dB vs best baseline {best} "
@@ -588,7 +627,9 @@ def write_markdown(path: Path, summary: dict) -> None:
         f"{summary['config']['max_frames']}-frame cache. Transition chunks per seed: "
         f"{[s['transition_chunk'] for s in per_seed]} (frames {[s['transition_frame'] for s in per_seed]}); "
         f"{s0['frames_after_transition']} frames scored after the transition per run"
-        + (" (warmup teacher-forced with a procedural video)." if s0["teacher_forced_warmup"] else "."),
+        + (" (warmup teacher-forced with a procedural video)" if s0["teacher_forced_warmup"] else "")
+        + f"; warmups of at most {s0.get('warmup_limit_chunks', summary['settings']['warmup_chunks'])} chunks, "
+        "so that the sink frames of the sink baselines are still in the full cache at the transition.",
         "",
         "PSNR/SSIM against the reference (higher is better); flicker = frame-difference energy / the "
         "reference's (1 is best); drift = PSNR(last quarter) - PSNR(first quarter); recall = identity "
@@ -612,7 +653,7 @@ def write_markdown(path: Path, summary: dict) -> None:
     notes = sorted({n for s in per_seed for p in s["protocols"].values() for red in p["reductions"].values()
                     for n in red["notes"]} | {f"{r}: {why}" for s in per_seed for r, why in s["skipped_reductions"].items()})
     if notes:
-        lines += ["", "Not run:"] + [f"- {n}" for n in notes]
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     if summary.get("sweep"):
         lines += ["", f"## Other spans at {HEADLINE:.0%} KV reduction", "",
                   "Each span has its own warmup and transition, so its reference frames differ; compare "
@@ -627,7 +668,7 @@ def write_markdown(path: Path, summary: dict) -> None:
                          f"({row['kv_reduction']:.1%}) | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | "
                          f"{_fmt(row['recall'], 3)} | {row['layers'][0]} |")
         lines += [""] + [f"- {line}" for line in sweep_lines(summary["sweep"])]
-    lines += ["", "Files: eval.json (every number, per seed and per frame), quality_vs_memory.png, "
+    lines += ["", "Files of the run: eval.json (every number, per seed and per frame), quality_vs_memory.png, "
               + ", ".join(f"{name} ({caption})" for name, caption in summary.get("gifs", {}).items()) + "."]
     path.write_text("\n".join(lines) + "\n")
 
@@ -639,7 +680,8 @@ def plot_quality(path: Path, aggs: dict[str, dict], full_bytes: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"ispa": ("C3", "o", "-"), "ispa-nosink": ("C5", "P", "-"), "ispa-nocorr": ("C1", "s", "--"),
+    styles = {"ispa": ("C3", "o", "-"), "ispa-nosink": ("C5", "P", "-"), "ispa-sink1": ("C5", "P", "--"),
+              "ispa-nocorr": ("C1", "s", "--"),
               "drop": ("C0", "v", "-"), "sink-window": ("C2", "^", "-"), "uniform": ("C4", "D", ":"),
               "uniform-nosink": ("C9", "d", ":")}
     protos = list(aggs)
@@ -744,7 +786,7 @@ def run_eval(model: WanModel, context: torch.Tensor, settings: Settings, out: Pa
         agg = aggs[proto]
         r = HEADLINE if str(HEADLINE) in agg else float(next(iter(agg)))
         best = best_baseline(agg[str(r)]) or "ispa-nocorr"
-        shown = ["reference", "ispa"] + (["ispa-nosink"] if (proto, r, "ispa-nosink") in frames0 else []) + [best]
+        shown = ["reference", "ispa"] + [n for n in ALT_METHODS if (proto, r, n) in frames0] + [best]
         panels = [np.concatenate([warm, frames0[(proto, "reference") if n == "reference" else (proto, r, n)]])
                   for n in shown]
         if proto == "teacher":
@@ -763,6 +805,22 @@ def run_eval(model: WanModel, context: torch.Tensor, settings: Settings, out: Pa
     return summary
 
 
+def render(out: Path) -> dict:
+    """Rewrite EVAL.md and quality_vs_memory.png from an earlier run's eval.json (no generation)."""
+    path = out / "eval.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; run the evaluation first") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if "aggregate" not in summary or "protocols" not in summary:
+        raise UserError(f"{path}: fields 'aggregate'/'protocols' missing; not an eval.json of this version")
+    plot_quality(out / "quality_vs_memory.png", summary["aggregate"], summary["full_kv_bytes"])
+    write_markdown(out / "EVAL.md", summary)
+    return summary
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -771,46 +829,46 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
+def sink_horizon_frames(cfg: WanConfig, sink: int) -> float:
+    """The most frames of history at which the rolling full cache still holds frames < sink
+    (ispa.sink_horizon); a transition to a span with that sink must come by then."""
+    return float("inf") if sink <= cfg.full_sink else cfg.max_frames - cfg.full_sink + sink - 1
+
+
 def span_fits(cfg: WanConfig, sink: int, window: int) -> bool:
-    """Whether a warmup can be decided (two monitored chunks: ispa.decide) while the rolling full
-    cache still holds the sink frames: the transition must come at a history of at most
-    M - full_sink + sink - 1 frames (ispa.sink_horizon), and the first monitored chunk starts
-    past the span."""
+    """Whether a warmup can be decided (two monitored chunks: ispa.decide) within the sink horizon;
+    the first monitored chunk starts past the span."""
     f, span = cfg.chunk_frames, sink + window
-    if span >= cfg.max_frames:
+    if span >= cfg.max_frames or window < 1:
         return False
     first = f * (span // f + 1)
-    return sink <= cfg.full_sink or first + 2 * f <= cfg.max_frames - cfg.full_sink + sink - 1
+    return first + 2 * f <= sink_horizon_frames(cfg, sink)
 
 
 def default_sink(cfg: WanConfig, window: int) -> int:
-    """1 sink frame where the full cache allows it (span_fits), else 0 (tiny's 6-frame cache)."""
-    return 1 if span_fits(cfg, 1, window) else 0
+    """The export's default sink (IspaOptions) where the cache allows it (span_fits), else 0."""
+    sink = IspaOptions().sink
+    return sink if span_fits(cfg, sink, window) else 0
 
 
 def settings_for(cfg: WanConfig, quick: bool, seeds: list[int] | None = None, variants: bool | None = None,
                  sweep: bool | None = None) -> Settings:
-    """Sink 1 + window one chunk (the export's defaults) where the cache allows; seeds below
-    train.HELDOUT_LIMIT, whose videos the demo model was never trained on. The full run adds the
-    ISPA variants and the span/rho sweep; --quick runs the main methods on one short seed."""
+    """The export's defaults (sink from IspaOptions, window one chunk) where the cache allows; seeds
+    below train.HELDOUT_LIMIT, whose videos the demo model was never trained on. The full run adds
+    the ISPA variants and the span sweep; --quick runs the main methods on one short seed."""
     window = cfg.chunk_frames
     sink = default_sink(cfg, window)
     variants = (not quick) if variants is None else variants
     sweep = (not quick) if sweep is None else sweep
-    # With the ISPA variants: the headline's bytes without a sink frame (0, sink + window), and ISPA
-    # on the best-case drop layout, every layer a plain window of the uniform-nosink length (when
-    # that is whole). Then other spans with the main methods only.
+    # With the ISPA variants: one frame more without a sink (exact 25/50/75% bytes on the demo),
+    # and every layer a plain window of half the cache (exactly 50%: ISPA on the uniform layout).
+    # Then other spans with the main methods only.
+    candidates = [(0, sink + window + 1, True), (0, cfg.max_frames // 2, True), (1, window, False),
+                  (2, window, False), (1, 2 * window, False), (0, 2 * window, False)]
     spans: dict[tuple[int, int], bool] = {}
-    n = layers_for_target(cfg, HEADLINE, window, sink) if span_fits(cfg, sink, window) else None
-    total = None if n is None else (cfg.num_layers - n) * cfg.max_frames + n * (sink + window)
-    candidates = [(0, sink + window, True)]
-    if total is not None and total % cfg.num_layers == 0:
-        candidates.append((0, total // cfg.num_layers, True))
-    candidates += [(0, window, False), (2, window, False), (1, 2 * window, False), (0, 2 * window, False)]
-    for s, w, v in candidates:
+    for s, w, v in candidates if sweep else ():
         if (s, w) != (sink, window) and (s, w) not in spans and span_fits(cfg, s, w):
             spans[(s, w)] = v
-    spans = {k: v for k, v in spans.items() if sweep}
     return Settings(seeds=seeds or ([1000] if quick else list(range(1000, 1006))),
                     min_chunks=20 if quick else 32, window=window, sink=sink, variants=variants,
                     rank=max(cfg.dim // 8, 1), rhos=(1e-3, 1e-1, 1.0, 10.0),
@@ -841,6 +899,15 @@ def load(name: str, random_weights: bool = False, seed: int = 0,
 
 
 def main(args) -> int:
+    if getattr(args, "render", False):
+        summary = render(Path(args.out))
+        for proto in summary["protocols"]:
+            print(summary["key_lines"][proto])
+        return 0
+    return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     """`ispa eval`: args.model, args.quick, args.out (and optionally seeds, variants, threads,
     random_weights from `python -m ispa_export.evaluate`)."""
     quick = bool(getattr(args, "quick", False))
@@ -874,6 +941,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the ISPA variants at 50%% (default: on for the full run)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
                    help="also sweep other sink/window spans at 50%% (default: on for the full run)")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite EVAL.md and the plot of --out from its eval.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
 

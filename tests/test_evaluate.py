@@ -61,42 +61,57 @@ def test_ssim_flicker_and_drift():
 
 
 # -- methods at equal KV bytes ------------------------------------------------------------------
+D_KEYS = ("corrected", "raw", "alt_corrected", "alt_raw")
+
+
 @pytest.mark.parametrize("reduction", ev.REDUCTIONS)
-def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction):
+@pytest.mark.parametrize("sink,window", [(1, 2), (0, 3)])
+def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction, sink, window):
     cfg = preset("demo")
     rng = np.random.default_rng(2)
-    d = {k: rng.permutation(cfg.num_layers).astype(float)
-         for k in ("corrected", "raw", "plain_corrected", "plain_raw")}
-    methods, notes = ev.methods_for(reduction, cfg, 1, 2, d, variants=True, rank=4, rhos=(0.1,))
-    n = layers_for_target(cfg, reduction, 2, 1)
+    d = {k: rng.permutation(cfg.num_layers).astype(float) for k in D_KEYS}
+    methods, notes = ev.methods_for(reduction, cfg, sink, window, d, variants=True, rank=4, rhos=(0.1,))
+    n = layers_for_target(cfg, reduction, window, sink)
     by = {m.name: m for m in methods}
-    assert set(ev.MAIN_METHODS) <= set(by), notes  # demo: every uniform span is whole
+    alt = "ispa-nosink" if sink else "ispa-sink1"
+    assert {"ispa", alt, "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink"} <= set(by), notes
     lowest = lambda d: tuple(sorted(np.argsort(d)[:n].tolist()))  # noqa: E731
+    # (sink, window) of each method, and the discrepancy its layers are chosen by: the span's own.
+    plain, with_sink = ("alt_raw", "raw") if sink else ("raw", "alt_raw")
     assert by["ispa"].layers == by["ispa-nocorr"].layers == by["ispa-rho0.1"].layers == lowest(d["corrected"])
-    assert by["sink-window"].layers == by["ispa-rawsel"].layers == lowest(d["raw"])
-    assert by["drop"].layers == lowest(d["plain_raw"]) and (by["drop"].sink, by["drop"].window) == (0, 3)
-    assert by["ispa-nosink"].layers == lowest(d["plain_corrected"]) and by["ispa-nosink"].sink == 0
+    assert by[alt].layers == lowest(d["alt_corrected"]) and by["ispa-rawsel"].layers == lowest(d["raw"])
+    assert by["drop"].layers == lowest(d[plain]) and (by["drop"].sink, by["drop"].window) == (0, 3)
+    assert by["sink-window"].layers == lowest(d[with_sink]) and by["sink-window"].sink == max(sink, 1)
+    assert (by[alt].sink, by[alt].window) == ((0, 3) if sink else (1, 2))
     assert by["ispa"].variant == "full" and by["ispa-nocorr"].variant == by["drop"].variant == "none"
     # Each correction comes from the statistics of its own span and site.
     assert by["ispa"].stats == "wo" and by["ispa-adapter"].stats == "adapter"
-    assert by["ispa-nosink"].stats == by["ispa-nosink-per_pass"].stats == "plain"
-    assert by["ispa-nosink-adapter"].stats == "plain-adapter" and by["ispa-nosink-adapter"].site == "adapter"
-    keys = [by[n].key() for n in ("ispa", "ispa-nosink", "ispa-nocorr", "ispa-per_pass", "ispa-bias", "ispa-adapter",
-                                  "ispa-rank4", "ispa-rho0.1", "drop")]
+    assert by[alt].stats == by[f"{alt}-per_pass"].stats == "alt"
+    assert by[f"{alt}-adapter"].stats == "alt-adapter" and by[f"{alt}-adapter"].site == "adapter"
+    keys = [by[n].key() for n in ("ispa", alt, "ispa-nocorr", "ispa-per_pass", "ispa-bias", "ispa-adapter",
+                                  "ispa-rank4", "ispa-rho0.1")]
     assert len(set(keys)) == len(keys)  # distinct runs, never merged by the de-duplication
     full = kv_bytes(cfg).total
     sizes = {kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total for m in methods}
-    assert len(sizes) == 1
+    assert len(sizes) == 1  # demo, span 3: every uniform span is whole
     assert 1 - sizes.pop() / full >= reduction
-    assert len(by["uniform"].layers) == cfg.num_layers
+    assert len(by["uniform"].layers) == len(by["uniform-nosink"].layers) == cfg.num_layers
 
 
-def test_uniform_is_skipped_when_its_span_is_not_whole():
-    cfg = preset("demo").replace(num_layers=5)
-    d = dict.fromkeys(("corrected", "raw", "plain_corrected", "plain_raw"), np.arange(5.0))
-    methods, notes = ev.methods_for(0.25, cfg, 1, 2, d)
-    assert "uniform" not in {m.name for m in methods}
-    assert any(n.startswith("uniform:") for n in notes)
+def test_uniform_is_rounded_down_and_said_when_its_span_is_not_whole():
+    cfg = preset("demo")  # sink 0 + window 2 at 50%: 4 layers local, 2 * 12 + 4 * 2 = 32 frames over 6 layers
+    d = dict.fromkeys(D_KEYS, np.arange(6.0))
+    methods, notes = ev.methods_for(0.5, cfg, 0, 2, d)
+    by = {m.name: m for m in methods}
+    budget = kv_bytes(cfg, by["ispa"].modes(6), 2, 0).total
+    assert (by["uniform-nosink"].sink, by["uniform-nosink"].window) == (0, 5)
+    assert (by["uniform"].sink, by["uniform"].window) == (1, 4)
+    for name in ("uniform", "uniform-nosink"):
+        assert kv_bytes(cfg, by[name].modes(6), by[name].window, by[name].sink).total < budget
+    assert any("FEWER KV bytes" in n for n in notes)
+    # Without the other span's statistics there is no sink-window baseline, and that is said too.
+    methods, notes = ev.methods_for(0.5, cfg, 0, 2, {k: d[k] for k in ("corrected", "raw")})
+    assert "sink-window" not in {m.name for m in methods} and any(n.startswith("sink-window") for n in notes)
 
 
 # -- the protocol -------------------------------------------------------------------------------
@@ -116,17 +131,19 @@ def test_runs_continue_the_warmup_with_the_reference_noise():
     assert w.model.modes == ["F"] * 4 and w.model.blocks[0].self_attn.ispa_bias is None
 
 
-def test_default_sink_follows_the_sink_horizon():
-    # A 6-frame cache evicts frame 0 before two chunks past a 3-frame span can be monitored.
-    assert ev.default_sink(preset("tiny").replace(max_frames=6), 2) == 0
-    assert ev.default_sink(preset("tiny"), 2) == ev.default_sink(preset("demo"), 2) == 1
-    for sink, window in ((1, 2), (2, 2), (1, 4), (0, 8)):
+def test_default_sink_follows_the_export_and_the_sink_horizon():
+    assert ev.default_sink(preset("demo"), 2) == IspaOptions().sink
+    for sink, window in ((1, 2), (2, 2), (1, 4), (0, 8), (1, 1)):
         assert ev.span_fits(preset("demo"), sink, window)
     assert not ev.span_fits(preset("demo"), 1, 8) and not ev.span_fits(preset("demo"), 0, 12)
-    # The full run's sweep starts with the headline's bytes without a sink (0, 3) and ISPA on the
-    # uniform plain-window layout (every layer 6 frames: 6 * 6 = 2 * 12 + 4 * 3 frames), with variants.
+    # A 6-frame cache evicts frame 0 before two chunks past a 3-frame span can be monitored.
+    assert not ev.span_fits(preset("tiny").replace(max_frames=6), 1, 2)
+    assert ev.alt_span(preset("demo"), 0, 2) == (1, 1) and ev.alt_span(preset("demo"), 1, 2) == (0, 3)
+    assert ev.alt_span(preset("tiny").replace(max_frames=6), 0, 3) is None
+    # The full run's sweep starts with one frame more without a sink (exact 50% bytes) and ISPA on
+    # the uniform plain-window layout (every layer 6 of 12 frames), both with the variants.
     spans = ev.settings_for(preset("demo"), quick=False).spans
-    assert spans[:2] == ((0, 3, True), (0, 6, True)) and (1, 2, False) not in spans
+    assert spans[:2] == ((0, 3, True), (0, 6, True)) and (0, 2, False) not in spans
     assert ev.settings_for(preset("demo"), quick=True).spans == ()
     # Where the sweep runs a span, the warmup indeed reaches a decision.
     model, ctx = tiny(max_frames=6)
@@ -187,7 +204,7 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli.main(["eval", "--model", "tiny", "--quick", "--out", str(out)]) == 0
     key = capsys.readouterr().out.strip().splitlines()[-1]
-    assert key.startswith("Free-running after the transition, at 50% KV reduction") and "best drop baseline" in key
+    assert key.startswith("Free-running after the transition, at 50% KV reduction (target; ") and "best drop baseline" in key
     for name in ("eval.json", "EVAL.md", "quality_vs_memory.png", "side_by_side.gif"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "eval.json").read_text())
@@ -195,34 +212,46 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
     full = kv_bytes(cfg).total
     assert summary["full_kv_bytes"] == full
     seed = summary["seeds"][0]
-    # tiny holds 8 frames: 75% cannot be reached with sink 1 + window 2, and says so.
-    assert summary["settings"]["sink"] == 1 and summary["settings"]["window"] == 2
+    assert summary["settings"]["sink"] == 0 and summary["settings"]["window"] == 2  # the export's defaults
     # No 3-channel pictures, no video: only the free-running protocol.
     assert summary["protocols"] == ["free"] and not seed["teacher_forced_warmup"]
     free = seed["protocols"]["free"]
-    assert set(free["reductions"]) == {"0.25", "0.5"} and "0.75" in seed["skipped_reductions"]
+    assert set(free["reductions"]) == {"0.25", "0.5", "0.75"} and not seed["skipped_reductions"]
     assert seed["total_chunks"] >= 4 * seed["transition_chunk"]
     assert seed["total_chunks"] * cfg.chunk_frames > cfg.max_frames
     for r, red in free["reductions"].items():
         rows = red["methods"]
-        assert {"ispa", "ispa-nocorr", "drop", "sink-window"} <= set(rows)
-        assert {row["kv_bytes"] for row in rows.values()} == {red["kv_bytes"]}
+        assert {"ispa", "ispa-sink1", "ispa-nocorr", "drop", "sink-window", "uniform-nosink"} <= set(rows)
+        # Equal bytes; a uniform layout only ever fewer (rounded down), and then it says so.
+        assert {row["kv_bytes"] for n, row in rows.items() if not n.startswith("uniform")} == {red["kv_bytes"]}
+        for n in ("uniform", "uniform-nosink"):
+            if n in rows and rows[n]["kv_bytes"] != red["kv_bytes"]:
+                assert rows[n]["kv_bytes"] < red["kv_bytes"] and any("FEWER" in x for x in red["notes"])
         assert red["kv_bytes"] <= (1 - float(r)) * full
         for row in rows.values():
             assert 0 < row["psnr"] <= ev.PSNR_CAP and -1 <= row["ssim"] <= 1 and row["flicker"] > 0
             assert len(row["psnr_per_frame"]) == seed["frames_after_transition"]
-        if rows["ispa-nocorr"]["layers"] == rows["sink-window"]["layers"]:
-            # The same configuration is one run, reported under both names.
-            assert rows["ispa-nocorr"]["psnr_per_frame"] == rows["sink-window"]["psnr_per_frame"]
+        if rows["ispa-nocorr"]["layers"] == rows["drop"]["layers"]:
+            # The same configuration (sink 0 + window 2, no correction) is one run, under both names.
+            assert rows["drop"]["same_run_as"] == "ispa-nocorr"
+            assert rows["ispa-nocorr"]["psnr_per_frame"] == rows["drop"]["psnr_per_frame"]
     md = (out / "EVAL.md").read_text()
     assert summary["key_lines"]["free"] in md and "| 50% (" in md and "| ispa |" in md
+    # The report can be rebuilt from eval.json alone, to the byte.
+    (out / "EVAL.md").unlink()
+    assert ev.render(out)["key_lines"] == summary["key_lines"]
+    assert (out / "EVAL.md").read_text() == md
+    with pytest.raises(ev.UserError, match="eval.json: missing"):
+        ev.render(tmp_path)
 
 
 def test_variants_and_span_sweep_on_tiny(tmp_path):
     model, ctx = tiny()
-    settings = ev.Settings(seeds=[5], reductions=(0.5,), sink=1, window=2, min_chunks=8, variants=True, rank=4,
+    settings = ev.Settings(seeds=[5], reductions=(0.5, 0.9), sink=1, window=2, min_chunks=8, variants=True, rank=4,
                            rhos=(0.1,), spans=((0, 2, True), (1, 8, False)))
     summary = ev.run_eval(model, ctx, settings, tmp_path, "tiny", quick=True, log=lambda m: None)
+    # 90% is out of reach with 3 of 8 frames kept per layer: skipped, and said.
+    assert "0.9" in summary["seeds"][0]["skipped_reductions"] and "0.9: KV reduction" in (tmp_path / "EVAL.md").read_text()
     rows = summary["seeds"][0]["protocols"]["free"]["reductions"]["0.5"]["methods"]
     want = {"ispa-per_pass", "ispa-bias", "ispa-adapter", "ispa-rawsel", "ispa-rank4", "ispa-rho0.1",
             "ispa-nosink", "ispa-nosink-adapter", "ispa-nosink-per_pass"}
