@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ispa_export.errors import UserError
+from runtimes.files import atomic_path
 
 Naming = Literal["wan", "diffusers"]
 
@@ -383,14 +383,6 @@ def save_state_dict(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "naming": naming, **(metadata or {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .errors import UserError
@@ -71,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default="demo")
     v.add_argument("--quick", action="store_true")
     v.add_argument("--out", default="artifacts/eval")
+    v.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
 
     b = sub.add_parser("bench", help="memory, latency and scaling benchmarks")
     b.add_argument("--quick", action="store_true")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ispa_export.errors import UserError
+from runtimes.files import write_bytes_atomic
 
 _NO_TRT = (
     "TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU and driver); "
@@ -47,21 +47,6 @@ def _trt():
     except ImportError:
         raise UserError(_NO_TRT) from None
     return tensorrt
-
-
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    # A crash leaves the old file or the new one, never a truncated engine that later loads.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def gpu_info() -> dict[str, Any]:
@@ -161,10 +146,10 @@ def build_engine(
     if serialized is None:
         raise UserError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, memoryview(serialized))
+    write_bytes_atomic(engine_path, memoryview(serialized))
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+        write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
 
     names: list[str] = []
     if refit:
@@ -243,7 +228,7 @@ def refit_engine(engine_path: str | os.PathLike, weights: dict[str, np.ndarray])
         raise UserError(f"{engine_path}: refit also needs these weights: {', '.join(missing)}")
     if not refitter.refit_cuda_engine():
         raise UserError(f"{engine_path}: refit_cuda_engine failed (see the TensorRT log above)")
-    _write_atomic(engine_path, memoryview(engine.serialize()))
+    write_bytes_atomic(engine_path, memoryview(engine.serialize()))
     del keep
     return {"tensorrt_version": trt.__version__, "refitted": sorted(weights)}
 

@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -727,7 +728,28 @@ def write_gif(path: Path, panels: list[np.ndarray], scale: int = 4) -> Path:
 
 
 # -- the whole evaluation -----------------------------------------------------------------------
-def sweep_spans(model: WanModel, context: torch.Tensor, settings: Settings, log=print) -> list[dict]:
+def _seed_worker(model: WanModel, context: torch.Tensor, seed: int, settings: Settings) -> dict:
+    torch.set_num_threads(1)
+    return evaluate_seed(model, context, seed, settings,
+                         log=lambda msg: print(f"[seed {seed}] {msg}", file=sys.stderr, flush=True))
+
+
+def evaluate_seeds(model: WanModel, context: torch.Tensor, settings: Settings, jobs: int = 1,
+                   log=print) -> list[dict]:
+    """evaluate_seed for every seed of `settings`, in order; with jobs > 1 in that many worker
+    processes (one torch thread each: the seeds are independent, their ops too small to split)."""
+    if jobs <= 1 or len(settings.seeds) == 1:
+        return [evaluate_seed(model, context, seed, settings, log=log) for seed in settings.seeds]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child of a process that has run OpenMP regions can deadlock.
+    with ProcessPoolExecutor(min(jobs, len(settings.seeds)), mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = [ex.submit(_seed_worker, model, context, seed, settings) for seed in settings.seeds]
+        return [f.result() for f in futures]
+
+
+def sweep_spans(model: WanModel, context: torch.Tensor, settings: Settings, log=print, jobs: int = 1) -> list[dict]:
     """ISPA and the baselines at the headline reduction for other (sink, window) spans; each span has
     its own warmup (the monitor's a_l depends on it), transition and equal-bytes comparison."""
     rows = []
@@ -736,7 +758,7 @@ def sweep_spans(model: WanModel, context: torch.Tensor, settings: Settings, log=
         sub = dataclasses.replace(settings, sink=sink, window=window, reductions=(HEADLINE,), variants=variants,
                                   spans=())
         try:
-            per_seed = [evaluate_seed(model, context, seed, sub, log=log) for seed in settings.seeds]
+            per_seed = evaluate_seeds(model, context, sub, jobs, log=log)
         except UserError as e:
             rows.append({"setting": label, "method": "-", "note": str(e)})
             log(f"sweep {label}: not run ({e})")
@@ -755,20 +777,17 @@ def sweep_spans(model: WanModel, context: torch.Tensor, settings: Settings, log=
 
 
 def run_eval(model: WanModel, context: torch.Tensor, settings: Settings, out: Path, name: str,
-             quick: bool, log=print, weights: dict | None = None) -> dict:
+             quick: bool, log=print, weights: dict | None = None, jobs: int = 1) -> dict:
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    per_seed, frames0 = [], None
-    for i, seed in enumerate(settings.seeds):
-        res = evaluate_seed(model, context, seed, settings, log=log)
-        fr = res.pop("_frames")
-        if i == 0:
-            frames0 = fr
-        per_seed.append(res)
+    per_seed = evaluate_seeds(model, context, settings, jobs, log=log)
+    frames0 = per_seed[0]["_frames"]
+    for res in per_seed:
+        res.pop("_frames")
     protocols = list(per_seed[0]["protocols"])
     aggs = {p: aggregate(per_seed, p) for p in protocols}
-    sweep = sweep_spans(model, context, settings, log=log) if settings.spans else []
+    sweep = sweep_spans(model, context, settings, log=log, jobs=jobs) if settings.spans else []
     full = kv_bytes(cfg).total
     summary = {
         "model": name, "weights": weights, "quick": quick, "config": cfg.to_dict(), "settings": asdict(settings),
@@ -921,7 +940,8 @@ def _evaluate(args) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(getattr(args, "threads", None) or 1)
     try:
-        summary = run_eval(model, ctx, settings, Path(args.out), name, quick, log=log, weights=weights)
+        summary = run_eval(model, ctx, settings, Path(args.out), name, quick, log=log, weights=weights,
+                           jobs=getattr(args, "jobs", None) or os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
     for proto in summary["protocols"]:
@@ -944,6 +964,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--render", action="store_true",
                    help="only rewrite EVAL.md and the plot of --out from its eval.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
     return p
 
 

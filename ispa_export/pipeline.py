@@ -5,12 +5,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from graphs.config import PRESETS, WanConfig, preset
-from graphs.wan import LOCAL, Absorption, WanModel, parameter_count
+from graphs.config import WanConfig, preset
+from graphs.wan import Absorption, WanModel, parameter_count
 
 from .errors import UserError
 from .ispa import IspaOptions, report, transition

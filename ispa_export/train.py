@@ -1,6 +1,6 @@
 """Train the `demo` model: chunk-wise flow matching with teacher forcing on procedural videos.
 
-    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --minutes 38 [--eval]
+    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --steps 3000 [--eval]
 
 One training step samples B videos of T frames (ispa_export.videos), keeps the clean frames as
 latents x in [-1, 1] ([B, 3, T, 32, 32], no VAE), draws one noise level sigma per chunk (mostly the
@@ -8,7 +8,8 @@ four sigmas the few-step sampler visits, t/1000 of runtimes.schedule.warped_time
 uniform), and runs ONE forward over [clean; noisy] frames under the teacher-forcing mask
 (graphs.masks.teacher_forcing): every noisy chunk sees the clean history a full cache of M frames
 keeps, exactly what the streaming driver feeds it. The model predicts the flow v = noise - x
-(x0 = noisy - sigma * v, as runtimes.schedule.flow_step); the loss is the MSE of v on the noisy half.
+(x0 = noisy - sigma * v, as runtimes.schedule.flow_step); the loss is the MSE of v on the noisy half,
+with the pixels the curtain has just uncovered (only older frames show them) weighted up.
 AdamW, linear warmup then cosine, gradient clipping; the shipped weights are an EMA of the trained
 ones. `--minutes` fixes the step count after timing steps 5..25 (logged; `--steps N` replays a run
 exactly: every random draw comes from the seed).
@@ -22,8 +23,9 @@ It computes the same function as `WanModel.forward_sequence` (tests/test_demo_mo
 at about a third of the cost, which is what makes a useful model trainable on two CPU cores.
 
 Also here: the checks that the shipped model is meaningfully trained (held-out x0 error against a
-copy-the-last-frame predictor, teacher-forced rollouts, identity recall with full cache vs a short
-local window), cheap enough for a test at small sizes and run fully by `--eval`.
+copy-the-last-frame predictor, x0 error on just-uncovered pixels with the full history vs a 2-frame
+one, teacher-forced rollouts, identity recall with full cache vs a short local window), cheap
+enough for a test at small sizes and run fully by `--eval`.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from ispa_export.errors import UserError
 from ispa_export.torch_runner import torch_stream
 from ispa_export.videos import batch as video_batch
 from ispa_export.videos import identity_recall, make_video
+from runtimes.files import atomic_path
 from runtimes.schedule import chunk_noise, warped_timesteps
 
 PRESET = "demo"
@@ -188,15 +190,11 @@ def flow_inputs(clean: torch.Tensor, sigma_chunks: torch.Tensor, chunk: int, noi
     return torch.cat([clean, noisy], 2), t_frames, noise - clean, sig
 
 
-def return_weights(samples, chunk: int, weight: float, k: int = 6, span: int = 3) -> np.ndarray:
-    """[B, chunks] float32: `weight` for chunks holding a frame t0 .. t0+span-1 of a return event
-    (VideoSample.returns(k)), 1 elsewhere."""
-    out = np.ones((len(samples), len(samples[0].frames) // chunk), np.float32)
-    if weight != 1.0:
-        for i, v in enumerate(samples):
-            for _, t0 in v.returns(k):
-                out[i, t0 // chunk:min(t0 + span - 1, len(v.frames) - 1) // chunk + 1] = weight
-    return out
+def memory_weights(samples, weight: float, window: int = 2) -> np.ndarray:
+    """[B, 1, T, S, S] float32 loss weights: `weight` on the pixels only an older frame than the last
+    `window` shows (VideoSample.memory_pixels: just uncovered by the curtain), 1 elsewhere."""
+    mem = np.stack([v.memory_pixels(window) for v in samples])[:, None]
+    return np.where(mem, np.float32(weight), np.float32(1.0))
 
 
 def clean_latents(seeds, frames: int) -> torch.Tensor:
@@ -256,7 +254,7 @@ class TrainConfig:
     seed: int = 0
     steps: int | None = None  # None: chosen from `minutes` after timing the first steps
     minutes: float = 38.0
-    frames: int = 32
+    frames: int = 24
     batch: int = 1
     lr: float = 1e-3
     warmup: int = 100
@@ -264,16 +262,18 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.998
     p_schedule: float = 0.75
-    # Loss weight of chunks where an object comes back after >= 6 frames out of view (1: plain MSE).
-    # Oversamples the events only a long memory can predict; per chunk, so it reweights the data,
-    # not pixels within a frame.
-    return_weight: float = 1.0
+    # Loss weight of the pixels the curtain has just uncovered after hiding them for 2+ frames
+    # (1: plain MSE). They are ~3% of the pixels and the only ones a long memory predicts better than
+    # the last frames; without the weight a 1000-step run learned no use of history at all.
+    memory_weight: float = 6.0
     calibrate_steps: int = 25
     log_every: int = 25
     # Two intra-op threads with passive OpenMP waits (set above): 0.82 s/step on an idle 2-core
     # machine vs 1.16 s with one thread; under heavy load one thread is ~1.5x faster, and two
     # spinning threads ~10x slower.
     threads: int = 2
+    # Weights to start from instead of Wan's init (a second stage: fresh optimizer, warmup and EMA).
+    init: str | None = None
 
 
 def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
@@ -281,7 +281,10 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model_cfg = preset(PRESET)
     model = WanModel(model_cfg)
-    init_weights(model)
+    if cfg.init:
+        load_into(model, cfg.init, strict=True)
+    else:
+        init_weights(model)
     ema = WanModel(model_cfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -298,7 +301,7 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     total = cfg.steps
     deadline = cfg.minutes * 60.0
     history: list[dict] = []
-    acc = {"loss": 0.0, "x0_sched": 0.0, "n": 0, "n_sched": 0}
+    acc = {"loss": 0.0, "x0_sched": 0.0, "x0_mem": 0.0, "n": 0, "n_sched": 0, "n_mem": 0}
     start = time.time()
     step = 0
     stopped_early = False
@@ -327,9 +330,9 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         sig_chunks = torch.from_numpy(chunk_sigmas(rng, cfg.batch, chunks, cfg.p_schedule)).float()
         noise = torch.randn(clean.shape, generator=noise_gen)
         pred, target, sig, _ = tf.predict(model, clean, sig_chunks, noise, model.cross_kv(context))
-        per_chunk = ((pred - target) ** 2).mean(dim=(1, 3, 4)).unflatten(1, (chunks, -1)).mean(-1)  # [B, C]
-        weight = torch.from_numpy(return_weights(samples, model_cfg.chunk_frames, cfg.return_weight))
-        loss = (per_chunk * weight).sum() / weight.sum()
+        weight = torch.from_numpy(memory_weights(samples, cfg.memory_weight))  # [B, 1, T, S, S]
+        sq = (pred - target) ** 2
+        loss = (sq * weight).sum() / (weight.sum() * sq.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -339,22 +342,31 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
             # x0 error on the chunks at schedule sigmas, the units of the evaluation.
-            err = ((pred - target) ** 2).mean(dim=(1, 3, 4)) * sig**2  # [B, T]
+            sq0 = sq.detach() * sig[:, None, :, None, None] ** 2
+            err = sq0.mean(dim=(1, 3, 4))  # [B, T]
             sched = torch.isin(sig, torch.tensor(schedule_sigmas(), dtype=sig.dtype))
+            # The same error on the just-uncovered pixels: it falls only as the model learns to
+            # look them up in older frames.
+            mem = (weight > 1).expand_as(sq0) & sched[:, None, :, None, None]
         acc["loss"] += loss.item()
         acc["n"] += 1
         if sched.any():
             acc["x0_sched"] += float(err[sched].mean())
             acc["n_sched"] += 1
+        if mem.any():
+            acc["x0_mem"] += float(sq0[mem].mean())
+            acc["n_mem"] += 1
         step += 1
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "lr": lr, "loss_v": acc["loss"] / acc["n"],
-                   "x0_mse_schedule": acc["x0_sched"] / max(1, acc["n_sched"]), "grad_norm": grad_norm,
+                   "x0_mse_schedule": acc["x0_sched"] / max(1, acc["n_sched"]),
+                   "x0_mse_uncovered": acc["x0_mem"] / max(1, acc["n_mem"]), "grad_norm": grad_norm,
                    "elapsed_s": round(time.time() - start, 1)}
             history.append(rec)
             print(f"[train] step {step}/{total} loss_v {rec['loss_v']:.4f} x0 {rec['x0_mse_schedule']:.4f} "
+                  f"uncovered {rec['x0_mse_uncovered']:.4f} "
                   f"lr {lr:.2e} gn {grad_norm:.2f} {rec['elapsed_s']:.0f}s", flush=True)
-            acc = {"loss": 0.0, "x0_sched": 0.0, "n": 0, "n_sched": 0}
+            acc = {"loss": 0.0, "x0_sched": 0.0, "x0_mem": 0.0, "n": 0, "n_sched": 0, "n_mem": 0}
         if step % 500 == 0:  # a crash late in the run still leaves usable weights
             save_weights(ema, out, {"step": str(step), "partial": "true"})
     wall = time.time() - start
@@ -364,12 +376,14 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "ispa_export.train"] + sys.argv[1:]),
         "preset": PRESET, "model_config": model_cfg.to_dict(),
         "train_config": {**cfg.__dict__, "steps": step}, "stopped_early": stopped_early,
+        "init_sha256": sha256(Path(cfg.init)) if cfg.init else None,
+        "init_log": _init_log(cfg.init),
         "wall_time_s": round(wall, 1), "steps_per_s": round(step / wall, 4),
         "weights": "ema", "context": f"demo_context(): torch.randn(1, 4, 16) with generator seed {CONTEXT_SEED}",
         "objective": ("flow matching, v = noise - x, per-chunk sigma (p=%.2f one of %s, else U(0,1]), teacher-forcing "
                       "forward over [clean; noisy], mask teacher_forcing(T, 2, 12, 0) on every layer; loss = MSE "
-                      "of v per chunk, chunks with a return event (k=6) weighted %g"
-                      % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()], cfg.return_weight)),
+                      "of v, pixels just uncovered by the curtain (memory_pixels(2)) weighted %g"
+                      % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()], cfg.memory_weight)),
         "train_video_seeds": f"{base_seed} + step * batch + b",
         "history": history,
         "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
@@ -380,9 +394,17 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     return log
 
 
+def _init_log(init: str | None) -> dict | None:
+    """The training log beside the --init weights (<stem>_training.json), so that a staged run's
+    log holds every stage's command."""
+    if not init:
+        return None
+    path = Path(init).with_name(Path(init).stem + "_training.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def save_weights(model: WanModel, out: Path, metadata: dict[str, str]) -> None:
     save_state_dict(model, out, metadata=metadata)
-    os.chmod(out, 0o644)  # the atomic write goes through mkstemp (0600); the file ships in the package
 
 
 def sha256(path: Path) -> str:
@@ -394,13 +416,8 @@ def sha256(path: Path) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +463,44 @@ def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24,
     out = {k: v / count for k, v in sums.items()}
     out["model_mean"] = float(np.mean([out[f"model_sigma_{s:.4f}"] for s in sigmas]))
     out["videos"], out["frames"] = count, frames
+    return out
+
+
+def uncovered_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24, window: int = 2,
+                       sigma: float = 1.0, noise_seed: int = 0, batch: int = 4) -> dict:
+    """One-step x0 error on the pixels the curtain has just uncovered (VideoSample.memory_pixels(
+    window): hidden in the last `window` frames), with the full M-frame history vs a `window`-frame
+    one (every layer), same noise. Only an older frame shows those pixels, so the gap between the
+    two is the model's use of its memory; `copy_history` repeats the last history frame there."""
+    cfg = model.cfg
+    f = cfg.chunk_frames
+    chunks = frames // f
+    full, short = TeacherForcing(cfg, frames), TeacherForcing(cfg, frames, capacity=window, sink=0)
+    sums = {"full_history": 0.0, "window_history": 0.0, "copy_history": 0.0}
+    count = 0
+    with torch.no_grad():
+        kv = model.cross_kv(demo_context())
+        for i in range(0, len(seeds), batch):
+            samples = [make_video(int(s), frames) for s in seeds[i:i + batch]]
+            mem = torch.from_numpy(np.stack([v.memory_pixels(window) for v in samples]))[:, None]  # [B,1,T,S,S]
+            mem[:, :, :f] = False  # the first chunk has no history
+            mem = mem.expand(-1, cfg.in_dim, -1, -1, -1)
+            if not mem.any():
+                continue
+            clean = torch.from_numpy(np.stack([v.frames for v in samples]).transpose(0, 2, 1, 3, 4).copy())
+            noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(noise_seed + i))
+            sig = torch.full((len(samples), chunks), sigma)
+            for name, tf in (("full_history", full), ("window_history", short)):
+                pred, _, _, noisy = tf.predict(model, clean, sig, noise, kv)
+                sums[name] += float(((noisy - sigma * pred - clean) ** 2)[mem].sum())
+            last = clean[:, :, f - 1:frames - 1:f].repeat_interleave(f, 2)
+            last = torch.cat([clean[:, :, :f], last], 2)
+            sums["copy_history"] += float(((last - clean) ** 2)[mem].sum())
+            count += int(mem.sum())
+    if not count:
+        raise UserError(f"uncovered_x0_error: no uncovered pixels in the videos of seeds {list(seeds)}")
+    out = {k: v / count for k, v in sums.items()}
+    out.update(values=count, videos=len(seeds), frames=frames, window_frames=window, sigma=sigma)
     return out
 
 
@@ -561,10 +616,12 @@ def evaluate(model: WanModel, quick: bool = False) -> dict:
     t0 = time.time()
     if quick:
         res = {"heldout_x0": heldout_x0_error(model, HELDOUT_SEEDS[:4]),
+               "uncovered_x0": uncovered_x0_error(model, HELDOUT_SEEDS[:4]),
                "rollout": rollout_error(model, HELDOUT_SEEDS[:2]),
                "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:6])}
     else:
         res = {"heldout_x0": heldout_x0_error(model, HELDOUT_SEEDS[:32]),
+               "uncovered_x0": uncovered_x0_error(model, HELDOUT_SEEDS[:32]),
                "rollout": rollout_error(model, HELDOUT_SEEDS[:16], frames=32),
                "identity_recall": recall_comparison(model, HELDOUT_SEEDS[:48])}
     res["eval_seconds"] = round(time.time() - t0, 1)
@@ -582,13 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=38.0, help="wall-time budget (sets --steps after timing)")
     ap.add_argument("--steps", type=int, default=None, help="exact step count (overrides --minutes)")
-    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--return-weight", type=float, default=1.0,
-                    help="loss weight of chunks where an object returns after >= 6 frames out of view")
+    ap.add_argument("--memory-weight", type=float, default=6.0,
+                    help="loss weight of pixels the curtain just uncovered (only older frames show them)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (1 is faster on a busy CPU)")
+    ap.add_argument("--init", type=Path, help="start from these demo weights (a later training stage)")
     ap.add_argument("--eval", action="store_true", help="after training, run the full checks into the log")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, update the log")
     args = ap.parse_args(argv)
@@ -608,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("train: --frames >= 2, --batch >= 1, --steps >= 1 and --minutes > 0 expected")
     cfg = TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, frames=args.frames, batch=args.batch,
                       lr=args.lr, warmup=args.warmup, threads=args.threads,
-                      return_weight=args.return_weight)
+                      init=str(args.init) if args.init else None,
+                      memory_weight=args.memory_weight)
     log = train(cfg, args.out, log_path)
     print(f"[train] wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {log['wall_time_s']:.0f}s")
     if args.eval:

@@ -14,7 +14,6 @@ import collections
 import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import onnx.inliner
 from onnx import TensorProto
 
 from ispa_export.errors import UserError
+from runtimes.files import atomic_path
 
 _TABLE_PATH = Path(__file__).with_name("data") / "trt_onnx_ops.json"
 _STANDARD_DOMAINS = ("", "ai.onnx")
@@ -185,12 +185,6 @@ def sanitize(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     if model.ByteSize() >= 2**31 - 1:
         external = out.name + ".data"
         (out.parent / external).unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_onnx(model, tmp, external_data_path=external)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp:
+        save_onnx(model, os.fspath(tmp), external_data_path=external)
     return out

@@ -1,9 +1,13 @@
 """Procedural videos whose content needs long-range memory, for the demo model (DESIGN.md section 8).
 
-Each video is a slow pan over a textured background (one way and back, so areas are revisited),
-2-3 objects with distinct identities (shape, colour, texture) that leave view for ~8-20 frames
-and come back, and an occluder bar. A model that remembers 20+ frames can redraw a returning
-object; one with a 4-6 frame window has to guess. Numpy only, so data generation stays cheap.
+Each video shows a textured background (in half of the videos panned one way and back, so areas
+are revisited), 2-3 objects with distinct identities (shape, colour, texture) that leave view by an
+edge and come back, and a wide occluder (a "curtain") that sweeps across and hides what is behind
+it for 7-12 frames. What the curtain uncovers is what was there before it passed: a model that
+remembers the last 12 frames can redraw it, one with a 2-5 frame window has to guess. The curtain
+is what makes memory learnable on a small budget: its reveals happen in most frames, at the
+position the content was seen at, and are timed by the curtain's visible motion. Numpy only, so
+data generation stays cheap.
 """
 
 from __future__ import annotations
@@ -44,6 +48,17 @@ class VideoSample:
     visible: np.ndarray           # [F, N] bool, visible_fraction >= VISIBLE_FRACTION
     bbox: np.ndarray              # [F, N, 4] x0, y0, x1, y1 in pixels, not clipped to the frame
     masks: np.ndarray             # [F, N, S, S] bool, pixels where the object is what one sees
+    occluder: np.ndarray          # [F, S, S] float32 curtain coverage in [0, 1]
+
+    def memory_pixels(self, window: int) -> np.ndarray:
+        """[F, S, S] bool: pixels uncovered now (coverage < 0.5) that the curtain covered (> 0.5)
+        in each of the `window` frames before, i.e. content only an older frame shows."""
+        covered = self.occluder > 0.5
+        out = ~covered
+        out[:window] = False
+        for lag in range(1, window + 1):
+            out[window:] &= covered[window - lag:len(covered) - lag]
+        return out
 
     def returns(self, k: int = 6) -> list[tuple[int, int]]:
         """(object, frame) pairs: an object seen before is visible again after having been out of
@@ -107,17 +122,20 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
     t = np.arange(frames, dtype=np.float64)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
 
-    # Background: a world larger than the frame (gratings plus landmark blobs), panned one way
-    # and back along a random direction.
+    # Background: a world larger than the frame (gratings over a mosaic of random tiles), panned
+    # one way and back along a random direction. The tiles make it unpredictable from the pixels
+    # around it: what the curtain uncovers can be redrawn from memory, not inpainted.
     pan_dir = rng.normal(size=2)
     pan_dir /= np.linalg.norm(pan_dir)
-    pan = rng.uniform(0.5, 1.0) * size * (1 - np.cos(2 * np.pi * t / rng.uniform(32, 48))) / 2
+    pan_amp = rng.uniform(0.5, 1.0) * size if rng.random() < 0.5 else 0.0  # half the videos: a still camera
+    pan = pan_amp * (1 - np.cos(2 * np.pi * t / rng.uniform(32, 48))) / 2
     lo = np.minimum(0, pan_dir * pan.max()) - 4 * u
     hi = size + np.maximum(0, pan_dir * pan.max()) + 4 * u
     base = rng.uniform(-0.25, 0.25, 3)
     gratings = [(rng.normal(size=2) / (rng.uniform(8, 24) * u), rng.uniform(0, 2 * np.pi),
                  rng.uniform(-0.12, 0.12, 3)) for _ in range(2)]
-    blobs = [(rng.uniform(lo, hi), rng.uniform(3, 6) * u, rng.uniform(-0.5, 0.5, 3)) for _ in range(12)]
+    tile = 4 * u
+    tiles = rng.uniform(-0.4, 0.4, (3, *np.ceil((hi - lo) / tile).astype(int)[::-1] + 1))  # [3, rows, cols]
 
     n = int(rng.integers(2, 4))
     shapes = rng.choice(len(SHAPES), n, replace=False)
@@ -127,20 +145,23 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
     for i in range(n):
         objects.append(ObjectInfo(i, SHAPES[shapes[i]], TEXTURES[rng.integers(len(TEXTURES))],
                                   PALETTE[colours[i]].copy()))
-        r = rng.uniform(4.5, 6) * u
+        # Small and slow on screen, so the curtain can hide one whole for 6+ frames and it is
+        # uncovered near where it was last seen.
+        r = rng.uniform(3.2, 4.2) * u
         amp, exit_angle = rng.uniform(10, 14) * u, rng.uniform(0.5, 0.9)
         along = size / 2 + 1.15 * r + 1 - amp * np.cos(exit_angle)  # fully out on the off arc
-        ang = _orbit_angle(t + rng.uniform(0, 40), rng.uniform(12, 20), rng.uniform(6, 14),
-                           exit_angle, rng.uniform(0.4, 0.8))
+        ang = _orbit_angle(t + rng.uniform(0, 60), rng.uniform(28, 44), rng.uniform(6, 14),
+                           exit_angle, rng.uniform(0.6, 0.9))
         m = along + amp * np.cos(ang)                                # towards the exit edge
         p = rng.uniform(-7, 7) * u + rng.uniform(3, 7) * u * np.sin(ang)
         d = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]][sides[i]], dtype=np.float64)
         centre = size / 2 + m[:, None] * d + p[:, None] * d[::-1]
         orbits.append((centre, r))
 
-    # Occluder: a vertical or horizontal bar crossing at constant speed, then off-screen a while.
-    bar_w, bar_v = rng.uniform(5, 8) * u, rng.uniform(2, 3) * u
-    bar_pos = np.mod(rng.uniform(0, 100) + bar_v * t, size + bar_w + rng.uniform(1, 2) * size) - bar_w
+    # Curtain: a wide vertical or horizontal band crossing at constant speed (each pixel hidden
+    # bar_w / bar_v = 7-12 frames, within a 12-frame cache), then off-screen a short while.
+    bar_w, bar_v = rng.uniform(18, 22) * u, rng.uniform(1.8, 2.6) * u
+    bar_pos = np.mod(rng.uniform(0, 100) + bar_v * t, size + bar_w + rng.uniform(0.2, 0.6) * size) - bar_w
     bar_vertical = bool(rng.integers(2))
 
     out = np.empty((frames, 3, size, size), np.float32)
@@ -148,6 +169,7 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
     vis_frac = np.zeros((frames, n), np.float32)
     bbox = np.zeros((frames, n, 4), np.float32)
     masks = np.zeros((frames, n, size, size), bool)
+    occluder = np.zeros((frames, size, size), np.float32)
     # Coverage integrated on a 4x finer grid; sums on the frame's grid vary ~2% with sub-pixel
     # position, hence also the clip below.
     ar = (np.arange(-48 * u, 48 * u) + 0.5) / 4
@@ -157,8 +179,7 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
         img = np.broadcast_to(base[:, None, None], (3, size, size)).copy()
         for k, phase, col in gratings:
             img += col[:, None, None] * np.sin(2 * np.pi * (k[0] * wx + k[1] * wy) + phase)
-        for c, sig, col in blobs:
-            img += col[:, None, None] * np.exp(-((wx - c[0]) ** 2 + (wy - c[1]) ** 2) / (2 * sig**2))
+        img += tiles[:, ((wy - lo[1]) // tile).astype(int), ((wx - lo[0]) // tile).astype(int)]
         background[f] = img
         alphas = []
         for i, (o, (centre, r)) in enumerate(zip(objects, orbits)):
@@ -170,6 +191,7 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
             bbox[f, i] = [*(centre[f] - 1.15 * r), *(centre[f] + 1.15 * r)]
         bar = np.clip(0.5 * bar_w + 0.5 - abs((xx if bar_vertical else yy) - bar_pos[f] - 0.5 * bar_w), 0, 1)
         img = img * (1 - bar) + (-0.75 + 0.1 * np.sin(2 * np.pi * (yy if bar_vertical else xx) / 3)) * bar
+        occluder[f] = bar
         for i, a in enumerate(alphas):
             shown = a * (1 - bar) * np.prod([1 - b for b in alphas[i + 1:]], axis=0)
             vis_frac[f, i] = min(shown.sum() / areas[i], 1.0)
@@ -177,7 +199,8 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
         out[f] = img
     np.clip(out, -1, 1, out=out)
     np.clip(background, -1, 1, out=background)
-    return VideoSample(out, background, tuple(objects), vis_frac, vis_frac >= VISIBLE_FRACTION, bbox, masks)
+    return VideoSample(out, background, tuple(objects), vis_frac, vis_frac >= VISIBLE_FRACTION, bbox, masks,
+                       occluder)
 
 
 def batch(seeds: Iterable[int], frames: int, size: int = 32) -> np.ndarray:

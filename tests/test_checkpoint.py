@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,17 @@ def test_failed_save_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
         save_state_dict({"a.weight": torch.empty(2, device="meta")}, out)
     assert out.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_saved_file_has_the_usual_permissions(tmp_path: Path) -> None:
+    # Written through a temporary file, yet readable by others like any file the user creates
+    # (weights ship in packages and artifacts are shared), i.e. 0666 minus the umask.
+    umask = os.umask(0o022)
+    try:
+        out = save_state_dict(random_state(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from graphs.wan import WanModel
 from ispa_export.checkpoint import load_into
 from ispa_export.train import (DEFAULT_WEIGHTS, HELDOUT_LIMIT, HELDOUT_SEEDS, TeacherForcing, chunk_sigmas,
                                clean_latents, demo_context, flow_inputs, heldout_x0_error, load_demo_model,
-                               rollout, teacher_forced_samples, training_forward)
+                               rollout, teacher_forced_samples, training_forward,
+                               uncovered_x0_error)
 from ispa_export.videos import make_video
 
 
@@ -70,6 +71,15 @@ def test_heldout_x0_error_beats_copy_last_frame(model):
     # At the last sampling step (sigma 0.625) it also sees the noisy frame: better than the
     # previous frame itself.
     assert res["model_sigma_0.6250"] < res["copy_previous"]
+
+
+def test_model_uses_its_memory(model):
+    # Pixels the curtain has just uncovered are shown only by frames older than the last 2: the
+    # model must predict them better from its full 12-frame history than from a 2-frame one.
+    res = uncovered_x0_error(model, HELDOUT_SEEDS[:4], frames=24)
+    assert res["values"] > 1000
+    assert res["full_history"] < 0.7 * res["window_history"]
+    assert res["full_history"] < 0.5 * res["copy_history"]
 
 
 def test_short_rollout_is_finite_and_in_range(model):

@@ -268,3 +268,26 @@ def test_variants_and_span_sweep_on_tiny(tmp_path):
     by = {r["method"]: r for r in sweep if r["setting"] == "sink 0 + window 2"}
     assert {"ispa", "drop", "sink-window", "ispa-adapter", "ispa-rho0.1"} <= set(by)  # variants where asked
     assert "## Other spans at 50% KV reduction" in (tmp_path / "EVAL.md").read_text()
+
+
+def test_parallel_seeds_give_the_same_results():
+    # --jobs 2 runs the seeds in worker processes; the results must be those of the serial run.
+    torch.manual_seed(0)
+    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
+    model = WanModel(cfg).eval()
+    ctx = torch.randn(1, 4, cfg.text_dim)
+    s = ev.Settings(seeds=[3, 4], reductions=(0.5,), sink=0, window=2, min_chunks=12, protocols=("free",))
+    serial = ev.evaluate_seeds(model, ctx, s, jobs=1)
+    parallel = ev.evaluate_seeds(model, ctx, s, jobs=2)
+    assert [r["seed"] for r in parallel] == [3, 4]
+    for a, b in zip(serial, parallel):
+        fa, fb = a.pop("_frames"), b.pop("_frames")
+        assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+        assert _untimed(a) == _untimed(b)
+
+
+def _untimed(x):
+    """x without its wall-clock fields (*seconds), which differ from run to run."""
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if not k.endswith("seconds")}
+    return [_untimed(v) for v in x] if isinstance(x, (list, tuple)) else x

@@ -31,7 +31,7 @@ def test_shapes_range_and_metadata(videos):
         assert len({o.shape for o in v.objects}) == n  # identities are distinct
         assert len({tuple(o.colour) for o in v.objects}) == n
         assert (v.visible_fraction >= 0).all() and (v.visible_fraction <= 1).all()
-        assert (v.visible_fraction.max(0) > 0.95).all()  # each object shows whole at some point
+        assert (v.visible_fraction.max(0) > 0.8).all()  # each object shows (nearly) whole at some point
         # a visible object's mask lies inside its bounding box
         for t, i in zip(*np.nonzero(v.visible)):
             ys, xs = np.nonzero(v.masks[t, i])
@@ -47,6 +47,31 @@ def test_objects_leave_and_return(videos):
         for i, t in v.returns(k=6):
             assert v.visible[t, i] and not v.visible[t - 6:t, i].any()
             assert v.visible[: t - 6, i].any()  # it was seen before it left
+
+
+def test_curtain_reveals_what_a_12_frame_cache_holds(videos):
+    """The pixels the curtain uncovers are hidden in the last 2 frames (a short window cannot
+    predict them) and, on a still camera, equal the background seen at the same place before the
+    curtain came, within the 12 frames the demo model's cache keeps."""
+    held, total = 0, 0
+    for v in videos:
+        mem = v.memory_pixels(2)
+        assert v.occluder.shape == (40, 32, 32) and mem.shape == (40, 32, 32)
+        covered = v.occluder > 0.5
+        for t, y, x in zip(*np.nonzero(mem)):
+            assert not covered[t, y, x] and covered[t - 2:t, y, x].all()
+            before = np.nonzero(~covered[:t - 2, y, x])[0]
+            if len(before):  # else the curtain covered it from the first frame on
+                total += 1
+                held += t - before[-1] <= 12
+        still = np.abs(v.background[1:] - v.background[:-1]).max() == 0
+        if still and mem.any():
+            t, y, x = (a[0] for a in np.nonzero(mem))
+            last = np.nonzero(~covered[:t - 2, y, x])[0]
+            if len(last):
+                np.testing.assert_array_equal(v.background[t, :, y, x], v.background[last[-1], :, y, x])
+    assert total > 1000 and held / total > 0.9
+    assert 0.3 < np.mean([np.abs(v.background[1:] - v.background[:-1]).max() == 0 for v in videos]) < 0.7
 
 
 def test_consecutive_frames_more_similar_than_distant(videos):
@@ -81,8 +106,8 @@ def test_identity_recall_separates_recall_from_forgetting(videos):
 
 
 def test_identity_recall_edge_cases():
-    v = make_video(0, 40)
-    assert np.isnan(identity_recall(v.frames[:5], make_video(0, 5)))  # too short for a return
+    v = make_video(1, 40)
+    assert np.isnan(identity_recall(v.frames[:5], make_video(1, 5)))  # too short for a return
     t_last = max(t for _, t in v.returns())
     assert np.isnan(identity_recall(v.frames, v, frames_from=t_last + 3))
     with pytest.raises(UserError, match="generated must have shape"):
