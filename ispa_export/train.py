@@ -575,7 +575,9 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 4
     """identity_recall of rollouts with every layer full (cache M frames) vs every layer local with a
     `window`-frame cache (no sink), same videos, same teacher-forced start, same noise. Only events in
     free-run frames are scored; videos without such an event are skipped. `copy_last_given`: the
-    score of repeating the last given frame (what a model with no use of its history tends towards)."""
+    score of repeating the last given frame (what a model with no use of its history tends towards).
+    'unseen_part': the same scores on only the pixels of returning objects that the last `window`
+    frames do not show (the curtain covered them), where a window-only cache has nothing to copy."""
     start = given_chunks * model.cfg.chunk_frames
     samples = [(int(s), make_video(int(s), frames)) for s in seeds]
     samples = [(s, v) for s, v in samples if any(t >= start for _, t in v.returns(k))]
@@ -590,17 +592,25 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 4
         gl = rollout(model, videos, given_chunks, noise_seed, local_window=window, local_sink=0)
     finally:
         model.set_modes(modes)
-    full = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(gf, samples)])
-    local = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(gl, samples)])
+    def scores(gen: np.ndarray, unseen: bool = False) -> np.ndarray:
+        # unseen: only the part of each returning object that a `window`-frame cache does not show
+        return np.array([identity_recall(g, v, k=k, frames_from=start,
+                                         pixels=v.memory_pixels(window) if unseen else None)
+                         for g, (_, v) in zip(gen, samples)])
+
     held = np.concatenate([videos[:, :start], np.repeat(videos[:, start - 1:start], frames - start, 1)], 1)
-    copy = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(held, samples)])
     # One chunk ahead with the true history (no drift): the same comparison, same noise.
     tf_full = teacher_forced_samples(model, videos, noise_seed)
     tf_local = teacher_forced_samples(model, videos, noise_seed, capacity=window, sink=0)
-    tf_f = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(tf_full, samples)])
-    tf_l = np.array([identity_recall(g, v, k=k, frames_from=start) for g, (_, v) in zip(tf_local, samples)])
+    full, local, copy, tf_f, tf_l = (scores(g) for g in (gf, gl, held, tf_full, tf_local))
     ok = np.isfinite(full) & np.isfinite(local)
     mse = lambda g: float(((g[:, start:] - videos[:, start:]) ** 2).mean())  # noqa: E731
+    unseen = {}
+    for name, gen in (("full", gf), ("window", gl), ("teacher_forced_full", tf_full),
+                      ("teacher_forced_window", tf_local)):
+        sc = scores(gen, unseen=True)
+        unseen[name] = float(np.nanmean(sc)) if np.isfinite(sc).any() else float("nan")
+        unseen["videos"] = int(np.isfinite(sc).sum())
     return {"full": float(full[ok].mean()), "window": float(local[ok].mean()),
             "copy_last_given": float(copy[ok].mean()),
             "full_better_in": int((full[ok] > local[ok]).sum()), "window_better_in": int((full[ok] < local[ok]).sum()),
@@ -608,6 +618,7 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 4
             "teacher_forced_full": float(tf_f[ok].mean()), "teacher_forced_window": float(tf_l[ok].mean()),
             "teacher_forced_full_better_in": int((tf_f[ok] > tf_l[ok]).sum()),
             "teacher_forced_mse_full": mse(tf_full), "teacher_forced_mse_window": mse(tf_local),
+            "unseen_part": unseen,
             "per_video": {str(s): [round(float(a), 4), round(float(b), 4)] for (s, _), a, b in zip(samples, full, local)},
             "window_frames": window, "frames": frames, "given_chunks": given_chunks, "k": k}
 

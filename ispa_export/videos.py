@@ -209,7 +209,7 @@ def batch(seeds: Iterable[int], frames: int, size: int = 32) -> np.ndarray:
 
 
 def identity_recall(generated: np.ndarray, sample: VideoSample, k: int = 6, span: int = 3,
-                    frames_from: int = 0) -> float:
+                    frames_from: int = 0, pixels: np.ndarray | None = None) -> float:
     """How well `generated` redraws objects that come back after being out of view.
 
     Events are `sample.returns(k)`: an object, seen earlier, visible again after >= k frames out
@@ -224,6 +224,10 @@ def identity_recall(generated: np.ndarray, sample: VideoSample, k: int = 6, span
     it up). 1 = the object's colour and texture are reproduced exactly, 0 = no better than
     painting background there (another object's colour usually scores 0 too). The result is the
     mean over scored frames; NaN when the video has no such event.
+
+    `pixels` ([F, S, S] bool) narrows M to those pixels, e.g. sample.memory_pixels(w): the part of a
+    returning object that a w-frame window does not show (frames with fewer than 4 such pixels are
+    not scored).
     """
     if generated.shape != sample.frames.shape:
         raise UserError(f"videos.identity_recall: generated must have shape {sample.frames.shape}, "
@@ -233,7 +237,9 @@ def identity_recall(generated: np.ndarray, sample: VideoSample, k: int = 6, span
         for t in range(max(t0, frames_from), min(t0 + span, len(sample.frames))):
             if not sample.visible[t, i]:
                 break
-            m = sample.masks[t, i]
+            m = sample.masks[t, i] if pixels is None else sample.masks[t, i] & pixels[t]
+            if pixels is not None and m.sum() < 4:
+                continue
             truth = sample.frames[t][:, m]
             err = np.mean((generated[t][:, m] - truth) ** 2)
             ref = max(float(np.mean((sample.background[t][:, m] - truth) ** 2)), 0.02)
