@@ -105,6 +105,20 @@ def test_identity_recall_separates_recall_from_forgetting(videos):
     assert all(0 <= s <= 1 for s in truth + background + swapped + noisy)
 
 
+def test_identity_recall_on_the_pixels_a_window_cannot_see(videos):
+    # Narrowed to the object pixels the curtain hid in the last 2 frames: the truth still scores 1,
+    # background there 0, and only frames that have such pixels are scored.
+    videos = [v for v in videos if v.returns()]
+    scores = [(identity_recall(v.frames, v, pixels=v.memory_pixels(2)),
+               identity_recall(_replace_objects(v, lambda v, i: v.background), v, pixels=v.memory_pixels(2)))
+              for v in videos]
+    scored = [(t, b) for t, b in scores if np.isfinite(t)]
+    assert len(scored) >= 5
+    assert all(t > 0.999 and b < 0.01 for t, b in scored)
+    nothing = np.zeros_like(videos[0].occluder, dtype=bool)
+    assert np.isnan(identity_recall(videos[0].frames, videos[0], pixels=nothing))
+
+
 def test_identity_recall_edge_cases():
     v = make_video(1, 40)
     assert np.isnan(identity_recall(v.frames[:5], make_video(1, 5)))  # too short for a return
