@@ -264,7 +264,8 @@ class TrainConfig:
     p_schedule: float = 0.75
     # Loss weight of the pixels the curtain has just uncovered after hiding them for 2+ frames
     # (1: plain MSE). They are ~3% of the pixels and the only ones a long memory predicts better than
-    # the last frames; without the weight a 1000-step run learned no use of history at all.
+    # the last frames. Measured (uncovered_x0_error, full vs 2-frame history): at 6, 0.076 vs 0.079
+    # after 1,000 steps and 0.064 vs 0.072 after 3,000; a second stage at 20 reached 0.060 vs 0.068.
     memory_weight: float = 6.0
     calibrate_steps: int = 25
     log_every: int = 25

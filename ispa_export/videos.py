@@ -5,9 +5,9 @@ are revisited), 2-3 objects with distinct identities (shape, colour, texture) th
 edge and come back, and a wide occluder (a "curtain") that sweeps across and hides what is behind
 it for 7-12 frames. What the curtain uncovers is what was there before it passed: a model that
 remembers the last 12 frames can redraw it, one with a 2-5 frame window has to guess. The curtain
-is what makes memory learnable on a small budget: its reveals happen in most frames, at the
-position the content was seen at, and are timed by the curtain's visible motion. Numpy only, so
-data generation stays cheap.
+gives memory a frequent and simple use: its reveals happen in most frames, at the position the
+content was seen at, timed by the curtain's visible motion. Numpy only, so data generation stays
+cheap.
 """
 
 from __future__ import annotations
