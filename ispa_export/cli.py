@@ -26,6 +26,32 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+def eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `ispa eval` (also `python -m ispa_export.evaluate`)."""
+    p.add_argument("--model", default="demo")
+    p.add_argument("--quick", action="store_true", help="main methods on one short seed")
+    p.add_argument("--out", default="artifacts/eval")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default 1000..1005)")
+    p.add_argument("--checkpoint", help="weights of the --model preset instead of the shipped ones")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights (development only)")
+    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the ISPA variants at 50%% (default: on for the full run)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
+                   help="also sweep other sink/window spans at 50%% (default: on for the full run)")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite EVAL.md and the plot of --out from its eval.json")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
+    return p
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ispa", description="Instance-Specific Parametric Absorption: "
                                 "halve the KV cache of a streaming video DiT and export it as a static graph.")
@@ -66,11 +92,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--sink", type=int, default=0)
     i.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
 
-    v = sub.add_parser("eval", help="quality of ISPA vs token dropping on the demo model")
-    v.add_argument("--model", default="demo")
-    v.add_argument("--quick", action="store_true")
-    v.add_argument("--out", default="artifacts/eval")
-    v.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
+    eval_arguments(sub.add_parser("eval", help="quality of ISPA vs token dropping on the demo model"))
 
     b = sub.add_parser("bench", help="memory, latency and scaling benchmarks")
     b.add_argument("--quick", action="store_true")

@@ -950,22 +950,10 @@ def _evaluate(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ispa_export.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="demo")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="artifacts/eval")
-    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], help="comma-separated seeds")
-    p.add_argument("--checkpoint", help="weights of the --model preset instead of the shipped ones")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights (development only)")
-    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the ISPA variants at 50%% (default: on for the full run)")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
-                   help="also sweep other sink/window spans at 50%% (default: on for the full run)")
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite EVAL.md and the plot of --out from its eval.json")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
-    return p
+    from .cli import eval_arguments
+
+    return eval_arguments(argparse.ArgumentParser(prog="python -m ispa_export.evaluate",
+                                                  description=__doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

@@ -243,6 +243,19 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
     assert (out / "EVAL.md").read_text() == md
     with pytest.raises(ev.UserError, match="eval.json: missing"):
         ev.render(tmp_path)
+    # --render through `ispa eval` too: the command has every option of python -m ispa_export.evaluate.
+    assert cli.main(["eval", "--render", "--out", str(out)]) == 0
+    assert (out / "EVAL.md").read_text() == md
+
+
+def test_eval_command_takes_seeds_and_refuses_bad_ones(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", "tiny", "--quick", "--seeds", "1002", "--out", str(out)]) == 0
+    assert [s["seed"] for s in json.loads((out / "eval.json").read_text())["seeds"]] == [1002]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--seeds", "1,x"])
+    assert e.value.code == 2
+    assert "expected comma-separated integer seeds, got '1,x'" in capsys.readouterr().err
 
 
 def test_variants_and_span_sweep_on_tiny(tmp_path):
