@@ -381,7 +381,6 @@ def save_state_dict(
     if len(tensors) != len(sd):
         raise UserError(f"two tensors map to the same {naming} name")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "naming": naming, **(metadata or {})}
     with atomic_path(out) as tmp:
         save_file(tensors, tmp, metadata=meta)

@@ -145,10 +145,8 @@ def build_engine(
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise UserError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(engine_path, memoryview(serialized))
     if cache_path:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
 
     names: list[str] = []

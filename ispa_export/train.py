@@ -606,12 +606,12 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 4
     full, local, copy, tf_f, tf_l = (scores(g) for g in (gf, gl, held, tf_full, tf_local))
     ok = np.isfinite(full) & np.isfinite(local)
     mse = lambda g: float(((g[:, start:] - videos[:, start:]) ** 2).mean())  # noqa: E731
-    unseen = {}
-    for name, gen in (("full", gf), ("window", gl), ("teacher_forced_full", tf_full),
-                      ("teacher_forced_window", tf_local)):
-        sc = scores(gen, unseen=True)
-        unseen[name] = float(np.nanmean(sc)) if np.isfinite(sc).any() else float("nan")
-        unseen["videos"] = int(np.isfinite(sc).sum())
+    # Which videos have such pixels depends on the video only, not on what was generated.
+    unseen_scores = {name: scores(gen, unseen=True) for name, gen in (
+        ("full", gf), ("window", gl), ("teacher_forced_full", tf_full), ("teacher_forced_window", tf_local))}
+    scored = np.isfinite(unseen_scores["full"])
+    unseen = {name: float(sc[scored].mean()) if scored.any() else float("nan") for name, sc in unseen_scores.items()}
+    unseen["videos"] = int(scored.sum())
     return {"full": float(full[ok].mean()), "window": float(local[ok].mean()),
             "copy_last_given": float(copy[ok].mean()),
             "full_better_in": int((full[ok] > local[ok]).sum()), "window_better_in": int((full[ok] < local[ok]).sum()),

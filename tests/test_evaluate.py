@@ -24,6 +24,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def small_demo():
+    """A cut-down demo geometry (3-channel 16x16 frames) so the video paths run in a second."""
+    torch.manual_seed(0)
+    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
+    return WanModel(cfg).eval(), torch.randn(1, 4, cfg.text_dim)
+
+
 def tiny(**changes):
     torch.manual_seed(0)
     cfg = preset("tiny").replace(**changes)
@@ -154,11 +161,8 @@ def test_default_sink_follows_the_export_and_the_sink_horizon():
 
 
 def test_warmup_is_teacher_forced_by_the_procedural_video():
-    # A cut-down demo geometry (3-channel 16x16 frames) so the video path runs in a second.
-    torch.manual_seed(0)
-    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
-    model = WanModel(cfg).eval()
-    ctx = torch.randn(1, 4, cfg.text_dim)
+    model, ctx = small_demo()
+    cfg = model.cfg
     sample = ev._video_for(cfg, 3, 40, teacher_force=True)
     assert sample is not None and sample.frames.shape == (40, 3, 16, 16)
     opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
@@ -170,10 +174,8 @@ def test_warmup_is_teacher_forced_by_the_procedural_video():
 
 
 def test_teacher_forced_runs_score_each_chunks_sample_on_the_true_history():
-    torch.manual_seed(0)
-    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
-    model = WanModel(cfg).eval()
-    ctx = torch.randn(1, 4, cfg.text_dim)
+    model, ctx = small_demo()
+    cfg = model.cfg
     sample = ev._video_for(cfg, 3, 40, teacher_force=True)
     opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
     w = ev.warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
@@ -285,10 +287,7 @@ def test_variants_and_span_sweep_on_tiny(tmp_path):
 
 def test_parallel_seeds_give_the_same_results():
     # --jobs 2 runs the seeds in worker processes; the results must be those of the serial run.
-    torch.manual_seed(0)
-    cfg = preset("demo").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=2, latent_height=16, latent_width=16)
-    model = WanModel(cfg).eval()
-    ctx = torch.randn(1, 4, cfg.text_dim)
+    model, ctx = small_demo()
     s = ev.Settings(seeds=[3, 4], reductions=(0.5,), sink=0, window=2, min_chunks=12, protocols=("free",))
     serial = ev.evaluate_seeds(model, ctx, s, jobs=1)
     parallel = ev.evaluate_seeds(model, ctx, s, jobs=2)
