@@ -33,9 +33,7 @@ verify: $(VENV)/.installed
 
 # Reproduces ispa_export/data/demo.safetensors in two stages (~60 min on 2 CPU cores, 2 threads).
 train: $(VENV)/.installed
-	$(PY) -m ispa_export.train --out artifacts/train/stage1.safetensors --seed 0 --steps 3000 --frames 24
-	$(PY) -m ispa_export.train --init artifacts/train/stage1.safetensors --out artifacts/train/demo.safetensors \
-		--seed 1 --steps 2400 --frames 24 --lr 5e-4 --warmup 50 --memory-weight 20 --eval
+	$(PY) -m ispa_export.train --out artifacts/train/demo.safetensors --seed 0 --steps 3900 --frames 24 --eval
 
 clean:
 	rm -rf $(VENV) artifacts

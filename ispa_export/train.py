@@ -1,6 +1,6 @@
 """Train the `demo` model: chunk-wise flow matching with teacher forcing on procedural videos.
 
-    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --steps 3000 [--eval]
+    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --steps 3900 [--eval]
 
 One training step samples B videos of T frames (ispa_export.videos), keeps the clean frames as
 latents x in [-1, 1] ([B, 3, T, 32, 32], no VAE), draws one noise level sigma per chunk (mostly the
@@ -9,7 +9,8 @@ uniform), and runs ONE forward over [clean; noisy] frames under the teacher-forc
 (graphs.masks.teacher_forcing): every noisy chunk sees the clean history a full cache of M frames
 keeps, exactly what the streaming driver feeds it. The model predicts the flow v = noise - x
 (x0 = noisy - sigma * v, as runtimes.schedule.flow_step); the loss is the MSE of v on the noisy half,
-with the pixels the curtain has just uncovered (only older frames show them) weighted up.
+with the pixels the curtain or the shutter has just uncovered (only older frames show them)
+weighted up.
 AdamW, linear warmup then cosine, gradient clipping; the shipped weights are an EMA of the trained
 ones. `--minutes` fixes the step count after timing steps 5..25 (logged; `--steps N` replays a run
 exactly: every random draw comes from the seed).
@@ -192,7 +193,7 @@ def flow_inputs(clean: torch.Tensor, sigma_chunks: torch.Tensor, chunk: int, noi
 
 def memory_weights(samples, weight: float, window: int = 2) -> np.ndarray:
     """[B, 1, T, S, S] float32 loss weights: `weight` on the pixels only an older frame than the last
-    `window` shows (VideoSample.memory_pixels: just uncovered by the curtain), 1 elsewhere."""
+    `window` shows (VideoSample.memory_pixels: just uncovered by the curtain or the shutter), 1 elsewhere."""
     mem = np.stack([v.memory_pixels(window) for v in samples])[:, None]
     return np.where(mem, np.float32(weight), np.float32(1.0))
 
@@ -262,10 +263,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.998
     p_schedule: float = 0.75
-    # Loss weight of the pixels the curtain has just uncovered after hiding them for 2+ frames
-    # (1: plain MSE). They are ~3% of the pixels and the only ones a long memory predicts better than
-    # the last frames. Measured (uncovered_x0_error, full vs 2-frame history): at 6, 0.076 vs 0.079
-    # after 1,000 steps and 0.064 vs 0.072 after 3,000; a second stage at 20 reached 0.060 vs 0.068.
+    # Loss weight of the pixels the curtain or the shutter has just uncovered after hiding them for
+    # 2+ frames (1: plain MSE): the only ones a long memory predicts better than the last frames.
+    # Without the shutter (the curtain alone, ~3% of the pixels) weight 6 then 20 gave a model that
+    # redrew background from memory (x0 error 0.060 vs 0.068 with a 2-frame history) but not objects.
     memory_weight: float = 6.0
     calibrate_steps: int = 25
     log_every: int = 25
@@ -319,7 +320,9 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
             print(f"[train] {rate:.3f} steps/s -> {total} steps for {cfg.minutes} min", flush=True)
             if step >= total:
                 break
-        if elapsed > 1.15 * deadline and step > cfg.calibrate_steps:
+        # The cap guards a step count estimated from --minutes; an explicit --steps always runs to
+        # the end, or the weights would depend on the machine's speed.
+        if cfg.steps is None and elapsed > 1.15 * deadline and step > cfg.calibrate_steps:
             stopped_early = True
             print(f"[train] wall-time cap reached at step {step}; stopping", flush=True)
             break
@@ -383,7 +386,7 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         "weights": "ema", "context": f"demo_context(): torch.randn(1, 4, 16) with generator seed {CONTEXT_SEED}",
         "objective": ("flow matching, v = noise - x, per-chunk sigma (p=%.2f one of %s, else U(0,1]), teacher-forcing "
                       "forward over [clean; noisy], mask teacher_forcing(T, 2, 12, 0) on every layer; loss = MSE "
-                      "of v, pixels just uncovered by the curtain (memory_pixels(2)) weighted %g"
+                      "of v, pixels just uncovered by the curtain or shutter (memory_pixels(2)) weighted %g"
                       % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()], cfg.memory_weight)),
         "train_video_seeds": f"{base_seed} + step * batch + b",
         "history": history,
@@ -469,7 +472,7 @@ def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24,
 
 def uncovered_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24, window: int = 2,
                        sigma: float = 1.0, noise_seed: int = 0, batch: int = 4) -> dict:
-    """One-step x0 error on the pixels the curtain has just uncovered (VideoSample.memory_pixels(
+    """One-step x0 error on the pixels the curtain or shutter has just uncovered (VideoSample.memory_pixels(
     window): hidden in the last `window` frames), with the full M-frame history vs a `window`-frame
     one (every layer), same noise. Only an older frame shows those pixels, so the gap between the
     two is the model's use of its memory; `copy_history` repeats the last history frame there."""
@@ -571,20 +574,40 @@ def rollout_error(model: WanModel, seeds=HELDOUT_SEEDS[:6], frames: int = 24, gi
             "videos": len(seeds), "frames": frames, "given_chunks": given_chunks}
 
 
-def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 40, given_chunks: int = 6,
+def return_crops(seeds, given: int, lead: int, span: int = 4, k: int = 6, source_frames: int = 64):
+    """(seed, crop) pairs: from each seed's video, the `given + lead + span` frames that put its first
+    return (VideoSample.returns(k)) with enough history before it at frame `given + lead`; seeds
+    without one are skipped."""
+    out = []
+    for s in seeds:
+        v = make_video(int(s), source_frames)
+        for t0 in sorted({t for _, t in v.returns(k) if given + lead <= t <= source_frames - span}):
+            crop = v.crop(t0 - given - lead, t0 + span)
+            if any(t == given + lead for _, t in crop.returns(k)):  # seen within the crop before it left
+                out.append((int(s), crop))
+                break
+    return out
+
+
+def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], given_chunks: int = 8, lead_chunks: int = 2,
                       window: int = 2, k: int = 6, noise_seed: int = 0) -> dict:
     """identity_recall of rollouts with every layer full (cache M frames) vs every layer local with a
-    `window`-frame cache (no sink), same videos, same teacher-forced start, same noise. Only events in
-    free-run frames are scored; videos without such an event are skipped. `copy_last_given`: the
-    score of repeating the last given frame (what a model with no use of its history tends towards).
-    'unseen_part': the same scores on only the pixels of returning objects that the last `window`
-    frames do not show (the curtain covered them), where a window-only cache has nothing to copy."""
-    start = given_chunks * model.cfg.chunk_frames
-    samples = [(int(s), make_video(int(s), frames)) for s in seeds]
-    samples = [(s, v) for s, v in samples if any(t >= start for _, t in v.returns(k))]
-    if not samples:
-        raise UserError(f"recall_comparison: no video among seeds {list(seeds)} has a return after frame {start}")
-    videos = np.stack([v.frames for _, v in samples])
+    `window`-frame cache (no sink), on the same videos, teacher-forced start and noise.
+
+    Each video is cut (return_crops) so that an object returns `lead_chunks` chunks after the
+    teacher-forced start: the rollout free-runs across the end of the absence (for a shutter, its
+    last frames) and must redraw what comes back. Starting the free run right before the return
+    keeps the rollout on the true video (a free run diverges from it within a few chunks, after
+    which scoring against the truth measures luck). Only free-run frames are scored.
+    `copy_last_given`: the score of repeating the last given frame. 'teacher_forced_*': the same with
+    the true history before every chunk (no drift at all). 'unseen_part': the scores on only the
+    pixels of returning objects that the last `window` frames do not show (curtain or shutter)."""
+    f = model.cfg.chunk_frames
+    start, lead = given_chunks * f, lead_chunks * f
+    crops = return_crops(seeds, start, lead, span=f * 2, k=k)
+    if not crops:
+        raise UserError(f"recall_comparison: no video among seeds {list(seeds)} has a return after frame {start + lead}")
+    videos = np.stack([v.frames for _, v in crops])
     modes = list(model.modes)
     try:
         model.set_modes([FULL] * model.cfg.num_layers)
@@ -593,35 +616,38 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], frames: int = 4
         gl = rollout(model, videos, given_chunks, noise_seed, local_window=window, local_sink=0)
     finally:
         model.set_modes(modes)
-    def scores(gen: np.ndarray, unseen: bool = False) -> np.ndarray:
-        # unseen: only the part of each returning object that a `window`-frame cache does not show
-        return np.array([identity_recall(g, v, k=k, frames_from=start,
-                                         pixels=v.memory_pixels(window) if unseen else None)
-                         for g, (_, v) in zip(gen, samples)])
-
-    held = np.concatenate([videos[:, :start], np.repeat(videos[:, start - 1:start], frames - start, 1)], 1)
-    # One chunk ahead with the true history (no drift): the same comparison, same noise.
     tf_full = teacher_forced_samples(model, videos, noise_seed)
     tf_local = teacher_forced_samples(model, videos, noise_seed, capacity=window, sink=0)
-    full, local, copy, tf_f, tf_l = (scores(g) for g in (gf, gl, held, tf_full, tf_local))
-    ok = np.isfinite(full) & np.isfinite(local)
+    held = np.concatenate([videos[:, :start], np.repeat(videos[:, start - 1:start], videos.shape[1] - start, 1)], 1)
+    gens = {"full": gf, "window": gl, "copy_last_given": held, "teacher_forced_full": tf_full,
+            "teacher_forced_window": tf_local}
+
+    def scores(gen: np.ndarray, unseen: bool = False) -> np.ndarray:
+        return np.array([identity_recall(g, v, k=k, frames_from=start,
+                                         pixels=v.memory_pixels(window) if unseen else None)
+                         for g, (_, v) in zip(gen, crops)])
+
+    full, local, tf_f, tf_l = (scores(gens[n]) for n in ("full", "window", "teacher_forced_full",
+                                                        "teacher_forced_window"))
     mse = lambda g: float(((g[:, start:] - videos[:, start:]) ** 2).mean())  # noqa: E731
     # Which videos have such pixels depends on the video only, not on what was generated.
-    unseen_scores = {name: scores(gen, unseen=True) for name, gen in (
-        ("full", gf), ("window", gl), ("teacher_forced_full", tf_full), ("teacher_forced_window", tf_local))}
+    unseen_scores = {n: scores(gens[n], unseen=True) for n in ("full", "window", "teacher_forced_full",
+                                                               "teacher_forced_window")}
     scored = np.isfinite(unseen_scores["full"])
-    unseen = {name: float(sc[scored].mean()) if scored.any() else float("nan") for name, sc in unseen_scores.items()}
+    unseen = {n: float(sc[scored].mean()) if scored.any() else float("nan") for n, sc in unseen_scores.items()}
     unseen["videos"] = int(scored.sum())
-    return {"full": float(full[ok].mean()), "window": float(local[ok].mean()),
-            "copy_last_given": float(copy[ok].mean()),
-            "full_better_in": int((full[ok] > local[ok]).sum()), "window_better_in": int((full[ok] < local[ok]).sum()),
-            "videos": int(ok.sum()), "mse_full": mse(gf), "mse_window": mse(gl),
-            "teacher_forced_full": float(tf_f[ok].mean()), "teacher_forced_window": float(tf_l[ok].mean()),
-            "teacher_forced_full_better_in": int((tf_f[ok] > tf_l[ok]).sum()),
+    return {"full": float(full.mean()), "window": float(local.mean()),
+            "copy_last_given": float(scores(held).mean()),
+            "full_better_in": int((full > local).sum()), "window_better_in": int((full < local).sum()),
+            "videos": len(crops), "mse_full": mse(gf), "mse_window": mse(gl),
+            "teacher_forced_full": float(tf_f.mean()), "teacher_forced_window": float(tf_l.mean()),
+            "teacher_forced_full_better_in": int((tf_f > tf_l).sum()),
+            "teacher_forced_window_better_in": int((tf_f < tf_l).sum()),
             "teacher_forced_mse_full": mse(tf_full), "teacher_forced_mse_window": mse(tf_local),
             "unseen_part": unseen,
-            "per_video": {str(s): [round(float(a), 4), round(float(b), 4)] for (s, _), a, b in zip(samples, full, local)},
-            "window_frames": window, "frames": frames, "given_chunks": given_chunks, "k": k}
+            "per_video": {str(s): [round(float(a), 4), round(float(b), 4)] for (s, _), a, b in zip(crops, full, local)},
+            "window_frames": window, "given_frames": start, "lead_frames": lead, "frames": int(videos.shape[1]),
+            "k": k}
 
 
 def evaluate(model: WanModel, quick: bool = False) -> dict:
@@ -656,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--memory-weight", type=float, default=6.0,
-                    help="loss weight of pixels the curtain just uncovered (only older frames show them)")
+                    help="loss weight of pixels just uncovered by the curtain or shutter (only older frames show them)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (1 is faster on a busy CPU)")
     ap.add_argument("--init", type=Path, help="start from these demo weights (a later training stage)")
     ap.add_argument("--eval", action="store_true", help="after training, run the full checks into the log")

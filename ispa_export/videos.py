@@ -2,17 +2,19 @@
 
 Each video shows a textured background (in half of the videos panned one way and back, so areas
 are revisited), 2-3 objects with distinct identities (shape, colour, texture) that leave view by an
-edge and come back, and a wide occluder (a "curtain") that sweeps across and hides what is behind
-it for 7-12 frames. What the curtain uncovers is what was there before it passed: a model that
-remembers the last 12 frames can redraw it, one with a 2-5 frame window has to guess. The curtain
-gives memory a frequent and simple use: its reveals happen in most frames, at the position the
-content was seen at, timed by the curtain's visible motion. Numpy only, so data generation stays
-cheap.
+edge and come back, a wide occluder (a "curtain") that sweeps across and hides what is behind
+it for 7-12 frames, and a shutter: every 18-35 frames the view goes dark for 6 frames while the
+scene's clock stops, then the scene resumes where it stopped. What the curtain uncovers and what the
+shutter gives back is what was there before: a model that remembers the last 12 frames can redraw
+it, one with a 2-5 frame window has to guess. The curtain gives memory a frequent, local use (its
+reveals happen in most frames, at the position the content was seen at); the shutter makes every
+returning object's identity a matter of memory, since no recent frame shows any of it. Numpy only,
+so data generation stays cheap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +30,7 @@ PALETTE = np.array([[0.9, -0.8, -0.8], [-0.8, 0.9, -0.8], [-0.7, -0.6, 1.0], [1.
                    dtype=np.float32)
 VISIBLE_FRACTION = 0.5  # an object counts as visible when at least this much of it shows
 HIDDEN_FRACTION = 0.1  # and as out of view below this
+SHUTTER_FRAMES = 6  # as long as identity_recall's default k: a 2-5 frame window holds nothing of before
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class VideoSample:
     visible: np.ndarray           # [F, N] bool, visible_fraction >= VISIBLE_FRACTION
     bbox: np.ndarray              # [F, N, 4] x0, y0, x1, y1 in pixels, not clipped to the frame
     masks: np.ndarray             # [F, N, S, S] bool, pixels where the object is what one sees
-    occluder: np.ndarray          # [F, S, S] float32 curtain coverage in [0, 1]
+    occluder: np.ndarray          # [F, S, S] float32 coverage in [0, 1] by the curtain or the shutter (1)
 
     def memory_pixels(self, window: int) -> np.ndarray:
         """[F, S, S] bool: pixels uncovered now (coverage < 0.5) that the curtain covered (> 0.5)
@@ -59,6 +62,15 @@ class VideoSample:
         for lag in range(1, window + 1):
             out[window:] &= covered[window - lag:len(covered) - lag]
         return out
+
+    def crop(self, start: int, stop: int) -> "VideoSample":
+        """Frames [start, stop) with their ground truth (events are then those of the crop alone)."""
+        if not 0 <= start < stop <= len(self.frames):
+            raise UserError(f"videos.crop: need 0 <= start < stop <= {len(self.frames)}, got {start}, {stop}")
+        cut = slice(start, stop)
+        return replace(self, frames=self.frames[cut], background=self.background[cut],
+                       visible_fraction=self.visible_fraction[cut], visible=self.visible[cut], bbox=self.bbox[cut],
+                       masks=self.masks[cut], occluder=self.occluder[cut])
 
     def returns(self, k: int = 6) -> list[tuple[int, int]]:
         """(object, frame) pairs: an object seen before is visible again after having been out of
@@ -119,7 +131,15 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
         raise UserError(f"videos.make_video: size must be >= 16 pixels, got {size}")
     rng = np.random.default_rng(seed)
     u = size / 32.0  # lengths below are designed at 32 pixels and scale with the frame
-    t = np.arange(frames, dtype=np.float64)
+    # Shutter closings from their own generator, so the scene drawn from `rng` does not depend on them.
+    shut_rng = np.random.default_rng([seed, 7])
+    shut = np.zeros(frames, bool)
+    start = int(shut_rng.integers(2, 22))
+    while start < frames:
+        shut[start:start + SHUTTER_FRAMES] = True
+        start += SHUTTER_FRAMES + int(shut_rng.integers(12, 30))
+    # The scene's clock: it stops while the shutter is closed, so what comes back is what was last seen.
+    t = np.maximum(np.cumsum(~shut) - 1, 0).astype(np.float64)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
 
     # Background: a world larger than the frame (gratings over a mosaic of random tiles), panned
@@ -190,6 +210,8 @@ def make_video(seed: int, frames: int, size: int = 32) -> VideoSample:
             alphas.append(a)
             bbox[f, i] = [*(centre[f] - 1.15 * r), *(centre[f] + 1.15 * r)]
         bar = np.clip(0.5 * bar_w + 0.5 - abs((xx if bar_vertical else yy) - bar_pos[f] - 0.5 * bar_w), 0, 1)
+        if shut[f]:
+            bar = np.ones_like(bar)
         img = img * (1 - bar) + (-0.75 + 0.1 * np.sin(2 * np.pi * (yy if bar_vertical else xx) / 3)) * bar
         occluder[f] = bar
         for i, a in enumerate(alphas):
