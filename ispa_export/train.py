@@ -619,25 +619,23 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], given_chunks: i
     tf_full = teacher_forced_samples(model, videos, noise_seed)
     tf_local = teacher_forced_samples(model, videos, noise_seed, capacity=window, sink=0)
     held = np.concatenate([videos[:, :start], np.repeat(videos[:, start - 1:start], videos.shape[1] - start, 1)], 1)
-    gens = {"full": gf, "window": gl, "copy_last_given": held, "teacher_forced_full": tf_full,
-            "teacher_forced_window": tf_local}
+    gens = {"full": gf, "window": gl, "teacher_forced_full": tf_full, "teacher_forced_window": tf_local,
+            "copy_last_given": held}
 
     def scores(gen: np.ndarray, unseen: bool = False) -> np.ndarray:
         return np.array([identity_recall(g, v, k=k, frames_from=start,
                                          pixels=v.memory_pixels(window) if unseen else None)
                          for g, (_, v) in zip(gen, crops)])
 
-    full, local, tf_f, tf_l = (scores(gens[n]) for n in ("full", "window", "teacher_forced_full",
-                                                        "teacher_forced_window"))
+    full, local, tf_f, tf_l, copy = (scores(g) for g in gens.values())
     mse = lambda g: float(((g[:, start:] - videos[:, start:]) ** 2).mean())  # noqa: E731
     # Which videos have such pixels depends on the video only, not on what was generated.
-    unseen_scores = {n: scores(gens[n], unseen=True) for n in ("full", "window", "teacher_forced_full",
-                                                               "teacher_forced_window")}
+    unseen_scores = {n: scores(g, unseen=True) for n, g in gens.items() if n != "copy_last_given"}
     scored = np.isfinite(unseen_scores["full"])
     unseen = {n: float(sc[scored].mean()) if scored.any() else float("nan") for n, sc in unseen_scores.items()}
     unseen["videos"] = int(scored.sum())
     return {"full": float(full.mean()), "window": float(local.mean()),
-            "copy_last_given": float(scores(held).mean()),
+            "copy_last_given": float(copy.mean()),
             "full_better_in": int((full > local).sum()), "window_better_in": int((full < local).sum()),
             "videos": len(crops), "mse_full": mse(gf), "mse_window": mse(gl),
             "teacher_forced_full": float(tf_f.mean()), "teacher_forced_window": float(tf_l.mean()),
@@ -700,8 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json(log_path, log)
         print(json.dumps(res, indent=1))
         return 0
-    if args.frames < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1) or args.minutes <= 0:
-        raise UserError("train: --frames >= 2, --batch >= 1, --steps >= 1 and --minutes > 0 expected")
+    if (args.frames < 2 or args.batch < 1 or (args.steps is not None and args.steps < 1) or args.minutes <= 0
+            or args.memory_weight <= 0):
+        raise UserError("train: --frames >= 2, --batch >= 1, --steps >= 1, --minutes > 0 and --memory-weight > 0 "
+                        "expected")
     cfg = TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, frames=args.frames, batch=args.batch,
                       lr=args.lr, warmup=args.warmup, threads=args.threads,
                       init=str(args.init) if args.init else None,

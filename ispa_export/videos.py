@@ -54,7 +54,7 @@ class VideoSample:
     occluder: np.ndarray          # [F, S, S] float32 coverage in [0, 1] by the curtain or the shutter (1)
 
     def memory_pixels(self, window: int) -> np.ndarray:
-        """[F, S, S] bool: pixels uncovered now (coverage < 0.5) that the curtain covered (> 0.5)
+        """[F, S, S] bool: pixels uncovered now (coverage < 0.5) that the curtain or shutter covered (> 0.5)
         in each of the `window` frames before, i.e. content only an older frame shows."""
         covered = self.occluder > 0.5
         out = ~covered

@@ -31,7 +31,9 @@ def test_a_later_stage_records_the_weights_it_started_from(tmp_path):
     assert second["init_log"]["command"] == first["command"]
 
 
-def test_bad_frame_count_is_refused(tmp_path):
+def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(UserError, match="--frames must be a multiple of chunk_frames=2, got 5"):
         main(["--out", str(tmp_path / "x.safetensors"), "--frames", "5", "--steps", "1"])
+    with pytest.raises(UserError, match="--memory-weight > 0 expected"):
+        main(["--out", str(tmp_path / "x.safetensors"), "--memory-weight", "0", "--steps", "1"])
     assert not (tmp_path / "x.safetensors").exists()
