@@ -26,7 +26,6 @@ class WanConfig:
     chunk_frames: int = 3
     max_frames: int = 21  # capacity M of a full-attention layer's cache, in latent frames
     full_sink: int = 0  # frames pinned at the front of a full-attention cache when it rolls
-    rope_max_frames: int = 1024  # Wan's RoPE table length (frame axis)
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:

@@ -49,10 +49,13 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
-def rope_angles(positions: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Angles [positions, dim/2] of Wan's rope_params, in float64."""
-    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return torch.outer(torch.arange(positions, dtype=torch.float64), inv)
+def rope_angles(positions: int | torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angles [positions, dim/2] of Wan's rope_params, in float64, reduced modulo 2*pi (exact at any
+    position; runtimes.schedule.frame_rope computes the same in numpy for the streaming graph)."""
+    device = positions.device if isinstance(positions, torch.Tensor) else None
+    pos = positions.double() if isinstance(positions, torch.Tensor) else torch.arange(positions, dtype=torch.float64)
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    return torch.remainder(torch.outer(pos, inv), 2 * math.pi)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -201,7 +204,7 @@ class Block(nn.Module):
         if monitor is not None:  # the same queries over the frames an L-layer would keep: a_l
             per_frame = cache.shape[2] // monitor.local_mask.shape[0]
             own = torch.ones(k.shape[1], dtype=torch.bool, device=x.device)
-            local = mask_to_bias(torch.cat([monitor.local_mask.repeat_interleave(per_frame), own]))
+            local = mask_to_bias(torch.cat([monitor.local_mask.to(x.device).repeat_interleave(per_frame), own]))
             monitor.record(layer, x_in, a, attend(q, keys, values, local), attn.o.weight)
         x = x + gate(attn.output(a, x_in, pass_kind, modulation), e[2])
         x = x + self.cross_attn(self.norm3(x), cross_kv)
@@ -239,11 +242,11 @@ class WanModel(nn.Module):
         gh, gw = cfg.grid
         hw = torch.cat([rope_angles(gh, 2 * ch)[:, None, :].expand(gh, gw, ch),
                         rope_angles(gw, 2 * ch)[None, :, :].expand(gh, gw, ch)], dim=-1).reshape(gh * gw, 2 * ch)
-        frame = rope_angles(cfg.rope_max_frames, 2 * cf)
-        # Non-persistent: they are derived from the config, and the checkpoint names stay Wan's.
-        for name, ang in (("rope_frame", frame), ("rope_hw", hw)):
-            self.register_buffer(name + "_cos", torch.cos(ang).float(), persistent=False)
-            self.register_buffer(name + "_sin", torch.sin(ang).float(), persistent=False)
+        self.rope_pairs = cf
+        # Non-persistent: derived from the config, and the checkpoint names stay Wan's. The frame axis
+        # has no table: the streaming step takes its chunk's angles as an input (no length limit).
+        self.register_buffer("rope_hw_cos", torch.cos(hw).float(), persistent=False)
+        self.register_buffer("rope_hw_sin", torch.sin(hw).float(), persistent=False)
 
     def cast(self, dtype: torch.dtype) -> "WanModel":
         """Cast the parameters only: the RoPE tables stay float32 (fp16 angles would blur positions)."""
@@ -279,16 +282,21 @@ class WanModel(nn.Module):
         ctx = self.text_embedding(F.pad(context, (0, 0, 0, pad)))
         return torch.stack([b.cross_attn.context_kv(ctx) for b in self.blocks])
 
-    def rope(self, frame_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [len(frame_pos)*P, head_dim/2] for tokens of frames at absolute positions frame_pos."""
+    def frame_rope(self, frame_pos: torch.Tensor) -> torch.Tensor:
+        """cos/sin [2, len(frame_pos), rope_pairs] of the frame axis at absolute positions frame_pos."""
+        ang = rope_angles(frame_pos, 2 * self.rope_pairs)
+        return torch.stack([torch.cos(ang), torch.sin(ang)]).float()
+
+    def rope(self, rope_frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [frames*P, head_dim/2] of every token, from the frame axis rope_frame [2, frames, pairs]."""
         p = self.cfg.tokens_per_frame
-        n = frame_pos.shape[0]
+        n = rope_frame.shape[1]
 
         def table(frame_tab, hw_tab):
-            fr = frame_tab[frame_pos][:, None, :].expand(n, p, frame_tab.shape[1])
+            fr = frame_tab[:, None, :].expand(n, p, frame_tab.shape[1])
             return torch.cat([fr, hw_tab[None].expand(n, p, hw_tab.shape[1])], dim=-1).reshape(n * p, -1)
 
-        return table(self.rope_frame_cos, self.rope_hw_cos), table(self.rope_frame_sin, self.rope_hw_sin)
+        return table(rope_frame[0], self.rope_hw_cos), table(rope_frame[1], self.rope_hw_sin)
 
     def embed(self, latents: torch.Tensor, t_frames: torch.Tensor):
         """Patchify latents [B, C, F, H, W]; time modulation from per-frame timesteps [B, F]."""
@@ -306,25 +314,28 @@ class WanModel(nn.Module):
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], cfg.out_dim, frames * pt, gh * ph, gw * pw)
 
     # -- the chunk step (the exported graph) ------------------------------------------------
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, frame_index: torch.Tensor,
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, rope_frame: torch.Tensor,
                 cross_kv: torch.Tensor, kv_full: torch.Tensor | None = None, kv_full_mask: torch.Tensor | None = None,
                 kv_local: torch.Tensor | None = None, kv_local_mask: torch.Tensor | None = None,
                 pass_kind: torch.Tensor | None = None, ispa_weight: torch.Tensor | None = None,
                 ispa_bias: torch.Tensor | None = None, monitor: Monitor | None = None):
-        """One chunk step: latents [B, C, f, H, W], timestep [B], frame_index int64 scalar.
+        """One chunk step: latents [B, C, f, H, W], timestep [B], rope_frame [2, f, pairs] (cos, sin of the
+        chunk's frame-axis RoPE angles, runtimes.schedule.frame_rope).
 
-        kv_full [n_F, 2, B, M*P, n, d] with kv_full_mask bool [M]; kv_local likewise with [s+w].
+        kv_full [n_F, 2, B, M*P, n, d] with kv_full_mask bool [M]; kv_local likewise with [s+w]. A mask
+        of None means every slot is valid (the PyTorch backend's fast path: attention without a mask).
         Returns (prediction [B, C, f, H, W], new_kv_full [n_F, 2, B, f*P, n, d], new_kv_local).
         """
         f = latents.shape[2]
         x, e, e6 = self.embed(latents, timestep[:, None].expand(-1, f))
-        cos, sin = self.rope(frame_index + torch.arange(f, device=latents.device))
+        cos, sin = self.rope(rope_frame)
         own = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
         p = self.cfg.tokens_per_frame
-        bias = {
-            FULL: None if kv_full is None else mask_to_bias(torch.cat([kv_full_mask.repeat_interleave(p), own])),
-            LOCAL: None if kv_local is None else mask_to_bias(torch.cat([kv_local_mask.repeat_interleave(p), own])),
-        }
+
+        def cache_bias(kv, mask):
+            return None if kv is None or mask is None else mask_to_bias(torch.cat([mask.repeat_interleave(p), own]))
+
+        bias = {FULL: cache_bias(kv_full, kv_full_mask), LOCAL: cache_bias(kv_local, kv_local_mask)}
         caches = {FULL: kv_full, LOCAL: kv_local}
         new = {FULL: [], LOCAL: []}
         for i, (block, mode, g) in enumerate(zip(self.blocks, self.modes, self.group_index())):
@@ -343,7 +354,7 @@ class WanModel(nn.Module):
         per-layer frame-level masks [T, T] (True = query frame may attend key frame)."""
         t = latents.shape[2]
         x, e, e6 = self.embed(latents, t_frames)
-        cos, sin = self.rope(frame_pos)
+        cos, sin = self.rope(self.frame_rope(frame_pos))
         p = self.cfg.tokens_per_frame
         for i, block in enumerate(self.blocks):
             bias = mask_to_bias(frame_masks[i].repeat_interleave(p, 0).repeat_interleave(p, 1))

@@ -29,6 +29,7 @@ import torch
 from graphs.config import WanConfig, preset
 from graphs.wan import FULL, LOCAL, Absorption, WanModel
 from runtimes.artifact import ONNX, REPORT
+from runtimes.buffers import HostBuffers, host_dtype
 from runtimes.driver import Stream
 from runtimes.files import write_json_atomic
 from runtimes.schedule import ring_slot
@@ -40,7 +41,7 @@ from .ispa import IspaOptions, report, transition
 from .kv import frame_bytes, kv_bytes, layers_for_target
 from .monitor import LocalSpan, WarmupMonitor
 from .solver import solve_timing
-from .torch_runner import TorchRunner, geometry, torch_stream
+from .torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
 
 SINK, TARGET = 1, 0.5  # the CLI's defaults; the window is one chunk (pipeline.default_window)
 REAL = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
@@ -140,7 +141,10 @@ def kv_rows() -> list[dict]:
 def crosscheck(cfg: WanConfig, modes: list[str], dtype: str) -> dict:
     """The buffers the streaming driver allocates must be exactly what kv_bytes says."""
     geo = geometry(cfg, modes, cfg.chunk_frames, SINK, dtype=dtype)
-    allocated = sum(geo.empty_group(m).data.nbytes for m in (FULL, LOCAL))
+    buffers = HostBuffers()
+    for m in (FULL, LOCAL):
+        buffers.allocate(m, geo.group_spec(m)[2], dtype)
+    allocated = sum(buffers.nbytes(m) for m in (FULL, LOCAL))
     expected = kv_bytes(cfg, modes, cfg.chunk_frames, SINK, dtype=dtype).total
     if allocated != expected:
         raise AssertionError(f"allocated cache bytes {allocated} != kv_bytes {expected} ({dtype}, {modes})")
@@ -237,16 +241,17 @@ def step_feeds(model: WanModel, capacity: int, history: int, seed: int = 0, fill
     cross = rng.standard_normal((cfg.num_layers, 2, 1, cfg.text_len, cfg.num_heads, cfg.head_dim), np.float32)
     stream = Stream(TorchRunner(model), geo, cross, seed)
     for group in stream.groups.values():
-        if fill:
-            group.data[...] = rng.standard_normal(group.data.shape, np.float32)
+        if fill and group.layers:
+            shape = stream.buffers.shapes[group.name]
+            stream.buffers.upload(group.name, rng.standard_normal(shape, np.float32).astype(host_dtype(dtype)))
         for frame in range(history):  # the driver's ring arithmetic: sink pinned, oldest evicted
             group.frames[ring_slot(frame, group.capacity, group.sink)] = frame
-    allocated = sum(g.data.nbytes for g in stream.groups.values())
+    allocated = sum(g.nbytes for g in stream.groups.values())
     expected = kv_bytes(cfg, model.modes, cfg.chunk_frames, SINK, dtype=dtype).total
     if allocated != expected:
         raise AssertionError(f"stream cache bytes {allocated} != kv_bytes {expected}")
     stream.frame_index = history
-    return graph_feeds(stream, model, "baked", np.dtype(dtype).type)
+    return graph_feeds(stream, stream.state_arrays(), model, "baked", host_dtype(dtype))
 
 
 def on_device(model: WanModel, device: str, dtype: torch.dtype) -> WanModel:
@@ -264,8 +269,8 @@ def torch_fn(model: WanModel, feeds: dict[str, np.ndarray], device: str = "cpu",
         if fresh_caches and k in ("kv_full", "kv_local"):  # too big to fill on the host first
             args[k] = torch.randn(v.shape, dtype=dtype, device=device)
             continue
-        t = torch.from_numpy(v)
-        args[k] = t.to(device, dtype) if t.is_floating_point() and k != "timestep" else t.to(device)
+        t = to_torch(v, torch.device(device))
+        args[k] = t.to(dtype) if t.is_floating_point() and k not in FLOAT32_INPUTS else t
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def run() -> None:

@@ -315,7 +315,7 @@ def rollout(w: Warmup, method: Method | None, chunks: int,
         opts = IspaOptions(kv_reduction=None, layers=list(method.layers), window=method.window, sink=method.sink,
                            variant=method.variant, site=method.site, rank=method.rank, rho=method.rho)
         bake(model, stream, monitor, list(method.layers), opts)
-    held = sum(g.data.nbytes for g in stream.groups.values())
+    held = sum(g.nbytes for g in stream.groups.values())
     if video is None:
         return stream.run(chunks), held
     capture = _LastSample(stream.runner, stream.geo.timesteps)

@@ -15,19 +15,22 @@ import torch
 from safetensors.numpy import save_file
 
 from graphs.wan import FULL, LOCAL, WanModel
-from runtimes.artifact import FORMAT, ONNX, REPORT, SCHEMA_VERSION, STATE
+from runtimes.artifact import FORMAT, ONNX, POSITION_SCHEME, REPORT, SCHEMA_VERSION, STATE
+from runtimes.buffers import host_dtype
 from runtimes.driver import Stream
 from runtimes.files import atomic_directory, file_records, write_json_atomic
 
 from .errors import UserError
 from .kv import kv_bytes
+from .torch_runner import to_numpy, to_torch
 from .verify import golden_feeds, save_golden
 
-DTYPES = {"fp32": (torch.float32, np.float32, "float32"), "fp16": (torch.float16, np.float16, "float16")}
+DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
 OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
+FLOATS = ("float32", "float16", "bfloat16")
 EXTERNAL_DATA_BYTES = 1 << 30
 ONNX_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-              onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+              onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
 
 
 def modulation_constants(model: WanModel) -> dict[str, np.ndarray]:
@@ -41,21 +44,25 @@ def modulation_constants(model: WanModel) -> dict[str, np.ndarray]:
             raise UserError("--modulation input takes one folded W_o correction per layer; variant "
                             "'per_pass' and site 'adapter' need --modulation baked")
         bias = attn.o.bias if attn.ispa_bias is None else attn.o.bias + attn.ispa_bias[0]
-        weights.append(attn.o.weight.detach().float().numpy())
-        biases.append(bias.detach().float().numpy())
+        weights.append(to_numpy(attn.o.weight.float()))
+        biases.append(to_numpy(bias.float()))
     return {"ispa_weight": np.stack(weights), "ispa_bias": np.stack(biases)}
 
 
-def graph_feeds(stream: Stream, model: WanModel, modulation: str, np_dtype) -> dict[str, np.ndarray]:
+def graph_feeds(stream: Stream, state: dict[str, np.ndarray], model: WanModel, modulation: str,
+                np_dtype) -> dict[str, np.ndarray]:
     """Example inputs in the graph's contract, taken from the live stream (real caches, real masks)."""
     feeds = stream.feeds(np.zeros(stream.geo.chunk_shape, np.float32), 500.0, 0)
-    names = ["latents", "timestep", "frame_index", "cross_kv", "kv_full", "kv_full_mask", "kv_local", "kv_local_mask"]
+    feeds.update({k: state[k] for k in ("cross_kv", "kv_full", "kv_local")})
+    names = ["latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local", "kv_local_mask"]
     if model.per_pass_kind():
         names.append("pass_kind")
-    out = {k: feeds[k] for k in names if k in feeds}
+    out = {k: feeds[k] for k in names if k in feeds and not (k.startswith("kv_") and not feeds[k].shape[0])}
     if modulation == "input":
         out.update(modulation_constants(model))
-    return {k: v.astype(np_dtype) if v.dtype == np.float32 and k != "timestep" else v for k, v in out.items()}
+    # timestep and rope_frame stay float32 in every graph: fp16 positions would blur the angles.
+    return {k: np.asarray(v).astype(np_dtype) if v.dtype.name in FLOATS and k not in ("timestep", "rope_frame") else v
+            for k, v in out.items()}
 
 
 def _rename_refit_weights(proto: onnx.ModelProto, wanted: dict[str, np.ndarray]) -> list[str]:
@@ -91,18 +98,18 @@ def refit_weights(model: WanModel, np_dtype) -> dict[str, np.ndarray]:
         pre = f"blocks.{i}.self_attn."
         weight, bias = attn.ispa_weight, attn.ispa_bias.detach()
         if weight is None:
-            out[pre + "o.weight_t"] = attn.o.weight.detach().T.numpy()
+            out[pre + "o.weight_t"] = to_numpy(attn.o.weight.T)
         elif weight.shape[0] == 1:
-            out[pre + "ispa_weight_t"] = weight[0].detach().T.numpy()
+            out[pre + "ispa_weight_t"] = to_numpy(weight[0].T)
         else:
-            out[pre + "ispa_weight"] = weight.detach().numpy()
-        out[pre + "ispa_bias"] = (bias[0] if bias.shape[0] == 1 else bias).numpy()
+            out[pre + "ispa_weight"] = to_numpy(weight)
+        out[pre + "ispa_bias"] = to_numpy(bias[0] if bias.shape[0] == 1 else bias)
     return {k: v.astype(np_dtype) for k, v in out.items()}
 
 
 def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit: bool) -> list[str]:
     """torch.onnx.export (dynamo) of the chunk step; returns the refittable initializer names."""
-    kwargs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    kwargs = {k: to_torch(v, torch.device("cpu")) for k, v in feeds.items()}
     if "ispa_weight" in feeds:
         kwargs["ispa_weight"], kwargs["ispa_bias"] = kwargs.pop("ispa_weight"), kwargs.pop("ispa_bias")
     outputs = [o for o in OUTPUTS if not (o == "new_kv_full" and "kv_full" not in feeds)
@@ -147,11 +154,12 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
         raise UserError(f"--modulation: expected 'baked' or 'input', got {modulation!r}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of {sorted(DTYPES)} for export, got {dtype!r}")
-    torch_dtype, np_dtype, dtype_name = DTYPES[dtype]
+    torch_dtype, dtype_name = DTYPES[dtype]
+    np_dtype = host_dtype(dtype_name)
     cfg = model.cfg
     graph_model = copy.deepcopy(model).cast(torch_dtype)
     state = stream.state_arrays()
-    feeds = graph_feeds(stream, graph_model, modulation, np_dtype)
+    feeds = graph_feeds(stream, state, graph_model, modulation, np_dtype)
     geo = stream.geo
     geometry = {k: getattr(geo, k) for k in geo.__dataclass_fields__}
     geometry["dtype"] = dtype_name
@@ -186,6 +194,8 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
                            "layers": report["selected_layers"], "transition_chunk": report["transition_chunk"],
                            "kv_reduction": report["kv_reduction"]},
             "refit_names": refit_names, "versions": versions(), "seed": int(stream.seed),
+            "positions": {"scheme": POSITION_SCHEME, "input": "rope_frame", "theta": geo.rope_theta,
+                          "pairs": geo.rope_pairs, "sink_rebased": False},
         }
         for name, writer in (extras or {}).items():
             writer(tmp / name)

@@ -1,4 +1,9 @@
-"""The PyTorch backend of the streaming driver: the graph that is exported, run eagerly."""
+"""The PyTorch backend of the streaming driver: the graph that is exported, run eagerly on any device.
+
+Its buffers are torch tensors on the model's device in the model's dtype (bf16 included), so the
+caches never leave the GPU: a step uploads the latents, timestep, RoPE angles and masks (a few KB)
+and downloads the prediction.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,37 +13,116 @@ import torch
 
 from graphs.config import WanConfig
 from graphs.wan import WanModel
+from runtimes.buffers import Buffers, host_dtype
 from runtimes.driver import Geometry, PassInfo, Stream
 
-INPUTS = ["latents", "timestep", "frame_index", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
+INPUTS = ["latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
           "kv_local_mask", "pass_kind", "ispa_weight", "ispa_bias"]
 OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Inputs that keep float32 whatever the model's dtype (the graph casts them itself).
+FLOAT32_INPUTS = ("timestep", "rope_frame")
+
+
+def to_torch(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`; bf16 (ml_dtypes) goes over as its bits. 0-d arrays stay 0-d."""
+    a = np.require(a, requirements="C")
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).to(device).view(torch.bfloat16)
+    return torch.from_numpy(a).to(device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor on the host as numpy; bf16 becomes ml_dtypes' bfloat16 (same bits, no float32 copy)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(host_dtype("bfloat16"))
+    return t.numpy()
+
+
+class TorchBuffers(Buffers):
+    """torch tensors on one device."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def _empty(self, shape, dtype):
+        return torch.zeros(shape, dtype=TORCH_DTYPES.get(dtype) or getattr(torch, dtype), device=self.device)
+
+    def _zero(self, buf):
+        buf.zero_()
+
+    def _copy2d(self, dst, dst_off, dst_pitch, src, src_off, src_pitch, width, rows):
+        d = torch.as_strided(dst, (rows, width), (dst_pitch, 1), dst.storage_offset() + dst_off)
+        d.copy_(torch.as_strided(src, (rows, width), (src_pitch, 1), src.storage_offset() + src_off))
+
+    def _upload(self, buf, host):
+        buf.copy_(to_torch(host, self.device))
+
+    def _download(self, buf):
+        return to_numpy(buf)
+
+    def address(self, name):
+        return int(self._bufs[name].data_ptr())
+
+    def upload(self, name: str, host: np.ndarray) -> None:
+        before = self.traffic.h2d
+        super().upload(name, host)
+        if self.device.type == "cpu":
+            self.traffic.h2d = before
+
+    def download(self, name: str) -> np.ndarray:
+        before = self.traffic.d2h
+        out = super().download(name)
+        if self.device.type == "cpu":
+            self.traffic.d2h = before
+        return out
 
 
 class TorchRunner:
-    """Runs WanModel.forward on numpy feeds (zero-copy on CPU). `before_pass` lets the warmup
-    monitor see which pass is running and which cache slots hold which frames."""
+    """Runs WanModel.forward for the driver. `before_pass` lets the warmup monitor see which pass is
+    running and which cache slots hold which frames. A cache mask with every slot valid is passed as
+    None: the attention then runs without a mask (flash/cuDNN kernels on a GPU)."""
 
-    def __init__(self, model: WanModel, device: str | torch.device = "cpu",
+    def __init__(self, model: WanModel, device: str | torch.device | None = None,
                  before_pass: Callable[[PassInfo], object] | None = None):
         self.model = model.eval()
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if next(model.parameters()).device != self.device:
+            self.model = model.to(self.device)
+        self.dtype = next(model.parameters()).dtype
+        self.buffers = TorchBuffers(self.device)
         self.input_names = list(INPUTS)
         self.output_names = list(OUTPUTS)
         self.before_pass = before_pass
 
-    def run(self, feeds: dict[str, np.ndarray], info: PassInfo | None = None) -> dict[str, np.ndarray]:
-        # reshape: np.ascontiguousarray turns 0-d scalars (frame_index, pass_kind) into shape [1]
-        args = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v))).to(self.device)
-                for k, v in feeds.items()}
+    def _feed(self, name: str, a: np.ndarray) -> torch.Tensor | None:
+        if name.endswith("_mask") and np.all(a):
+            return None
+        t = to_torch(a, self.device)
+        if self.device.type != "cpu":
+            self.buffers.traffic.h2d += a.nbytes
+        if t.is_floating_point() and name not in FLOAT32_INPUTS:
+            t = t.to(self.dtype)
+        return t
+
+    def run(self, feeds: dict[str, np.ndarray], info: PassInfo | None = None) -> dict:
+        args = {k: self._feed(k, v) for k, v in feeds.items()}
+        for name in self.buffers.names():
+            if name in self.input_names and name not in args:
+                args[name] = self.buffers[name]
         if "pass_kind" in args and not self.model.per_pass_kind():
             args.pop("pass_kind")
         monitor = self.before_pass(info) if self.before_pass is not None and info is not None else None
         with torch.no_grad():
             outs = self.model(**args, monitor=monitor)
-        # numpy has no bfloat16: hand bf16 results over as float32.
-        return {name: o.float().cpu().numpy() if o.dtype == torch.bfloat16 else o.cpu().numpy()
-                for name, o in zip(OUTPUTS, outs) if o is not None}
+        pred = outs[0].float().cpu().numpy()
+        if self.device.type != "cpu":
+            self.buffers.traffic.d2h += pred.nbytes
+        result = {"prediction": pred}
+        result.update({name: o for name, o in zip(OUTPUTS[1:], outs[1:]) if o is not None})
+        return result
 
 
 def geometry(cfg: WanConfig, modes: list[str], local_window: int = 0, local_sink: int = 0, batch: int = 1,
@@ -51,10 +135,16 @@ def geometry(cfg: WanConfig, modes: list[str], local_window: int = 0, local_sink
     )
 
 
+def model_dtype(model: WanModel) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def torch_stream(model: WanModel, context: torch.Tensor, seed: int, *, local_window: int = 0, local_sink: int = 0,
                  before_pass=None) -> Stream:
-    """A stream over the model's current layer modes, with the text K/V computed once here."""
+    """A stream over the model's current layer modes on the model's device and in its dtype, with the
+    text K/V computed once here."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        cross_kv = model.cross_kv(context).cpu().numpy()
-    geo = geometry(model.cfg, model.modes, local_window, local_sink, batch=context.shape[0])
+        cross_kv = to_numpy(model.cross_kv(context.to(device, next(model.parameters()).dtype)))
+    geo = geometry(model.cfg, model.modes, local_window, local_sink, batch=context.shape[0], dtype=model_dtype(model))
     return Stream(TorchRunner(model, before_pass=before_pass), geo, cross_kv, seed)

@@ -17,21 +17,30 @@ from typing import Any
 
 import numpy as np
 
+from .buffers import host_dtype
 from .driver import FULL, LOCAL, Geometry
 from .files import sha256_file
 from .schedule import ring_slot
 
-SCHEMA_VERSION = 1
+# 2: RoPE angles as the input `rope_frame` (no 1,024-frame limit), bfloat16 graphs, `positions`.
+SCHEMA_VERSION = 2
 FORMAT = "ispa-export"
 MANIFEST = "manifest.json"
 ONNX = "model.onnx"
 STATE = "state.safetensors"
 REPORT = "report.json"
 REQUIRED_FILES = (ONNX, STATE)
-IO_DTYPES = ("float32", "float16", "int64", "bool")
+IO_DTYPES = ("float32", "float16", "bfloat16", "int64", "bool")
+GRAPH_DTYPES = ("float32", "float16", "bfloat16")
+# How the graph gets its positions (manifest `positions.scheme`): the runtime computes the chunk's
+# frame-axis RoPE angles in float64 modulo 2*pi from absolute frame indices and feeds their cos/sin.
+# Keys are cached after RoPE, so every cached frame keeps its absolute position; attention depends
+# only on query-key distances, which stay those of the training window for the rolling frames. Sink
+# frames are not re-based: a sink's distance to the chunk grows with the stream.
+POSITION_SCHEME = "absolute-rope-input"
 MODULATIONS = ("baked", "input")
 # The graph inputs the driver knows how to feed (runtimes.driver.Stream._feeds + constants).
-KNOWN_INPUTS = ("latents", "timestep", "frame_index", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
+KNOWN_INPUTS = ("latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
                 "kv_local_mask", "pass_kind", "ispa_weight", "ispa_bias")
 GROUPS = (("full", FULL, "kv_full"), ("local", LOCAL, "kv_local"))
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -173,8 +182,13 @@ def _read_manifest(directory: Path) -> dict:
         raise _fail(path, "format", repr(FORMAT), found)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise _fail(path, "schema_version", f"{SCHEMA_VERSION} (this runtime reads schema version {SCHEMA_VERSION})",
+        why = (" (an artifact from before RoPE angles became a graph input: re-export it)"
+               if version == 1 else f" (this runtime reads schema version {SCHEMA_VERSION})")
+        raise _fail(path, "schema_version", f"{SCHEMA_VERSION}{why}",
                     _kind(version) if "schema_version" in manifest else "no such field")
+    positions = _field(manifest, "positions", dict, "")
+    if positions.get("scheme") != POSITION_SCHEME:
+        raise _fail(path, "positions.scheme", repr(POSITION_SCHEME), _kind(positions.get("scheme")))
     for key, kind in (("model", dict), ("layers", list), ("geometry", dict), ("caches", dict),
                       ("modulation", str), ("inputs", list), ("outputs", list), ("files", dict)):
         _field(manifest, key, kind, "")
@@ -203,12 +217,15 @@ def _geometry(manifest: dict) -> Geometry:
             raise _fail(MANIFEST, f"geometry.{prefix}_sink",
                         f"< {prefix}_capacity={cap} (the ring needs a rolling part)", sink)
     dtype = _field(g, "dtype", str, "geometry")
-    if dtype not in ("float32", "float16"):
-        raise _fail(MANIFEST, "geometry.dtype", "'float32' or 'float16'", repr(dtype))
+    if dtype not in GRAPH_DTYPES:
+        raise _fail(MANIFEST, "geometry.dtype", f"one of {list(GRAPH_DTYPES)}", repr(dtype))
     ts = _field(g, "timesteps", list, "geometry")
     if not ts or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in ts):
         raise _fail(MANIFEST, "geometry.timesteps", "a non-empty list of finite numbers", _one_line(ts, 120))
-    return Geometry(modes=list(modes), dtype=dtype, timesteps=[float(t) for t in ts], **ints)
+    theta = _field(g, "rope_theta", (int, float), "geometry")
+    if not (math.isfinite(theta) and theta > 1):
+        raise _fail(MANIFEST, "geometry.rope_theta", "a finite number > 1", theta)
+    return Geometry(modes=list(modes), dtype=dtype, timesteps=[float(t) for t in ts], rope_theta=float(theta), **ints)
 
 
 def _cache_shape(geo: Geometry, mode: str) -> tuple[int, ...]:
@@ -243,7 +260,7 @@ def _check_layers_and_caches(manifest: dict, geo: Geometry) -> None:
         dtype = _field(c, "dtype", str, path)
         if dtype != geo.dtype:
             raise _fail(MANIFEST, f"{path}.dtype", f"{geo.dtype!r} (geometry.dtype)", repr(dtype))
-        nbytes = math.prod(shape) * np.dtype(geo.dtype).itemsize
+        nbytes = math.prod(shape) * host_dtype(geo.dtype).itemsize
         got = _field(c, "bytes", int, path)
         if got != nbytes:
             raise _fail(MANIFEST, f"{path}.bytes", f"{nbytes} (shape x itemsize)", got)
@@ -281,7 +298,7 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
     want_in: dict[str, tuple[tuple[int, ...] | None, str]] = {
         "latents": (geo.chunk_shape, geo.dtype),
         "timestep": ((b,), "float32"),
-        "frame_index": ((), "int64"),
+        "rope_frame": ((2, f, geo.rope_pairs), "float32"),
         "cross_kv": (None, geo.dtype),
     }
     want_out: dict[str, tuple[tuple[int, ...] | None, str | None]] = {"prediction": (geo.chunk_shape, None)}
@@ -448,7 +465,7 @@ def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str
         # Groups without layers may be left out of the file; the driver's empty group is rebuilt.
         if geo.modes.count(mode) == 0:
             if name not in state:
-                state[name] = np.zeros(_cache_shape(geo, mode), dtype=geo.dtype)
+                state[name] = np.zeros(_cache_shape(geo, mode), dtype=host_dtype(geo.dtype))
             if name + "_frames" not in state:
                 state[name + "_frames"] = np.full(cap, -1, dtype=np.int64)
     want["cross_kv"] = (inputs["cross_kv"].shape, inputs["cross_kv"].dtype)

@@ -1,17 +1,21 @@
-"""The streaming driver: owns the ring-buffer caches and runs the chunk loop on any runner.
+"""The streaming driver: runs the chunk loop and the ring arithmetic of the caches on any runner.
 
-A runner is anything with `input_names` and `run(feeds, info) -> outputs` over numpy arrays: the
-PyTorch module (ispa_export.torch_runner), ONNX Runtime (runtimes.ort) or TensorRT (runtimes.trt).
-The same driver, the same noise, the same ring arithmetic for all of them.
+A runner has `input_names`, `buffers` (runtimes.buffers: its device's memory, where the driver
+allocates the caches once) and `run(feeds, info)`, which takes the per-step host inputs, binds the
+rest from its buffers, and returns `prediction` on the host and the chunk's new K/V as buffers of its
+device: the PyTorch module (ispa_export.torch_runner), ONNX Runtime (runtimes.ort) or TensorRT
+(runtimes.trt). The same driver, the same noise, the same ring arithmetic for all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .schedule import chunk_noise, flow_step, renoise, ring_slot, warped_timesteps
+from .buffers import Buffers, host_dtype
+from .schedule import ROPE_THETA, chunk_noise, flow_step, frame_rope, renoise, ring_slot, warped_timesteps
 
 FULL, LOCAL = "F", "L"
 
@@ -25,44 +29,54 @@ class PassInfo:
 
 class Runner(Protocol):
     input_names: list[str]
+    buffers: Buffers
 
-    def run(self, feeds: dict[str, np.ndarray], info: PassInfo) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray], info: PassInfo) -> dict[str, Any]: ...
 
 
 @dataclass
 class CacheGroup:
     """Fixed-size K/V of the layers that share one capacity: [layers, 2, B, capacity*P, heads, head_dim].
 
-    `frames[slot]` is the absolute frame a slot holds (-1: empty); keys carry their RoPE already, so
-    the order of slots does not matter and the validity mask is all the graph needs.
+    The data live in the runner's buffers (on its device, in the graph's dtype) under `name`;
+    `frames[slot]` is the absolute frame a slot holds (-1: empty), kept on the host. Keys carry their
+    RoPE already, so the order of slots does not matter and the validity mask is all the graph needs.
     """
 
+    mode: str
+    name: str
+    layers: int
     capacity: int
     sink: int
     tokens_per_frame: int
-    data: np.ndarray
+    buffers: Buffers
     frames: np.ndarray
 
-    @classmethod
-    def empty(cls, layers: int, capacity: int, sink: int, batch: int, tokens_per_frame: int, heads: int,
-              head_dim: int, dtype) -> "CacheGroup":
-        data = np.zeros((layers, 2, batch, capacity * tokens_per_frame, heads, head_dim), dtype=dtype)
-        return cls(capacity, sink, tokens_per_frame, data, np.full(capacity, -1, dtype=np.int64))
+    @property
+    def data(self):
+        """The group's buffer on the runner's device (None for a group without layers)."""
+        return self.buffers[self.name] if self.layers else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the group (exact: shape x itemsize of the device buffer)."""
+        return self.buffers.nbytes(self.name) if self.layers else 0
 
     @property
     def mask(self) -> np.ndarray:
         return self.frames >= 0
 
-    def slot_tokens(self, slot: int) -> slice:
-        return slice(slot * self.tokens_per_frame, (slot + 1) * self.tokens_per_frame)
+    def slots(self, start: int, count: int) -> list[int]:
+        return [ring_slot(start + i, self.capacity, self.sink) for i in range(count)]
 
-    def write(self, new_kv: np.ndarray, start: int) -> None:
-        """Store a chunk's K/V [layers, 2, B, f*P, heads, head_dim] for frames start, start+1, ..."""
-        p = self.tokens_per_frame
-        for i in range(new_kv.shape[3] // p):
-            slot = ring_slot(start + i, self.capacity, self.sink)
-            self.data[:, :, :, self.slot_tokens(slot)] = new_kv[:, :, :, i * p:(i + 1) * p]
-            self.frames[slot] = start + i
+    def write(self, new_kv, count: int, start: int) -> None:
+        """Store a chunk's K/V [layers, 2, B, count*P, heads, head_dim] (a buffer of the runner's device)
+        for frames start, start+1, ...: one device-to-device copy per frame."""
+        slots = self.slots(start, count)
+        shape = self.buffers.shapes[self.name]
+        new_shape = shape[:3] + (count * self.tokens_per_frame,) + shape[4:]
+        self.buffers.store_frames(self.name, new_kv, new_shape, slots, self.tokens_per_frame)
+        self.frames[slots] = np.arange(start, start + count)
 
 
 @dataclass
@@ -84,52 +98,90 @@ class Geometry:
     local_sink: int
     dtype: str = "float32"
     timesteps: list[float] = field(default_factory=warped_timesteps)
+    rope_theta: float = ROPE_THETA
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:
         return (self.batch, self.channels, self.chunk_frames, self.height, self.width)
 
-    def empty_group(self, mode: str) -> CacheGroup:
+    @property
+    def rope_pairs(self) -> int:
+        """Rotary channel pairs of the frame axis (Wan splits head_dim/2 pairs [c - 2*(c//3), c//3, c//3])."""
+        c = self.head_dim // 2
+        return c - 2 * (c // 3)
+
+    def group_spec(self, mode: str) -> tuple[int, int, tuple[int, ...]]:
+        """(capacity, sink, buffer shape) of the cache group of layers in `mode`."""
         cap, sink = ((self.full_capacity, self.full_sink) if mode == FULL
                      else (self.local_capacity, self.local_sink))
-        return CacheGroup.empty(self.modes.count(mode), cap, sink, self.batch, self.tokens_per_frame,
-                                self.heads, self.head_dim, np.dtype(self.dtype))
+        shape = (self.modes.count(mode), 2, self.batch, cap * self.tokens_per_frame, self.heads, self.head_dim)
+        return cap, sink, shape
+
+
+CACHE_INPUTS = {FULL: "kv_full", LOCAL: "kv_local"}
 
 
 class Stream:
-    """Generates chunk after chunk; `state` can be handed off between backends (state.safetensors)."""
+    """Generates chunk after chunk; `state_arrays()` can be handed off between backends (state.safetensors).
+
+    The caches, the text K/V and the per-instance constants live in `runner.buffers`, allocated once
+    on the runner's device; a steady-state step sends the chunk's latents, its timestep, RoPE angles
+    and cache masks, and brings back the prediction. With `keep_latents` the stream also keeps every
+    latent it made (the warmup's handoff needs them); a deployment streams them out instead.
+    """
 
     def __init__(self, runner: Runner, geometry: Geometry, cross_kv: np.ndarray, seed: int,
-                 constants: dict[str, np.ndarray] | None = None):
+                 constants: dict[str, np.ndarray] | None = None, keep_latents: bool = True):
         self.runner = runner
+        self.buffers: Buffers = runner.buffers
         self.geo = geometry
         self.seed = seed
-        self.cross_kv = cross_kv
-        self.constants = constants or {}  # e.g. ispa_weight/ispa_bias when modulation is an input
         self.chunk = 0
         self.frame_index = 0
-        self.groups = {m: geometry.empty_group(m) for m in (FULL, LOCAL)}
+        self.keep_latents = keep_latents
         self.latents: list[np.ndarray] = []
+        self.static_inputs = ["cross_kv"]
+        self._upload("cross_kv", cross_kv)
+        for name, value in (constants or {}).items():  # e.g. ispa_weight/ispa_bias when modulation is an input
+            self._upload(name, value)
+            self.static_inputs.append(name)
+        self.groups = self._allocate(self.geo)
+
+    def _upload(self, name: str, value: np.ndarray) -> None:
+        self.buffers.allocate(name, value.shape, value.dtype.name)
+        self.buffers.upload(name, value)
+
+    def _allocate(self, geo: Geometry, suffix: str = "") -> dict[str, CacheGroup]:
+        groups = {}
+        for mode in (FULL, LOCAL):
+            cap, sink, shape = geo.group_spec(mode)
+            name = CACHE_INPUTS[mode]
+            if shape[0]:
+                self.buffers.allocate(name + suffix, shape, geo.dtype)
+            groups[mode] = CacheGroup(mode, name + suffix, shape[0], cap, sink, geo.tokens_per_frame, self.buffers,
+                                      np.full(cap, -1, dtype=np.int64))
+        return groups
+
+    @property
+    def cross_kv(self) -> np.ndarray:
+        return self.buffers.download("cross_kv")
 
     # -- one chunk ---------------------------------------------------------------------------
     def feeds(self, x: np.ndarray, t: float, pass_kind: int) -> dict[str, np.ndarray]:
-        dtype = np.dtype(self.geo.dtype)
+        """The per-step host inputs; the caches, text K/V and constants are bound from the buffers."""
         feeds = {
-            "latents": x.astype(dtype, copy=False),
+            "latents": x,
             "timestep": np.full((self.geo.batch,), t, dtype=np.float32),
-            "frame_index": np.array(self.frame_index, dtype=np.int64),
-            "cross_kv": self.cross_kv,
+            "rope_frame": frame_rope(self.frame_index, self.geo.chunk_frames, self.geo.rope_pairs, self.geo.rope_theta),
             "pass_kind": np.array(pass_kind, dtype=np.int64),
         }
-        for mode, name in ((FULL, "kv_full"), (LOCAL, "kv_local")):
-            group = self.groups[mode]
-            if group.data.shape[0]:
-                feeds[name], feeds[name + "_mask"] = group.data, group.mask
-        feeds.update(self.constants)
+        for group in self.groups.values():
+            if group.layers:
+                feeds[group.name + "_mask"] = group.mask
         names = set(self.runner.input_names)
         return {k: v for k, v in feeds.items() if k in names}
 
-    def _run(self, x: np.ndarray, t: float, pass_kind: int) -> dict[str, np.ndarray]:
+    def _run(self, x: np.ndarray, t: float, pass_kind: int) -> dict:
         info = PassInfo(self.chunk, self.frame_index, pass_kind)
         return self.runner.run(self.feeds(x, t, pass_kind), info)
 
@@ -137,22 +189,24 @@ class Stream:
         """Denoise the next chunk with the few-step schedule, then write its K/V (cache pass at t=0).
 
         With `given` frames [B, C, f, H, W] the cache pass stores those instead of the sample
-        (teacher forcing: continue a known video, or monitor on real frames)."""
+        (teacher forcing: continue a known video, or monitor on real frames). Returns the chunk's
+        latents (float32, on the host)."""
         ts = self.geo.timesteps
         shape = self.geo.chunk_shape
         noisy = chunk_noise(self.seed, self.chunk, 0, shape)
         for k, t in enumerate(ts):
-            pred = self._run(noisy, t, k)["prediction"].astype(np.float32)
+            pred = np.asarray(self._run(noisy, t, k)["prediction"], dtype=np.float32)
             x0 = flow_step(noisy, pred, t / 1000.0)
             if k + 1 < len(ts):
                 noisy = renoise(x0, chunk_noise(self.seed, self.chunk, k + 1, shape), ts[k + 1] / 1000.0)
         if given is not None:
-            x0 = given.astype(np.float32)
+            x0 = np.asarray(given, dtype=np.float32)
         out = self._run(x0, 0.0, len(ts))
-        for mode, name in ((FULL, "new_kv_full"), (LOCAL, "new_kv_local")):
-            if self.groups[mode].data.shape[0]:
-                self.groups[mode].write(out[name], self.frame_index)
-        self.latents.append(x0)
+        for group in self.groups.values():
+            if group.layers:
+                group.write(out["new_" + CACHE_INPUTS[group.mode]], self.geo.chunk_frames, self.frame_index)
+        if self.keep_latents:
+            self.latents.append(x0)
         self.chunk += 1
         self.frame_index += self.geo.chunk_frames
         return x0
@@ -168,58 +222,76 @@ class Stream:
 
     # -- the transition ----------------------------------------------------------------------
     def relayout(self, modes: list[str], local_capacity: int, local_sink: int) -> None:
-        """Switch layer modes: a layer going local keeps only the frames its sink + window retains."""
+        """Switch layer modes: a layer going local keeps only the frames its sink + window retains.
+
+        The frames move on the device, one layer-frame copy each; the old buffers are freed after."""
         old_modes, old = self.geo.modes, self.groups
         if len(modes) != len(old_modes):
             raise ValueError(f"expected {len(old_modes)} layer modes, got {len(modes)}")
-        self.geo.modes, self.geo.local_capacity, self.geo.local_sink = list(modes), local_capacity, local_sink
-        new = {m: self.geo.empty_group(m) for m in (FULL, LOCAL)}
+        geo = dataclasses.replace(self.geo, modes=list(modes), local_capacity=local_capacity, local_sink=local_sink)
+        new = self._allocate(geo, suffix=".next")
         pos = {FULL: 0, LOCAL: 0}
         src_pos = {FULL: 0, LOCAL: 0}
         for was, now in zip(old_modes, modes):
             src, dst = old[was], new[now]
-            i, j = src_pos[was], pos[now]
             for slot, frame in enumerate(src.frames):
                 if frame < 0:
                     continue
-                keep = frame < dst.sink or frame >= self.frame_index - (dst.capacity - dst.sink)
-                if keep:
+                if frame < dst.sink or frame >= self.frame_index - (dst.capacity - dst.sink):
                     d = ring_slot(int(frame), dst.capacity, dst.sink)
-                    dst.data[j, :, :, dst.slot_tokens(d)] = src.data[i, :, :, src.slot_tokens(slot)]
+                    self.buffers.copy_frame(dst.name, pos[now], d, src.name, src_pos[was], slot, dst.tokens_per_frame)
                     dst.frames[d] = frame
             src_pos[was] += 1
             pos[now] += 1
-        self.groups = new
+        for group in old.values():
+            self.buffers.free(group.name)
+        for group in new.values():
+            final = group.name.removesuffix(".next")
+            if group.layers:
+                self.buffers.rename(group.name, final)
+            group.name = final
+        self.geo, self.groups = geo, new
 
     # -- handoff -----------------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {
-            "kv_full": self.groups[FULL].data, "kv_full_frames": self.groups[FULL].frames,
-            "kv_local": self.groups[LOCAL].data, "kv_local_frames": self.groups[LOCAL].frames,
-            "cross_kv": self.cross_kv,
+        """The handoff state on the host, caches in the graph's dtype (bf16 as ml_dtypes)."""
+        arrays = {}
+        for mode, group in self.groups.items():
+            name = CACHE_INPUTS[mode]
+            _, _, shape = self.geo.group_spec(mode)
+            arrays[name] = self.buffers.download(group.name) if group.layers else np.zeros(shape, host_dtype(self.geo.dtype))
+            arrays[name + "_frames"] = group.frames.copy()
+        for name in self.static_inputs:
+            arrays[name] = self.buffers.download(name)
+        arrays.update({
             "frame_index": np.array(self.frame_index, dtype=np.int64),
             "chunk": np.array(self.chunk, dtype=np.int64),
             "seed": np.array(self.seed, dtype=np.int64),
             "latents": (np.concatenate(self.latents, axis=2) if self.latents
                         else np.zeros(self.geo.chunk_shape[:2] + (0,) + self.geo.chunk_shape[3:], np.float32)),
-        }
-        arrays.update(self.constants)
+        })
         return arrays
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        for mode, name in ((FULL, "kv_full"), (LOCAL, "kv_local")):
-            group = self.groups[mode]
-            for key, want in ((name, group.data), (name + "_frames", group.frames)):
+        for mode, group in self.groups.items():
+            name = CACHE_INPUTS[mode]
+            _, _, shape = self.geo.group_spec(mode)
+            dtype = host_dtype(self.geo.dtype)
+            for key, want_shape, want_dtype in ((name, shape, dtype), (name + "_frames", group.frames.shape,
+                                                                        group.frames.dtype)):
                 got = arrays[key]
-                if got.shape != want.shape or got.dtype != want.dtype:
-                    raise ValueError(f"state field {key!r}: expected {want.dtype}{list(want.shape)}, "
-                                     f"found {got.dtype}{list(got.shape)}")
-            group.data[...] = arrays[name]
+                if got.shape != tuple(want_shape) or got.dtype != want_dtype:
+                    raise ValueError(f"state field {key!r}: expected {want_dtype.name}{list(want_shape)}, "
+                                     f"found {got.dtype.name}{list(got.shape)}")
+            if group.layers:
+                self.buffers.upload(group.name, arrays[name])
             group.frames[...] = arrays[name + "_frames"]
-        self.cross_kv = arrays["cross_kv"]
+        self._upload("cross_kv", arrays["cross_kv"])
         self.frame_index = int(arrays["frame_index"])
         self.chunk = int(arrays["chunk"])
         self.seed = int(arrays["seed"])
-        lat = arrays["latents"]
-        f = self.geo.chunk_frames
-        self.latents = [lat[:, :, i:i + f] for i in range(0, lat.shape[2], f)]
+        if self.keep_latents:
+            lat = arrays["latents"]
+            f = self.geo.chunk_frames
+            self.latents = [lat[:, :, i:i + f] for i in range(0, lat.shape[2], f)]
+

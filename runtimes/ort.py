@@ -1,8 +1,11 @@
-"""ONNX Runtime backend of the streaming driver: numpy in, numpy out, static shapes.
+"""ONNX Runtime backend of the streaming driver: static shapes, every buffer bound by address.
 
-Outputs go into numpy buffers allocated once and bound by address (IO binding), and inputs are
-bound by address too, so a steady-state step allocates no new host memory. Imports numpy and
-onnxruntime only.
+The caches, text K/V and constants live in `buffers` (host numpy arrays on the CPU provider, device
+memory on the CUDA provider), bound with `bind_ortvalue_input`; every static output is a buffer bound
+once with `bind_ortvalue_output`, so a steady-state step allocates nothing and the chunk's new K/V go
+into the ring by a device-to-device copy. Per-step host inputs (latents, timestep, RoPE angles, masks)
+are bound from host memory and copied in by onnxruntime. Imports numpy and onnxruntime (and
+cuda-python on a CUDA provider) only.
 """
 from __future__ import annotations
 
@@ -11,22 +14,49 @@ from typing import Any
 
 import numpy as np
 
+from .buffers import CudaBuffers, HostBuffers, host_dtype
+
 # Preference order when the caller names no providers: the fastest one this build of onnxruntime has.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 _ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(bool)": np.bool_,
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(uint16)": "uint16", "tensor(bool)": "bool",
 }
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16: onnxruntime takes it where numpy has no dtype
 
 
 def ort_type_to_numpy(type_str: str) -> np.dtype:
-    """'tensor(float16)' -> float16; ValueError for types numpy cannot hold (bfloat16, strings)."""
+    """'tensor(float16)' -> float16 (bfloat16: ml_dtypes'); ValueError for types not handled here (strings)."""
     try:
-        return np.dtype(_ORT_TYPES[type_str])
+        return host_dtype(_ORT_TYPES[type_str])
     except KeyError:
         raise ValueError(f"onnxruntime type {type_str} has no numpy equivalent handled here") from None
+
+
+class OrtCudaBuffers(CudaBuffers):
+    """Device buffers that are onnxruntime OrtValues on the CUDA provider (copies through cuda-python)."""
+
+    def _empty(self, shape, dtype):
+        import onnxruntime as ort
+
+        dt = _ONNX_BFLOAT16 if dtype == "bfloat16" else host_dtype(dtype).type
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dt, "cuda", self.device_id)
+        nbytes = int(np.prod(shape)) * host_dtype(dtype).itemsize
+        if nbytes:
+            self._check_memset(value.data_ptr(), nbytes)
+        return value
+
+    def _check_memset(self, ptr: int, nbytes: int) -> None:
+        from .buffers import _check
+
+        _check(self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self._stream), "cudaMemsetAsync")
+
+    def _zero(self, buf):
+        name = next((n for n, b in self._bufs.items() if b is buf), None)
+        if name is not None:
+            self._check_memset(buf.data_ptr(), self.nbytes(name))
 
 
 def default_providers() -> list[str]:
@@ -43,9 +73,9 @@ def _static(shape: list[Any]) -> tuple[int, ...] | None:
 class OrtRunner:
     """Runs one ONNX model through onnxruntime with the driver's runner protocol.
 
-    `run` returns the runner's own output buffers, overwritten by the next call: the driver copies
-    what it keeps (`prediction` via astype, the new K/V into its ring buffers) before the next
-    step, so no per-step copy is made. Pass copy_outputs=True to get fresh arrays instead.
+    `run` returns the prediction on the host and the other outputs as the runner's own buffers,
+    overwritten by the next call: the driver copies what it keeps (the new K/V into its ring buffers)
+    before the next step. Pass copy_outputs=True to get fresh host arrays instead.
     """
 
     def __init__(self, onnx_path: str | os.PathLike, providers: list[str] | None = None,
@@ -68,56 +98,74 @@ class OrtRunner:
         self.input_shapes = {a.name: _static(a.shape) for a in ins}
         self.output_dtypes = {a.name: ort_type_to_numpy(a.type) for a in outs}
         self.output_shapes = {a.name: _static(a.shape) for a in outs}
+        cuda = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device = "cuda" if cuda else "cpu"
+        self.buffers = OrtCudaBuffers() if cuda else HostBuffers()
         self._binding = self.session.io_binding()
+        self._values: dict[tuple[str, int], Any] = {}  # OrtValues of host buffers, by (name, address)
         # Static outputs are bound once to buffers that live as long as the runner; an output
         # with a symbolic dimension is left to onnxruntime to allocate each call.
-        self.outputs: dict[str, np.ndarray] = {}
         for name in self.output_names:
             shape = self.output_shapes[name]
             if shape is None:
-                continue
-            buf = np.empty(shape, dtype=self.output_dtypes[name])
-            self.outputs[name] = buf
-        self._bind_outputs()
-
-    def _bind_outputs(self) -> None:
-        for name in self.output_names:
-            buf = self.outputs.get(name)
-            if buf is None:
-                self._binding.bind_output(name, "cpu")
+                self._binding.bind_output(name, self.device)
             else:
-                self._binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                self.buffers.allocate(name, shape, self.output_dtypes[name].name)
+                self._binding.bind_ortvalue_output(name, self._ortvalue(name))
+
+    def _ortvalue(self, name: str) -> Any:
+        buf = self.buffers[name]
+        if self.device != "cpu":
+            return buf
+        import onnxruntime as ort
+
+        key = (name, buf.ctypes.data)
+        if key not in self._values:  # wraps the numpy memory, no copy
+            self._values = {k: v for k, v in self._values.items() if k[0] != name}
+            self._values[key] = ort.OrtValue.ortvalue_from_numpy(buf)
+        return self._values[key]
 
     def _input(self, name: str, value: np.ndarray) -> np.ndarray:
         want = self.input_dtypes[name]
         a = np.asarray(value)
         if a.dtype != want:
-            # The driver feeds the graph's dtypes already; a cast here (one allocation) only for other callers.
+            # Latents come as float32 from the driver: cast to the graph's dtype (one small allocation).
             a = a.astype(want)
         shape = self.input_shapes[name]
         if shape is not None and a.shape != shape:
             raise ValueError(f"{self.onnx_path}: input {name!r}: expected {want.name}{list(shape)}, "
                              f"got {a.dtype.name}{list(a.shape)}")
-        # Not np.ascontiguousarray: it turns 0-d scalars (frame_index) into shape [1].
+        # Not np.ascontiguousarray: it turns 0-d scalars (pass_kind) into shape [1].
         return a if a.flags.c_contiguous else np.require(a, requirements="C")
 
-    def run(self, feeds: dict[str, np.ndarray], info: Any = None) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
+    def run(self, feeds: dict[str, np.ndarray], info: Any = None) -> dict[str, Any]:
+        missing = [n for n in self.input_names if n not in feeds and n not in self.buffers]
         if missing:
             raise ValueError(f"{self.onnx_path}: missing inputs {missing} (graph inputs: {self.input_names})")
-        keep = []  # the bound addresses must stay valid until the run returns
+        keep = []  # the bound host addresses must stay valid until the run returns
         for name in self.input_names:
-            a = self._input(name, feeds[name])
-            keep.append(a)
-            self._binding.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            if name in feeds:
+                a = self._input(name, feeds[name])
+                keep.append(a)
+                dtype = _ONNX_BFLOAT16 if a.dtype.name == "bfloat16" else a.dtype
+                self._binding.bind_input(name, "cpu", 0, dtype, list(a.shape), a.ctypes.data)
+                if self.device != "cpu":
+                    self.buffers.traffic.h2d += a.nbytes
+            else:
+                self._binding.bind_ortvalue_input(name, self._ortvalue(name))
         self.session.run_with_iobinding(self._binding)
-        dynamic = [n for n in self.output_names if n not in self.outputs]
-        if dynamic:
-            values = dict(zip(self.output_names, self._binding.get_outputs()))
-            result = {n: (self.outputs[n] if n in self.outputs else values[n].numpy()) for n in self.output_names}
-        else:
-            result = dict(self.outputs)
+        dynamic = {}
+        if any(n not in self.buffers for n in self.output_names):
+            dynamic = {n: v for n, v in zip(self.output_names, self._binding.get_outputs()) if n not in self.buffers}
+        result: dict[str, Any] = {}
+        for name in self.output_names:
+            if name in dynamic:
+                result[name] = dynamic[name].numpy()
+            elif name == "prediction" or self.copy_outputs:
+                result[name] = self.buffers.download(name) if self.device != "cpu" else self.buffers[name]
+            else:
+                result[name] = self.buffers[name]
         del keep
         if self.copy_outputs:
-            return {n: v.copy() for n, v in result.items()}
+            return {n: np.array(v, copy=True) for n, v in result.items()}
         return result

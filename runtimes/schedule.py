@@ -41,3 +41,19 @@ def ring_slot(frame: int, capacity: int, sink: int) -> int:
         return frame
     return sink + (frame - sink) % (capacity - sink)
 
+
+
+# Wan's rope_params theta. The graph takes the chunk's frame-axis RoPE as an input (`rope_frame`)
+# instead of indexing a fixed 1,024-row table, so a stream has no length limit.
+ROPE_THETA = 10000.0
+
+
+def frame_rope(start: int, frames: int, pairs: int, theta: float = ROPE_THETA) -> np.ndarray:
+    """cos and sin [2, frames, pairs] (float32) of the frame-axis RoPE angles of frames start, start+1, ...
+
+    Wan's angle of pair j at position p is p * theta^(-2j / (2*pairs)); it is computed in float64 and
+    reduced modulo 2*pi before the cast, so frame 10^9 is as exact as frame 10."""
+    inv = 1.0 / np.power(theta, np.arange(0, 2 * pairs, 2, dtype=np.float64) / (2 * pairs))
+    pos = np.arange(start, start + frames, dtype=np.float64)
+    angles = np.mod(np.outer(pos, inv), 2.0 * np.pi)
+    return np.stack([np.cos(angles), np.sin(angles)]).astype(np.float32)

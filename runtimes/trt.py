@@ -1,7 +1,7 @@
-"""TensorRT runner for a static-shape engine: numpy in, numpy out.
+"""TensorRT runner for a static-shape engine, its I/O in device buffers bound once.
 
-Deployment code: imports numpy, and — only when a runner is made — tensorrt and polygraphy.cuda.
-Never torch, ispa_export or graphs.
+Deployment code: imports numpy, and — only when a runner is made — tensorrt and cuda-python (through
+runtimes.buffers.CudaBuffers, shared with ONNX Runtime's CUDA path). Never torch, ispa_export or graphs.
 
 API references (TensorRT 10.x / 11.x Python API; Polygraphy 0.53 CUDA wrapper):
 - ICudaEngine num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_shape / get_tensor_dtype:
@@ -10,49 +10,43 @@ API references (TensorRT 10.x / 11.x Python API; Polygraphy 0.53 CUDA wrapper):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
 - Runtime.deserialize_cuda_engine:
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Runtime.html
-- polygraphy.cuda DeviceArray / Stream:
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/polygraphy/cuda/toc.html
+- cuda-python runtime API (cudaMalloc, cudaMemcpy2DAsync, cudaStreamCreate): runtimes/buffers.py
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
-# TensorRT DataType member -> host dtype. numpy has no bfloat16: BF16 I/O is float32 on the host
-# (converted, round to nearest even), and its device buffer holds uint16 bit patterns.
-_HOST_DTYPE = {
-    "FLOAT": np.float32, "HALF": np.float16, "BF16": np.float32, "INT32": np.int32,
-    "INT64": np.int64, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_,
+from .buffers import CudaBuffers, host_dtype
+
+# TensorRT DataType member -> graph dtype name (bfloat16 held as ml_dtypes' on the host).
+_DTYPES = {
+    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32",
+    "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool",
 }
-
-
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    if a.dtype.name == "bfloat16":  # an ml_dtypes array: already the bits
-        return a.view(np.uint16)
-    bits = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(np.asarray(a, dtype=np.float32)), np.uint16(0x7FC0), out)
 
 
 class TrtRunner:
     """Runs one TensorRT engine with the driver's runner protocol (same as runtimes.ort.OrtRunner).
 
-    Device buffers and host output buffers are allocated once, sized from the engine's I/O tensors,
-    and device addresses are bound once. `run` returns the runner's own output buffers, overwritten
-    by the next call; pass copy_outputs=True to get fresh arrays instead.
+    Every I/O tensor is a device buffer of `buffers` (runtimes.buffers.CudaBuffers), allocated once
+    and bound once with `set_tensor_address`; the driver keeps its caches in the engine's own cache
+    input tensors and stores each chunk's new K/V from the output tensors by device-to-device copies.
+    A step copies the per-step host inputs in, executes on the runner's CUDA stream, and copies the
+    prediction out. `run` returns the prediction on the host and the other outputs as device buffers
+    (fresh host arrays with copy_outputs=True).
     """
 
-    def __init__(self, engine_path: str | os.PathLike, copy_outputs: bool = False):
+    def __init__(self, engine_path: str | os.PathLike, copy_outputs: bool = False, device_id: int = 0):
         try:
             import tensorrt as trt
         except ImportError:
             raise RuntimeError(
                 "TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU and driver)"
             ) from None
-        from polygraphy import cuda
-        from polygraphy.datatype import DataType
 
         self.engine_path = os.fspath(engine_path)
         self.copy_outputs = copy_outputs
@@ -62,7 +56,7 @@ class TrtRunner:
         if self.engine is None:
             raise ValueError(f"{self.engine_path}: not a TensorRT engine for this TensorRT version and GPU")
         self.context = self.engine.create_execution_context()
-        self.stream = cuda.Stream()
+        self.buffers = CudaBuffers(device_id)
 
         self.input_names: list[str] = []
         self.output_names: list[str] = []
@@ -70,82 +64,68 @@ class TrtRunner:
         self.input_dtypes: dict[str, np.dtype] = {}
         self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.output_dtypes: dict[str, np.dtype] = {}
-        self.outputs: dict[str, np.ndarray] = {}
-        self._device: dict[str, object] = {}
-        self._bf16: dict[str, np.ndarray | None] = {}  # BF16 tensor -> its uint16 staging buffer (outputs)
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(self.engine.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise ValueError(f"{self.engine_path}: tensor '{name}' has dynamic shape {shape}; engines must be static")
             key = self.engine.get_tensor_dtype(name).name
-            if key not in _HOST_DTYPE:
+            if key not in _DTYPES:
                 raise ValueError(f"{self.engine_path}: tensor '{name}' has dtype {key}, which this runner does not handle")
-            host = np.dtype(_HOST_DTYPE[key])
-            device = np.dtype(np.uint16) if key == "BF16" else host
-            buf = cuda.DeviceArray(shape=shape, dtype=DataType.from_dtype(device, "numpy"))
-            # Addresses are fixed for the runner's life, so they are bound once here.
-            if not self.context.set_tensor_address(name, buf.ptr):
+            self.buffers.allocate(name, shape, _DTYPES[key])
+            self.buffers.fixed.add(name)
+            # Addresses (cudaMalloc: 256-byte aligned) are fixed for the runner's life: bound once here.
+            if not self.context.set_tensor_address(name, self.buffers.address(name)):
                 raise RuntimeError(f"{self.engine_path}: set_tensor_address failed for '{name}'")
-            self._device[name] = buf
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 self.input_names.append(name)
-                self.input_shapes[name], self.input_dtypes[name] = shape, host
-                if key == "BF16":
-                    self._bf16[name] = None
+                self.input_shapes[name], self.input_dtypes[name] = shape, host_dtype(_DTYPES[key])
             else:
                 self.output_names.append(name)
-                self.output_shapes[name], self.output_dtypes[name] = shape, host
-                self.outputs[name] = np.empty(shape, dtype=host)
-                if key == "BF16":
-                    self._bf16[name] = np.empty(shape, dtype=np.uint16)
+                self.output_shapes[name], self.output_dtypes[name] = shape, host_dtype(_DTYPES[key])
+        self.outputs = {n: np.empty(self.output_shapes[n], self.output_dtypes[n]) for n in ("prediction",)
+                        if n in self.output_shapes}
 
     def nbytes(self) -> int:
         """Device bytes held for I/O buffers (the engine's own activation memory not included)."""
-        return sum(buf.nbytes for buf in self._device.values())
+        return sum(self.buffers.nbytes(n) for n in self.buffers.names())
 
     def _input(self, name: str, value: np.ndarray) -> np.ndarray:
         want, shape = self.input_dtypes[name], self.input_shapes[name]
         a = np.asarray(value)
-        if name in self._bf16:
-            a = _bf16_bits(a)
-        elif a.dtype != want:
-            # The driver feeds the engine's dtypes already; a cast here (one allocation) only for other callers.
+        if a.dtype != want:
+            # Latents come as float32 from the driver: cast to the engine's dtype (bf16 via ml_dtypes).
             a = a.astype(want)
         if a.shape != shape:
             raise ValueError(f"{self.engine_path}: input {name!r}: expected {want.name}{list(shape)}, "
                              f"got {np.asarray(value).dtype.name}{list(a.shape)}")
         return np.require(a, requirements="C")  # ascontiguousarray would turn 0-d into 1-d
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Copy inputs to the device, execute on the runner's stream, copy outputs back, synchronize."""
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"{self.engine_path}: missing inputs {missing} (engine inputs: {self.input_names})")
+    def run(self, feeds: dict[str, np.ndarray], info: Any = None) -> dict[str, Any]:
+        """Copy the fed inputs in, execute on the runner's stream, copy the prediction out, synchronize.
+        Inputs not fed (the caches, text K/V, constants) are read where they are: in the device buffers."""
         keep = []  # async copies read these: keep them alive until the stream is synchronized
-        for name in self.input_names:
-            a = self._input(name, feeds[name])
+        for name, value in feeds.items():
+            if name not in self.input_shapes:
+                continue
+            a = self._input(name, value)
             keep.append(a)
-            self._device[name].copy_from(a, stream=self.stream)
-        if not self.context.execute_async_v3(self.stream.ptr):
+            self.buffers.upload_to(self.buffers.address(name), a)
+        if not self.context.execute_async_v3(self.buffers.stream):
             raise RuntimeError(f"{self.engine_path}: TensorRT execute_async_v3 failed (see the TensorRT log)")
-        for name in self.output_names:
-            self._device[name].copy_to(self._bf16.get(name, self.outputs[name]), stream=self.stream)
-        self.stream.synchronize()
-        for name in self.output_names:
-            if name in self._bf16:
-                self.outputs[name][...] = (self._bf16[name].astype(np.uint32) << 16).view(np.float32)
+        for name, out in self.outputs.items():
+            self.buffers.download_from(self.buffers.address(name), out)
+        self.buffers.synchronize()
         del keep
+        result: dict[str, Any] = {n: self.buffers[n] for n in self.output_names}
+        result.update(self.outputs)
         if self.copy_outputs:
-            return {n: v.copy() for n, v in self.outputs.items()}
-        return dict(self.outputs)
+            return {n: (v.copy() if isinstance(v, np.ndarray) else self.buffers.download(n)) for n, v in result.items()}
+        return result
 
     def close(self) -> None:
-        """Free device buffers and the stream now rather than at garbage collection."""
-        for buf in self._device.values():
-            buf.free()
-        self._device.clear()
-        self.stream.free()
+        """Free device buffers now rather than at garbage collection."""
+        self.buffers.close()
 
     def __enter__(self) -> "TrtRunner":
         return self

@@ -103,7 +103,7 @@ def test_stream_buffers_equal_kv_bytes():
     model.set_modes(modes)
     stream = torch_stream(model, torch.zeros(1, 2, cfg.text_dim), 0, local_window=cfg.chunk_frames,
                           local_sink=bench.SINK)
-    allocated = sum(g.data.nbytes for g in stream.groups.values())
+    allocated = sum(g.nbytes for g in stream.groups.values())
     assert allocated == kv_bytes(cfg, modes, cfg.chunk_frames, bench.SINK).total
     assert bench.crosscheck(cfg, modes, "float32")["allocated"] == allocated
 

@@ -57,7 +57,7 @@ def rel(a, b):
 @pytest.mark.parametrize("modulation", ["baked", "input"])
 def test_one_step_parity(tiny, artifacts, modulation):
     model, stream, _ = tiny
-    feeds = graph_feeds(stream, model, modulation, np.float32)
+    feeds = graph_feeds(stream, stream.state_arrays(), model, modulation, np.float32)
     feeds["latents"] = np.random.default_rng(0).standard_normal(feeds["latents"].shape, dtype=np.float32)
     ort_out = OrtRunner(artifacts[modulation] / "model.onnx").run(feeds)
     args = {k: torch.from_numpy(v) for k, v in feeds.items()}
@@ -73,7 +73,7 @@ def test_one_step_parity(tiny, artifacts, modulation):
 def test_one_step_parity_medium_config(tmp_path):
     model, stream, rep = baked(MEDIUM)
     write_artifact(tmp_path / "m", model, stream, rep, preset="medium", progress=lambda s: None)
-    feeds = graph_feeds(stream, model, "baked", np.float32)
+    feeds = graph_feeds(stream, stream.state_arrays(), model, "baked", np.float32)
     ort_out = OrtRunner(tmp_path / "m" / "model.onnx").run(feeds)
     with torch.no_grad():
         ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})

@@ -187,12 +187,13 @@ def test_bake_output_equals_original_plus_correction(variant, site):
     forward = model.forward
 
     def spy(**kw):
-        shapes.update({k: tuple(v.shape) for k, v in kw.items() if k in ("frame_index", "pass_kind")})
+        shapes.update({k: tuple(v.shape) for k, v in kw.items() if k in ("rope_frame", "pass_kind")})
         return forward(**kw)
 
     model.forward = spy
     assert np.isfinite(stream.step()).all()
-    assert shapes == ({"frame_index": (), "pass_kind": ()} if variant == "per_pass" else {"frame_index": ()})
+    rope = {"rope_frame": (2, CFG.chunk_frames, model.rope_pairs)}
+    assert shapes == (rope | {"pass_kind": ()} if variant == "per_pass" else rope)
 
 
 # -- 3. the correction generalises on a video correlated in time -------------------------------------
@@ -220,14 +221,14 @@ def test_steady_state_kv_bytes_meet_target(target):
     want = kv_bytes(CFG, model.modes, window, sink)
     rep = report(model, mon, tr, opts)
     for _ in range(3):  # at the transition and at steady state: the buffers have fixed sizes
-        assert sum(g.data.nbytes for g in stream.groups.values()) == want.total
+        assert sum(g.nbytes for g in stream.groups.values()) == want.total
         assert rep["kv_reduction"] >= target
         assert math.isclose(rep["kv_reduction"], 1 - want.total / kv_bytes(CFG).total)
         # L-layers hold the sink frames and the newest `window` frames, F-layers the full window
         local, full = stream.groups[LOCAL], stream.groups[FULL]
         assert sorted(local.frames) == list(range(sink)) + list(range(stream.frame_index - window, stream.frame_index))
         hist = [i for i in range(stream.frame_index) if retained(i, stream.frame_index, CFG.max_frames, 1)]
-        assert sorted(full.frames[full.frames >= 0]) == (hist if full.data.shape[0] else [])
+        assert sorted(full.frames[full.frames >= 0]) == (hist if full.layers else [])
         stream.step()
     assert len(tr.layers) == 4 or rep["kv_reduction"] - target < 6 / 32  # one layer fewer would miss it
 
@@ -325,7 +326,7 @@ def test_explicit_layers_are_honoured():
     opts = IspaOptions(layers=[3, 0], kv_reduction=None, window=2, sink=1, warmup_chunks=5, tol=10.0)
     model, stream, mon, tr, _ = run(opts)
     assert tr.layers == [0, 3] and model.modes == [LOCAL, FULL, FULL, LOCAL]
-    assert stream.groups[LOCAL].data.shape[0] == 2 and stream.groups[FULL].data.shape[0] == 2
+    assert stream.groups[LOCAL].layers == 2 and stream.groups[FULL].layers == 2
     assert report(model, mon, tr, opts)["selected_layers"] == [0, 3]
 
 
@@ -419,7 +420,7 @@ def test_report_fields_are_present_and_consistent():
     assert rep["transition_chunk"] == tr.chunk == stream.chunk == 6
     assert rep["selected_layers"] == tr.layers and sorted(rep["ranking"]) == [0, 1, 2, 3]
     assert rep["kv_bytes_before"] == kv_bytes(CFG).total
-    assert rep["kv_bytes_after"] == sum(g.data.nbytes for g in stream.groups.values())
+    assert rep["kv_bytes_after"] == sum(g.nbytes for g in stream.groups.values())
     assert math.isclose(rep["kv_reduction"], 1 - rep["kv_bytes_after"] / rep["kv_bytes_before"])
     assert rep["kv_reduction"] >= 0.25
     assert rep["monitored_chunks"] == mon.monitored_chunks

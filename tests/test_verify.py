@@ -46,7 +46,7 @@ def _ensure_golden(directory: Path, model, stream, modulation="baked", dtype="fp
         return
     torch_dtype, np_dtype, _ = DTYPES[dtype]
     graph_model = copy.deepcopy(model).cast(torch_dtype)
-    feeds = golden_feeds(stream, graph_feeds(stream, graph_model, modulation, np_dtype))
+    feeds = golden_feeds(stream, graph_feeds(stream, stream.state_arrays(), graph_model, modulation, np_dtype))
     assert add_golden(directory, graph_model, feeds) == [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
 
 
@@ -162,7 +162,7 @@ def test_save_golden_skips_graphs_over_the_size_limit(tmp_path):
     model.set_modes(["F", "L", "F", "L"])
     stream = torch_stream(model, torch.randn(1, 4, cfg.text_dim), 0, local_window=2, local_sink=1)
     stream.run(1)
-    feeds = golden_feeds(stream, graph_feeds(stream, model, "baked", np.float32))
+    feeds = golden_feeds(stream, graph_feeds(stream, stream.state_arrays(), model, "baked", np.float32))
     size = sum(a.nbytes for a in feeds.values())
     assert save_golden(tmp_path, model, feeds, max_bytes=size - 1) == [] and not list(tmp_path.iterdir())
     assert save_golden(tmp_path, model, feeds, max_bytes=10 * size) == [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
