@@ -36,6 +36,7 @@ from runtimes.schedule import ring_slot
 
 from .bench_report import markdown, plots
 from .export import export_onnx, graph_feeds, write_artifact
+from .flops import step_flops
 from .errors import UserError
 from .ispa import IspaOptions, report, transition
 from .kv import frame_bytes, kv_bytes, layers_for_target
@@ -200,23 +201,6 @@ def kv_growth(name: str, max_frames: int = 60) -> dict:
     return out
 
 
-# -- FLOPs ---------------------------------------------------------------------------------------
-def step_flops(cfg: WanConfig, modes: list[str], capacity: int) -> dict:
-    """Multiply-add FLOPs (x2) of one chunk step of the fixed graph: every GEMM and attention product;
-    norms, softmax and elementwise ops are left out. The fixed graph attends over all slots, valid or not."""
-    q, p, d = cfg.chunk_frames * cfg.tokens_per_frame, cfg.tokens_per_frame, cfg.dim
-    gemm = 2 * q * d * d * 6 + 4 * q * d * cfg.ffn_dim  # self q,k,v,o + cross q,o; FFN
-    cross = 4 * q * cfg.text_len * d  # cross-attention QK^T and AV (text K/V computed once per prompt)
-    attn = {FULL: 4 * q * (capacity * p + q) * d, LOCAL: 4 * q * ((cfg.chunk_frames + SINK) * p + q) * d}
-    outer = 2 * q * d * (cfg.in_dim * math.prod(cfg.patch_size) + cfg.patch_out)  # patchify + head
-    layer = {m: gemm + cross + attn[m] for m in (FULL, LOCAL)}
-    full = outer + cfg.num_layers * layer[FULL]
-    ispa = outer + sum(layer[m] for m in modes)
-    return {"full": full, "ispa": ispa, "predicted_ratio": ispa / full,
-            "f_layer_attention_share": attn[FULL] / layer[FULL],
-            "l_layer_attention_share": attn[LOCAL] / layer[LOCAL]}
-
-
 # -- step latency --------------------------------------------------------------------------------
 def ispa_copy(model: WanModel, modes: list[str], seed: int = 0) -> WanModel:
     """The model as the bake leaves it: L-layers with a folded W_o correction and the separate bias Add."""
@@ -297,7 +281,7 @@ def latency_rows(name: str, capacity: int, history: int, times: dict, cfg: WanCo
         rows.append({"config": name, "backend": backend, "capacity": capacity, "history": history,
                      "preset_capacity": cfg.max_frames, "local_layers": modes.count(LOCAL), "layers": len(modes),
                      "kv_removed": removed, "full": summary(full), "ispa": summary(ispa),
-                     "ratio": pair_ratio(ispa, full), "flops": step_flops(cfg, modes, capacity)})
+                     "ratio": pair_ratio(ispa, full), "flops": step_flops(cfg, modes, capacity, sink=SINK)})
     return rows
 
 
@@ -355,7 +339,7 @@ def cpu_skip_reason(cfg_name: str, rows: list[dict]) -> str:
     ref = max((r for r in rows if r["backend"] == "torch-cpu" and r["history"] == r["capacity"]),
               key=lambda r: r["flops"]["full"], default=None)
     cfg = preset(cfg_name)
-    flops = step_flops(cfg, ispa_modes(cfg), cfg.max_frames)["full"]
+    flops = step_flops(cfg, ispa_modes(cfg), cfg.max_frames, sink=SINK)["full"]
     reason = f"no CUDA device; one full step of {cfg_name} is {flops / 1e12:.0f} TFLOP"
     if ref is not None:
         rate = ref["flops"]["full"] / ref["full"]["median"]

@@ -155,7 +155,7 @@ def training_forward(model: WanModel, latents: torch.Tensor, t_frames: torch.Ten
     """WanModel.forward_sequence with one frame mask shared by all layers, attention block-sparse."""
     t = latents.shape[2]
     x, e, e6 = model.embed(latents, t_frames)
-    cos, sin = model.rope(frame_pos)
+    cos, sin = model.rope(model.frame_rope(frame_pos))
     p = model.cfg.tokens_per_frame
     for i, block in enumerate(model.blocks):
         mod = (block.modulation.unsqueeze(1) + e6).chunk(6, dim=2)

@@ -18,6 +18,7 @@ from graphs.wan import FULL, LOCAL, WanModel
 from ispa_export import bench
 from ispa_export.cli import main
 from ispa_export.kv import kv_bytes
+from ispa_export.flops import step_flops
 from ispa_export.torch_runner import torch_stream
 
 
@@ -111,11 +112,11 @@ def test_stream_buffers_equal_kv_bytes():
 def test_step_flops_attention_difference():
     cfg = preset("demo")
     modes = bench.ispa_modes(cfg)
-    flops = bench.step_flops(cfg, modes, cfg.max_frames)
+    flops = step_flops(cfg, modes, cfg.max_frames, sink=bench.SINK)
     q, p = cfg.chunk_frames * cfg.tokens_per_frame, cfg.tokens_per_frame
     saved_frames = cfg.max_frames - (cfg.chunk_frames + bench.SINK)
     assert flops["full"] - flops["ispa"] == modes.count(LOCAL) * 4 * q * saved_frames * p * cfg.dim
-    assert bench.step_flops(cfg, [FULL] * cfg.num_layers, cfg.max_frames)["predicted_ratio"] == 1
+    assert step_flops(cfg, [FULL] * cfg.num_layers, cfg.max_frames)["predicted_ratio"] == 1
 
 
 def test_paired_ratio_pairs_by_repetition():
