@@ -61,7 +61,9 @@ class TorchBuffers(Buffers):
         buf.copy_(to_torch(host, self.device))
 
     def _download(self, buf):
-        return to_numpy(buf)
+        # On the CPU .numpy() would share the live buffer: the handoff state must be a snapshot.
+        out = to_numpy(buf)
+        return out.copy() if self.device.type == "cpu" else out
 
     def address(self, name):
         return int(self._bufs[name].data_ptr())
