@@ -167,11 +167,10 @@ def build_engine(
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float -> bfloat16 bit patterns (uint16), round to nearest even; numpy has no bfloat16."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(np.asarray(a, dtype=np.float32))
-    return np.where(nan, np.uint16(0x7FC0), rounded)
+    """float -> bfloat16 bit patterns (uint16, round to nearest even), as TensorRT's refit takes them."""
+    from runtimes.buffers import host_dtype
+
+    return np.asarray(a, dtype=np.float32).astype(host_dtype("bfloat16")).view(np.uint16)
 
 
 def refit_engine(engine_path: str | os.PathLike, weights: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import math
 import sys
 import time
@@ -27,28 +26,6 @@ PREVIEW_MIN_PX = 128
 
 class BackendError(RuntimeError):
     """The requested backend cannot run here (not installed, no GPU); reported as one line."""
-
-
-class _DropInfo:
-    """Adapts a runner whose run() takes only feeds to the driver's run(feeds, info) call."""
-
-    def __init__(self, runner: Any):
-        self.runner = runner
-        self.input_names = runner.input_names
-        self.output_names = getattr(runner, "output_names", None)
-
-    def run(self, feeds: dict[str, np.ndarray], info: Any = None) -> dict[str, np.ndarray]:
-        return self.runner.run(feeds)
-
-
-def _takes_info(runner: Any) -> bool:
-    try:
-        params = inspect.signature(runner.run).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return True
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
 
 
 def make_runner(art: Artifact, backend: str = "ort", *, providers: list[str] | None = None,
@@ -96,13 +73,12 @@ def make_runner(art: Artifact, backend: str = "ort", *, providers: list[str] | N
     else:
         raise BackendError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
     _check_runner_io(runner, art, where)
-    return runner if _takes_info(runner) else _DropInfo(runner)
+    return runner
 
 
 def _runner_specs(runner: Any, names: list[str], kind: str) -> dict[str, tuple[Any, str]] | None:
-    # OrtRunner has input_/output_shapes and _dtypes; TrtRunner one `shapes`/`dtypes` map for both.
-    shapes = getattr(runner, f"{kind}_shapes", None) or getattr(runner, "shapes", None)
-    dtypes = getattr(runner, f"{kind}_dtypes", None) or getattr(runner, "dtypes", None)
+    shapes = getattr(runner, f"{kind}_shapes", None)
+    dtypes = getattr(runner, f"{kind}_dtypes", None)
     if not isinstance(shapes, dict) or not isinstance(dtypes, dict):
         return None
     return {n: (shapes.get(n), np.dtype(dtypes[n]).name if n in dtypes else None) for n in names}
@@ -248,7 +224,7 @@ def generate(args: argparse.Namespace, runner: Any = None) -> dict[str, Any]:
     record = {
         "artifact": str(Path(args.artifact).resolve()),
         "backend": args.backend,
-        "providers": list(getattr(getattr(runner, "runner", runner), "providers", []) or []),
+        "providers": list(getattr(runner, "providers", []) or []),
         "chunks_from_state": start_chunk,
         "chunks_generated": args.chunks,
         "frames": int(latents.shape[2]),

@@ -27,6 +27,7 @@ from graphs.wan import WanModel
 from ispa_export.torch_runner import torch_stream
 from runtimes import files as rfiles
 from runtimes.artifact import ArtifactError, load_artifact
+from runtimes.buffers import HostBuffers
 from runtimes.driver import FULL, LOCAL, Geometry, Stream
 from runtimes.files import atomic_directory, file_records, sha256_file, write_json_atomic
 from runtimes.ort import OrtRunner
@@ -42,7 +43,7 @@ NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int
 def io_specs(geo: Geometry, cross_shape, modulation: str, ispa_shapes=None):
     b, f, p = geo.batch, geo.chunk_frames, geo.tokens_per_frame
     ins = [("latents", list(geo.chunk_shape), geo.dtype), ("timestep", [b], "float32"),
-           ("frame_index", [], "int64"), ("cross_kv", list(cross_shape), geo.dtype)]
+           ("rope_frame", [2, f, geo.rope_pairs], "float32"), ("cross_kv", list(cross_shape), geo.dtype)]
     outs = [("prediction", list(geo.chunk_shape), "float32")]
     for mode, name, cap in ((FULL, "kv_full", geo.full_capacity), (LOCAL, "kv_local", geo.local_capacity)):
         n = geo.modes.count(mode)
@@ -55,8 +56,8 @@ def io_specs(geo: Geometry, cross_shape, modulation: str, ispa_shapes=None):
 
 
 def toy_onnx(path: Path, ins, outs, geo: Geometry, override: dict | None = None) -> None:
-    """prediction = latents/2 + timestep/1000 + frame_index/100 + mean(masked caches) + mean(constants);
-    new K/V = mean(latents) + frame_index, broadcast. `override` changes a declared I/O shape."""
+    """prediction = latents/2 + timestep/1000 + mean(rope_frame)/100 + mean(masked caches) + mean(constants);
+    new K/V = mean(latents) + mean(rope_frame), broadcast. `override` changes a declared I/O shape."""
     nodes, inits = [], []
 
     def const(name, value, dtype=np.float32):
@@ -68,7 +69,7 @@ def toy_onnx(path: Path, ins, outs, geo: Geometry, override: dict | None = None)
         return out
 
     names = {n for n, _, _ in ins}
-    fi = node("Cast", ["frame_index"], "fi", to=TensorProto.FLOAT)
+    fi = node("ReduceMean", ["rope_frame"], "fi", keepdims=0)
     ts = node("Reshape", ["timestep", const("ts_shape", [geo.batch, 1, 1, 1, 1], np.int64)], "ts")
     terms = [node("Mul", ["latents", const("half", 0.5)], "a"),
              node("Mul", [ts, const("milli", 1e-3)], "ts_s"),
@@ -103,16 +104,18 @@ def toy_onnx(path: Path, ins, outs, geo: Geometry, override: dict | None = None)
 
 
 class NumpyToy:
-    """The toy graph in numpy: the reference for the ONNX Runtime runs."""
+    """The toy graph in numpy: the reference for the ONNX Runtime runs (host buffers, like the CPU engine)."""
 
     def __init__(self, ins, outs, geo):
         self.input_names = [n for n, _, _ in ins]
         self.outs = outs
         self.geo = geo
+        self.buffers = HostBuffers()
 
     def run(self, feeds, info=None):
+        feeds = {n: feeds[n] if n in feeds else self.buffers[n] for n in self.input_names}
         g = self.geo
-        fi = np.float32(feeds["frame_index"])
+        fi = np.float32(feeds["rope_frame"].mean(dtype=np.float32))
         pred = (feeds["latents"] * np.float32(0.5) + feeds["timestep"].reshape(-1, 1, 1, 1, 1) * np.float32(1e-3)
                 + fi * np.float32(1e-2) + feeds["cross_kv"].mean(dtype=np.float64))
         for name, cap in (("kv_full", g.full_capacity), ("kv_local", g.local_capacity)):
@@ -173,7 +176,8 @@ def write_artifact(directory: Path, stream: Stream, modulation: str = "baked", d
             caches[key] = {"layers": shape[0], "capacity_frames": cap, "sink_frames": sink, "shape": shape,
                            "dtype": geo.dtype, "bytes": int(np.prod(shape)) * 4}
         manifest = {
-            "schema_version": 1, "format": "ispa-export",
+            "schema_version": 2, "format": "ispa-export",
+            "positions": {"scheme": "absolute-rope-input", "input": "rope_frame"},
             "model": {"preset": "tiny", "config": preset("tiny").to_dict()},
             "layers": [{"index": i, "mode": m} for i, m in enumerate(geo.modes)],
             "geometry": {k: getattr(geo, k) for k in Geometry.__dataclass_fields__},
@@ -241,7 +245,7 @@ def test_zero_size_groups_store_and_rebuild(tmp_path, streams):
 @pytest.mark.parametrize("case,expect", [
     ("no_manifest", "manifest.json: expected the artifact manifest, found no such file"),
     ("bad_json", "manifest.json: expected valid JSON, found a parse error at line 1"),
-    ("schema", "manifest.json: schema_version: expected 1"),
+    ("schema", "manifest.json: schema_version: expected 2 (an artifact from before RoPE angles became a graph input: re-export it), found number 1"),
     ("format", "manifest.json: format: expected 'ispa-export', found string 'other'"),
     ("cache_shape", "manifest.json: caches.full.shape: expected [2, 2, 1, 48, 4, 16]"),
     ("cache_bytes", "manifest.json: caches.local.bytes: expected 24576"),
@@ -275,7 +279,7 @@ def test_refusals_name_file_field_and_expectation(art, case, expect):
     elif case == "bad_json":
         (d / "manifest.json").write_text("{not json")
     elif case == "schema":
-        edit_manifest(d, lambda m: m.__setitem__("schema_version", 2))
+        edit_manifest(d, lambda m: m.__setitem__("schema_version", 1))
     elif case == "format":
         edit_manifest(d, lambda m: m.__setitem__("format", "other"))
     elif case == "cache_shape":
@@ -429,7 +433,7 @@ def test_ort_runner_equals_numpy_and_reuses_its_buffers(art, streams):
         assert all(got[k] is first[k] for k in got)  # views of the runner's buffers, documented
     copying = OrtRunner(d / "model.onnx", copy_outputs=True)
     a = copying.run(feeds)
-    assert all(a[k] is not copying.outputs[k] and np.array_equal(a[k], got[k]) for k in a)
+    assert all(a[k] is not copying.buffers[k] and np.array_equal(a[k], got[k]) for k in a)
 
 
 def test_ort_runner_steady_state_allocates_no_arrays(tmp_path):
@@ -539,18 +543,19 @@ def test_cli_trt_backend_without_engine_is_refused(art, tmp_path, capsys):
 
 
 class FakeTrt:
-    """Stands in for runtimes.trt.TrtRunner (TensorRT is absent here): its run() takes feeds only and
-    it describes its I/O the way TrtRunner does (`shapes`, `dtypes`)."""
+    """Stands in for runtimes.trt.TrtRunner (TensorRT is absent here) in the CLI's plumbing: it
+    describes its I/O and holds its buffers the way TrtRunner does."""
 
     def __init__(self, engine_path):
         self.engine_path = Path(engine_path)
-        self.inner = OrtRunner(self.engine_path.with_name("model.onnx"), copy_outputs=True)
+        self.inner = OrtRunner(self.engine_path.with_name("model.onnx"))
         self.input_names, self.output_names = self.inner.input_names, self.inner.output_names
-        self.shapes = {**self.inner.input_shapes, **self.inner.output_shapes}
-        self.dtypes = {**self.inner.input_dtypes, **self.inner.output_dtypes}
+        self.input_shapes, self.output_shapes = self.inner.input_shapes, self.inner.output_shapes
+        self.input_dtypes, self.output_dtypes = self.inner.input_dtypes, self.inner.output_dtypes
+        self.buffers = self.inner.buffers
 
-    def run(self, feeds):
-        return self.inner.run(feeds)
+    def run(self, feeds, info=None):
+        return self.inner.run(feeds, info)
 
 
 def test_cli_trt_backend_runs_the_listed_engine(art, tmp_path, monkeypatch):
