@@ -41,6 +41,7 @@ from .errors import UserError
 from .ispa import IspaOptions, report, transition
 from .kv import frame_bytes, kv_bytes, layers_for_target
 from .monitor import LocalSpan, WarmupMonitor
+from .pipeline import resolve_device
 from .solver import solve_timing
 from .torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
 
@@ -299,7 +300,7 @@ def latency_config(name: str, full: WanModel, ispa: WanModel, plan: dict, caps: 
     from tqdm import tqdm
 
     cfg = full.cfg
-    cuda = torch.cuda.is_available()
+    cuda = plan["cuda"]
     cases = [(m, m) for m in caps]
     if name in plan["history"]:
         cases += [(cfg.max_frames, h) for h in (cfg.chunk_frames, cfg.max_frames // 2)
@@ -354,7 +355,7 @@ def real_latency(plan: dict, measured: list[dict], out: Path, threads: int) -> t
     if not caps:
         return [], [{"config": REAL[0], "reason": "quick mode (tiny/demo only)"}]
     skipped = [{"config": REAL[1], "reason": "latency not timed (KV bytes and solve time only)"}]
-    if not torch.cuda.is_available():
+    if not plan["cuda"]:
         return [], [{"config": REAL[0], "reason": cpu_skip_reason(REAL[0], measured)}] + skipped
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -435,7 +436,8 @@ def export_section(name: str, out: Path, seed: int = 0) -> tuple[dict, WanModel,
 
 # -- entry point ----------------------------------------------------------------------------------
 def run(plan: dict, out: Path, threads: int, command: str) -> dict:
-    res = {"mode": "quick" if plan is QUICK else "full", "command": command, "machine": machine(threads)}
+    res = {"mode": "quick" if plan["quick"] else "full", "command": command, "machine": machine(threads),
+           "device": "cuda" if plan["cuda"] else "cpu"}
     log("KV bytes")
     checks = []
     for name in ("tiny", "demo"):
@@ -459,8 +461,9 @@ def run(plan: dict, out: Path, threads: int, command: str) -> dict:
         lat, versus = lat + r, versus + v
     real, skipped = real_latency(plan, lat, out, threads)
     lat += real
-    notes = ["ort-cuda binds inputs and outputs in host memory (runtimes.ort.OrtRunner): its times include "
-             "the host-device copies of the caches"] if any(r["backend"] == "ort-cuda" for r in lat) else []
+    notes = ["ort-cuda is fed the caches from host memory here (one standalone step), so its times include "
+             "their copies; the streaming driver keeps them in device memory"] if any(r["backend"] == "ort-cuda"
+                                                                                     for r in lat) else []
     res.update(latency=lat, ort_vs_torch=versus, skipped=skipped, notes=notes)
     log("transition cost: monitor overhead")
     res["transition"] = {"monitor": monitor_overhead(plan["monitor"], reps=plan["reps"])}
@@ -487,7 +490,9 @@ def main(args) -> int:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        res = run(QUICK if quick else FULL_PLAN, out, threads, command)
+        device = resolve_device(getattr(args, "device", None))
+        plan = dict(QUICK if quick else FULL_PLAN, quick=quick, cuda=device.type == "cuda")
+        res = run(plan, out, threads, command)
     finally:
         torch.set_num_threads(old)
     res["wall_seconds"] = time.perf_counter() - t0

@@ -75,7 +75,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--rho", type=float, help="ridge strength (default: the solver's measured default)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--modulation", default="baked", help="baked (refittable constants) | input (graph inputs)")
-    e.add_argument("--dtype", default="fp32", help="fp32 | fp16 (bf16: PyTorch only, not exported)")
+    e.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16: the exported graph's dtype, and the warmup's "
+                   "on a GPU (on a CPU the warmup runs in fp32)")
+    e.add_argument("--device", help="cpu | cuda | cuda:N: where the warmup, monitor, solve and bake run "
+                   "(default: cuda when PyTorch sees one)")
     e.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
 
     r = sub.add_parser("run", help="generate the rest of the video from an artifact")
@@ -83,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="ort", help="torch | ort | trt")
     r.add_argument("--chunks", type=int, required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--device", help="torch backend: cpu | cuda | cuda:N (default: cuda when PyTorch sees one)")
+    r.add_argument("--compile", action="store_true", help="torch backend: run the step through torch.compile")
 
     i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes")
     i.add_argument("target", metavar="PRESET|DIR")
@@ -97,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="memory, latency and scaling benchmarks")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default="artifacts/bench")
+    b.add_argument("--device", help="cpu | cuda | cuda:N: cuda also times the real-size model (default: cuda when "
+                   "PyTorch sees one)")
 
     g = sub.add_parser("engine", help="build a TensorRT engine beside the ONNX")
     g.add_argument("artifact", metavar="DIR")
@@ -131,7 +138,8 @@ def cmd_export(args) -> int:
 
 def cmd_run(args) -> int:
     from .pipeline import run_artifact
-    run_artifact(Path(args.artifact), args.backend, args.chunks, Path(args.out))
+    run_artifact(Path(args.artifact), args.backend, args.chunks, Path(args.out), device=args.device,
+                 compile=args.compile)
     return 0
 
 

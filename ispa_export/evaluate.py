@@ -61,7 +61,7 @@ from .errors import UserError
 from .ispa import IspaOptions, bake, decide
 from .kv import frame_bytes, kv_bytes, layers_for_target
 from .monitor import LocalSpan, WarmupMonitor
-from .torch_runner import TorchRunner, torch_stream
+from .torch_runner import torch_stream
 
 REDUCTIONS = (0.25, 0.5, 0.75)
 HEADLINE = 0.5
@@ -280,6 +280,7 @@ class _LastSample:
     def __init__(self, runner, timesteps: list[float]):
         self.runner = runner
         self.input_names = runner.input_names
+        self.buffers = runner.buffers
         self.last_kind = len(timesteps) - 1
         self.sigma = timesteps[-1] / 1000.0
         self.samples: list[np.ndarray] = []
@@ -300,8 +301,7 @@ def rollout(w: Warmup, method: Method | None, chunks: int,
     result is each chunk's denoised sample. Returns latents [B, C, chunks*f, H, W] and the bytes of
     the self-attention caches the stream holds."""
     model = copy.deepcopy(w.model)
-    stream = copy.deepcopy(w.stream, {id(w.model): model})
-    stream.runner = TorchRunner(model)
+    stream = copy.deepcopy(w.stream, {id(w.model): model})  # its runner (and buffers) now run `model`
     if method is not None and method.layers:
         monitor = w.monitors.get(method.stats)
         if monitor is None:

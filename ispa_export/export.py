@@ -157,7 +157,8 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
     torch_dtype, dtype_name = DTYPES[dtype]
     np_dtype = host_dtype(dtype_name)
     cfg = model.cfg
-    graph_model = copy.deepcopy(model).cast(torch_dtype)
+    # Traced on the CPU whatever device the warmup ran on: the graph is device-independent.
+    graph_model = copy.deepcopy(model).to("cpu").cast(torch_dtype)
     state = stream.state_arrays()
     feeds = graph_feeds(stream, state, graph_model, modulation, np_dtype)
     geo = stream.geo

@@ -149,7 +149,7 @@ def stream_chunks(model: WanModel, stream: Stream, chunks: int, device: torch.de
             "driver_overhead_ratio": float(np.median(steady) / np.median(graph[1:] or graph))}
 
 
-def full_stream(model: WanModel, modes: list[str], capacity: int, window: int, device: torch.device) -> Stream:
+def full_stream(model: WanModel, modes: list[str], capacity: int, window: int, compile: bool = False) -> Stream:
     """A stream whose every cache slot holds a frame (random K/V): the steady state at capacity M."""
     m = copy.copy(model)
     m.modes = list(modes)
@@ -158,7 +158,7 @@ def full_stream(model: WanModel, modes: list[str], capacity: int, window: int, d
     geo = geometry(cfg, modes, window, 0, dtype=dtype)
     cross = to_numpy(torch.randn(cfg.num_layers, 2, 1, cfg.text_len, cfg.num_heads, cfg.head_dim,
                                  dtype=next(model.parameters()).dtype))
-    stream = Stream(TorchRunner(m), geo, cross, 0, keep_latents=False)
+    stream = Stream(TorchRunner(m, compile=compile), geo, cross, 0, keep_latents=False)
     for group in stream.groups.values():
         if group.layers:
             group.data.normal_()
@@ -179,10 +179,8 @@ def step_latency(model: WanModel, local_layers: list[int], capacity: int, reps: 
     x = np.random.default_rng(0).standard_normal((1, cfg.in_dim, cfg.chunk_frames, cfg.latent_height,
                                                   cfg.latent_width), dtype=np.float32)
     for label, modes in (("full", ["F"] * cfg.num_layers), ("ispa", ispa_modes)):
-        stream = full_stream(model, modes, capacity, window, device)
+        stream = full_stream(model, modes, capacity, window, compile)
         feeds = stream.feeds(x, 500.0, 0)
-        if compile:
-            stream.runner.model = torch.compile(stream.runner.model)
         run = lambda: stream.runner.run(feeds)  # noqa: E731
         t0 = time.perf_counter()
         for _ in range(2):

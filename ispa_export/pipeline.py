@@ -14,8 +14,10 @@ from graphs.wan import Absorption, WanModel, parameter_count
 from .errors import UserError
 from .ispa import IspaOptions, report, transition
 from .kv import kv_bytes, layers_for_target
+from .torch_runner import TORCH_DTYPES
 
 DATA = Path(__file__).parent / "data"
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BAKED = "torch_model.safetensors"
 
 
@@ -69,7 +71,7 @@ def load_context(path: str | None, name: str, cfg: WanConfig, seed: int) -> tupl
 
 def save_baked(model: WanModel, path: Path) -> None:
     """The baked PyTorch weights (absorbed corrections included), for `ispa run --backend torch`."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"modes": ",".join(model.modes),
             "sites": ",".join(b.self_attn.ispa_site for b in model.blocks)}
     save_file(sd, str(path), metadata=meta)
@@ -91,6 +93,30 @@ def load_baked(cfg: WanConfig, path: Path) -> WanModel:
             block.self_attn.absorb(Absorption(site, sd.get(pre + "ispa_weight"), sd[pre + "ispa_bias"]))
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N; default cuda when PyTorch sees one. A one-line error otherwise."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {text}: this PyTorch sees no CUDA device (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {text}: expected an index below {torch.cuda.device_count()} (CUDA devices here)")
+    return device
+
+
+def warmup_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """The warmup's dtype: the export dtype on a GPU (bf16 is what Wan runs in), float32 on a CPU, where
+    half-precision matmuls are slow and the statistics gain nothing from them."""
+    return TORCH_DTYPES[DTYPE_NAMES[dtype]] if device.type == "cuda" else torch.float32
 
 
 def default_window(cfg: WanConfig, window: int | None) -> int:
@@ -115,7 +141,11 @@ def export_pipeline(args) -> dict:
     from .export import write_artifact
     from .plots import plot_discrepancy
 
+    if args.dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype: expected one of {sorted(DTYPE_NAMES)}, got {args.dtype!r}")
+    device = resolve_device(args.device)
     name, model = load_model(args.model, args.checkpoint, args.config, args.seed)
+    model = model.to(device).cast(warmup_dtype(device, args.dtype))
     cfg = model.cfg
     ctx, ctx_source = load_context(args.context, name, cfg, args.seed)
     opts = IspaOptions(kv_reduction=None if args.layers else args.kv_reduction, layers=args.layers,
@@ -126,8 +156,8 @@ def export_pipeline(args) -> dict:
     bar = Progress(args.warmup_chunks, "warmup (chunks)")
     stream, monitor, tr = transition(model, ctx, args.seed, opts, progress=bar)
     bar.close()
-    rep = report(model, monitor, tr, opts, dtype="float16" if args.dtype == "fp16" else "float32")
-    rep["model"], rep["context"] = name, ctx_source
+    rep = report(model, monitor, tr, opts, dtype=DTYPE_NAMES[args.dtype])
+    rep["model"], rep["context"], rep["device"] = name, ctx_source, str(device)
     out = Path(args.out)
     extras = {"discrepancy.png": lambda p: plot_discrepancy(rep, p), BAKED: lambda p: save_baked(model, p)}
     manifest = write_artifact(out, model, stream, rep, preset=name, modulation=args.modulation, dtype=args.dtype,
@@ -138,7 +168,8 @@ def export_pipeline(args) -> dict:
     return manifest
 
 
-def run_artifact(directory: Path, backend: str, chunks: int, out: Path) -> dict:
+def run_artifact(directory: Path, backend: str, chunks: int, out: Path, device: str | None = None,
+                 compile: bool = False) -> dict:
     """`ispa run`: the torch backend runs the baked PyTorch model, ort/trt go through runtimes."""
     from runtimes import run as rt
 
@@ -157,12 +188,13 @@ def run_artifact(directory: Path, backend: str, chunks: int, out: Path) -> dict:
     args.backend = "torch"
     art = load_artifact(directory, check_onnx=False)
     cfg = WanConfig.from_dict(art.manifest["model"]["config"])
-    model = load_baked(cfg, directory / BAKED)
-    return rt.generate(args, runner=TorchRunner(model))
+    # The torch backend runs in the graph's dtype: the handoff caches are stored in it.
+    model = load_baked(cfg, directory / BAKED).cast(TORCH_DTYPES[art.geometry.dtype])
+    return rt.generate(args, runner=TorchRunner(model, device=resolve_device(device), compile=compile))
 
 
 def inspect(target: str, reduction: float, window: int | None, sink: int, dtype: str) -> dict:
-    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    names = DTYPE_NAMES
     if dtype not in names:
         raise UserError(f"--dtype: expected fp32, fp16 or bf16, got {dtype!r}")
     path = Path(target)

@@ -195,7 +195,7 @@ def _cond_estimate(A: torch.Tensor, L: torch.Tensor, iters: int = 15) -> float:
     eigenvalues would cost more than the solve itself.
     """
     g = torch.Generator().manual_seed(0)
-    v = torch.randn(A.shape[0], 2, generator=g, dtype=_F64).to(A.device)
+    v = torch.randn(A.shape[0], 2, generator=g, dtype=_F64, device="cpu").to(A.device)  # the generator is a CPU one
     hi, lo = v[:, :1], v[:, 1:]
     for _ in range(iters):
         hi = A @ hi

@@ -88,7 +88,7 @@ class TorchRunner:
     None: the attention then runs without a mask (flash/cuDNN kernels on a GPU)."""
 
     def __init__(self, model: WanModel, device: str | torch.device | None = None,
-                 before_pass: Callable[[PassInfo], object] | None = None):
+                 before_pass: Callable[[PassInfo], object] | None = None, compile: bool = False):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if next(model.parameters()).device != self.device:
@@ -98,6 +98,9 @@ class TorchRunner:
         self.input_names = list(INPUTS)
         self.output_names = list(OUTPUTS)
         self.before_pass = before_pass
+        # Fixed shapes and fixed cache addresses: one graph per layout, recompiled once when the masks
+        # drop out (the cache has filled). Not with a monitor, which runs Python inside the step.
+        self.forward = torch.compile(self.model) if compile else self.model
 
     def _feed(self, name: str, a: np.ndarray) -> torch.Tensor | None:
         if name.endswith("_mask") and np.all(a):
@@ -118,7 +121,7 @@ class TorchRunner:
             args.pop("pass_kind")
         monitor = self.before_pass(info) if self.before_pass is not None and info is not None else None
         with torch.no_grad():
-            outs = self.model(**args, monitor=monitor)
+            outs = self.model(**args, monitor=monitor) if monitor is not None else self.forward(**args)
         pred = outs[0].float().cpu().numpy()
         if self.device.type != "cpu":
             self.buffers.traffic.d2h += pred.nbytes

@@ -1,0 +1,169 @@
+"""Caches where the engine computes: fixed addresses, only the chunk's own K/V copied per step, bf16
+caches, fp16/bf16 graphs, and no tensor made on the wrong device in the warmup, solve and bake."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from graphs.config import preset
+from graphs.wan import FULL, LOCAL, WanModel
+from ispa_export.export import write_artifact
+from ispa_export.ispa import IspaOptions, transition
+from ispa_export.torch_runner import to_numpy, torch_stream
+from runtimes.artifact import load_artifact
+from runtimes.buffers import HostBuffers, host_dtype
+from runtimes.driver import Stream
+from runtimes.ort import OrtRunner
+from runtimes.schedule import frame_rope
+
+CFG = preset("tiny").replace(max_frames=8)
+
+
+def baked(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = WanModel(CFG).eval().cast(dtype)
+    ctx = torch.randn(1, 5, CFG.text_dim)
+    opts = IspaOptions(kv_reduction=0.3, window=2, sink=1, warmup_chunks=6)
+    stream, _, _ = transition(model, ctx, seed, opts)
+    return model, stream
+
+
+def chunk_kv_bytes(stream: Stream) -> int:
+    """Bytes of one chunk's own K/V over every layer: what a steady-state step must copy, no more."""
+    g = stream.geo
+    item = host_dtype(g.dtype).itemsize
+    return len(g.modes) * 2 * g.batch * g.chunk_frames * g.tokens_per_frame * g.heads * g.head_dim * item
+
+
+def test_torch_caches_keep_their_addresses_and_copy_only_the_chunk():
+    _, stream = baked()
+    names = [g.name for g in stream.groups.values() if g.layers] + ["cross_kv"]
+    before = {n: stream.buffers.address(n) for n in names}
+    for _ in range(10):
+        t0 = stream.buffers.traffic.snapshot()
+        stream.step()
+        moved = stream.buffers.traffic.since(t0)
+        assert moved.d2d == chunk_kv_bytes(stream)
+        assert {n: stream.buffers.address(n) for n in names} == before
+
+
+def test_ort_caches_are_bound_by_address_and_copy_only_the_chunk(tmp_path):
+    model, stream = baked()
+    write_artifact(tmp_path / "a", model, stream, {"options": {"variant": "full", "site": "wo"},
+                                                  "selected_layers": [], "transition_chunk": stream.chunk,
+                                                  "kv_reduction": 0.0}, preset="tiny", progress=lambda s: None)
+    art = load_artifact(tmp_path / "a")
+    runner = OrtRunner(art.onnx_path)
+    s = Stream(runner, art.geometry, art.cross_kv, art.seed, keep_latents=False)
+    s.load_state(art.state)
+    names = ["kv_full", "kv_local", "cross_kv", "new_kv_full", "new_kv_local", "prediction"]
+    before = {n: runner.buffers.address(n) for n in names}
+    # The OrtValues bound to the caches wrap the same memory: the engine reads the ring in place.
+    assert runner._ortvalue("kv_full").data_ptr() == before["kv_full"]
+    for _ in range(10):
+        t0 = runner.buffers.traffic.snapshot()
+        s.step()
+        assert runner.buffers.traffic.since(t0).d2d == chunk_kv_bytes(s)
+        assert {n: runner.buffers.address(n) for n in names} == before
+    assert not s.latents
+
+
+def test_bf16_caches_in_the_torch_backend():
+    model32, stream32 = baked(torch.float32)
+    model16, stream16 = baked(torch.bfloat16)
+    assert all(g.data.dtype == torch.bfloat16 for g in stream16.groups.values() if g.layers)
+    state = stream16.state_arrays()
+    assert state["kv_full"].dtype.name == "bfloat16" and state["cross_kv"].dtype.name == "bfloat16"
+    assert stream16.groups[FULL].nbytes * 2 == stream32.groups[FULL].nbytes
+    # The handoff state round-trips bit for bit through safetensors and a new stream.
+    again = Stream(type(stream16.runner)(model16), copy.deepcopy(stream16.geo), state["cross_kv"], stream16.seed)
+    again.load_state(state)
+    for k in ("kv_full", "kv_local", "cross_kv"):
+        assert np.array_equal(again.state_arrays()[k].view(np.uint16), state[k].view(np.uint16))
+    a, b = stream16.run(3), stream32.run(3)
+    assert np.isfinite(a).all()
+    assert np.abs(a - b).max() < 0.1 * np.abs(b).max()  # bf16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp16", 1e-2), ("bf16", 3e-2)])
+def test_half_precision_exports_match_pytorch(tmp_path, dtype, tol):
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model, stream = baked()
+    rep = {"options": {"variant": "full", "site": "wo"}, "selected_layers": [], "transition_chunk": stream.chunk,
+           "kv_reduction": 0.0}
+    write_artifact(tmp_path / dtype, model, stream, rep, preset="tiny", dtype=dtype, progress=lambda s: None)
+    art = load_artifact(tmp_path / dtype)
+    assert art.geometry.dtype == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    feeds = stream.feeds(np.random.default_rng(0).standard_normal(stream.geo.chunk_shape, dtype=np.float32), 500.0, 0)
+    half = host_dtype(art.geometry.dtype)
+    feeds = {k: v for k, v in feeds.items() if k in art.inputs}
+    feeds["latents"] = feeds["latents"].astype(half)
+    feeds.update({k: art.state[k] for k in ("kv_full", "kv_local", "cross_kv")})
+    ref_model = copy.deepcopy(model).cast(torch_dtype)
+    args = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if v.dtype.name == "bfloat16"
+            else torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()}
+    with torch.no_grad():
+        want = ref_model(**args)[0].float().numpy()
+    try:
+        got = OrtRunner(art.onnx_path).run(feeds)["prediction"].astype(np.float32)
+        engine = "onnxruntime"
+    except Exception:  # onnxruntime's CPU provider has no kernels for some bf16 ops
+        from onnx.reference import ReferenceEvaluator
+
+        got = ReferenceEvaluator(onnx.load(str(art.onnx_path))).run(["prediction"], feeds)[0].astype(np.float32)
+        engine = "onnx.reference"
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < tol, (engine, err)
+
+
+def test_warmup_solve_and_bake_make_nothing_on_the_default_device():
+    """With the default device set to 'meta', any tensor made without naming the model's device lands on
+    meta and the CPU computation fails: the warmup, monitor, solve and bake must name it everywhere."""
+    torch.manual_seed(0)
+    model = WanModel(CFG).eval()
+    ctx = torch.randn(1, 5, CFG.text_dim)
+    opts = IspaOptions(kv_reduction=0.3, window=2, sink=1, warmup_chunks=6)
+    torch.set_default_device("meta")
+    try:
+        stream, _, tr = transition(model, ctx, 0, opts)
+        x = stream.step()
+    finally:
+        torch.set_default_device(None)
+    assert tr.layers and np.isfinite(x).all()
+    assert all(g.data.device.type == "cpu" for g in stream.groups.values() if g.layers)
+
+
+def test_frame_rope_is_exact_far_past_the_old_table():
+    pairs = CFG.head_dim // 2 - 2 * ((CFG.head_dim // 2) // 3)
+    model = WanModel(CFG)
+    for start in (0, 1022, 10**6, 10**9):
+        got = frame_rope(start, 2, pairs)
+        want = model.frame_rope(torch.arange(start, start + 2)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # Frame 10^9 + 1 relative to 10^9 rotates exactly like frame 1 relative to frame 0.
+    a, b = frame_rope(10**9, 2, pairs).astype(np.float64), frame_rope(0, 2, pairs).astype(np.float64)
+    rel = lambda r: np.arctan2(r[1, 1] * r[0, 0] - r[0, 1] * r[1, 0], r[0, 1] * r[0, 0] + r[1, 1] * r[1, 0])  # noqa: E731
+    np.testing.assert_allclose(rel(a), rel(b), atol=1e-5)
+
+
+def test_host_buffers_frame_copies_match_slicing():
+    buf = HostBuffers()
+    rng = np.random.default_rng(0)
+    shape, p = (3, 2, 1, 5 * 4, 2, 8), 4
+    init = rng.standard_normal(shape).astype(np.float32)
+    new = rng.standard_normal((3, 2, 1, 2 * p, 2, 8)).astype(np.float32)
+    buf.allocate("kv", shape, "float32")
+    buf.upload("kv", init)
+    buf.store_frames("kv", new, new.shape, [4, 0], p)
+    want = init.copy()
+    want[:, :, :, 4 * p:5 * p] = new[:, :, :, :p]
+    want[:, :, :, 0:p] = new[:, :, :, p:]
+    assert np.array_equal(buf["kv"], want)
+    buf.allocate("other", shape, "float32")
+    buf.copy_frame("other", 2, 1, "kv", 0, 4, p)
+    assert np.array_equal(buf["other"][2, :, :, p:2 * p], want[0, :, :, 4 * p:5 * p])
+    assert np.count_nonzero(buf["other"]) == np.count_nonzero(want[0, :, :, 4 * p:5 * p])
