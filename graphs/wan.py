@@ -285,7 +285,7 @@ class WanModel(nn.Module):
     def frame_rope(self, frame_pos: torch.Tensor) -> torch.Tensor:
         """cos/sin [2, len(frame_pos), rope_pairs] of the frame axis at absolute positions frame_pos."""
         ang = rope_angles(frame_pos, 2 * self.rope_pairs)
-        return torch.stack([torch.cos(ang), torch.sin(ang)]).float()
+        return torch.stack([torch.cos(ang), torch.sin(ang)]).float().to(self.rope_hw_cos.device)
 
     def rope(self, rope_frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [frames*P, head_dim/2] of every token, from the frame axis rope_frame [2, frames, pairs]."""
@@ -357,7 +357,7 @@ class WanModel(nn.Module):
         cos, sin = self.rope(self.frame_rope(frame_pos))
         p = self.cfg.tokens_per_frame
         for i, block in enumerate(self.blocks):
-            bias = mask_to_bias(frame_masks[i].repeat_interleave(p, 0).repeat_interleave(p, 1))
+            bias = mask_to_bias(frame_masks[i].to(x.device).repeat_interleave(p, 0).repeat_interleave(p, 1))
             x, _ = block(x, e6, cos, sin, cross_kv[i], None, bias)
         return self.unpatchify(self.head(x, e), t)
 
