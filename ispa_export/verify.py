@@ -1,36 +1,42 @@
-"""Polygraphy parity of an export: golden PyTorch I/O written at export, ONNX Runtime (and TensorRT)
-compared against it.
+"""Parity of an export: golden PyTorch I/O written at export, ONNX Runtime (and TensorRT) compared
+against it.
 
 `save_golden` runs the PyTorch chunk step (the model that was traced) on the graph's example inputs
-and writes both sides in Polygraphy's own JSON formats, so the check is repeatable with the stock
-tool, no ispa code needed:
+and writes one binary file, golden.safetensors, that holds only what the artifact does not already
+hold: the step's per-step inputs (latents, timestep, RoPE angles, masks, pass kind), the prediction
+in full, and of each new K/V output a fixed, evenly strided set of at most KV_TOKENS tokens (axis 3),
+recorded in the file's metadata. The caches, text K/V and modulation constants are fed from
+state.safetensors, whose tensors the file fingerprints (sha256 of their bytes), so a golden file
+cannot be checked against another export's state. At Wan 1.3B (bf16) the file is about 13 MB.
 
-    polygraphy run model.onnx --onnxrt --load-inputs golden_inputs.json \
-        --load-outputs golden_outputs.json --atol A --rtol R
+`verify` rebuilds the full feeds from the state and the golden inputs, runs ONNX Runtime
+(runtimes.ort.OrtRunner, CPU provider) and, when asked, TensorRT (Polygraphy's TrtRunner), slices
+their new K/V outputs the same way, and compares with Polygraphy's SimpleCompareFunc: an element
+fails only where it exceeds both the absolute and the relative tolerance (relative to the PyTorch
+value). bfloat16 values are widened to float32 (exactly) before the comparison.
 
-`verify` does the same through Polygraphy's Python API (OnnxrtRunner, TrtRunner, Comparator) and
-prints one line per output. Tolerances follow Polygraphy's elementwise rule: an element fails only
-where it exceeds both the absolute and the relative tolerance (relative to the PyTorch value).
+No stock `polygraphy run` line repeats this check: its --load-inputs/--load-outputs take whole
+feeds and whole outputs as JSON, and nothing in it slices outputs, so the old JSON files (which
+held the caches: GBs at real size) are gone.
 
-API used (Polygraphy 0.53): polygraphy.json.to_json / load_json (a list of feed dicts is what
-`--load-inputs` reads), comparator.RunResults / IterationResult (`--load-outputs` reads a
-JSON-ified RunResults), comparator.Comparator.run / compare_accuracy, SimpleCompareFunc,
-backend.onnxrt.OnnxrtRunner / SessionFromOnnx, backend.trt.TrtRunner / EngineFromBytes / BytesFromPath.
+API used (Polygraphy 0.53): comparator.IterationResult, SimpleCompareFunc (called on two
+IterationResults: a dict of OutputCompareResult), backend.trt.TrtRunner / EngineFromBytes / BytesFromPath.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
-import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runtimes.files import file_record, write_bytes_atomic, write_json_atomic
+from runtimes.files import atomic_path, file_record, write_json_atomic
 
 from .errors import UserError
 
@@ -38,39 +44,94 @@ if TYPE_CHECKING:  # torch and the model stay lazy imports: `ispa verify` does n
     from graphs.wan import WanModel
     from runtimes.driver import Stream
 
-GOLDEN_INPUTS = "golden_inputs.json"
-GOLDEN_OUTPUTS = "golden_outputs.json"
+GOLDEN = "golden.safetensors"
+GOLDEN_FORMAT = "ispa-golden"
+GOLDEN_VERSION = "1"
 GOLDEN_RUNNER = "pytorch"
 MANIFEST = "manifest.json"
 # Output order of WanModel.forward; absent groups come back as None and are not graph outputs.
 OUTPUT_NAMES = ("prediction", "new_kv_full", "new_kv_local")
-# Polygraphy's JSON holds base64 .npy bytes (x4/3) and is built in memory: past this much tensor
-# data (real model sizes, where the caches alone are GBs) no golden files are written.
-MAX_GOLDEN_BYTES = 1 << 30
+# Graph inputs that state.safetensors holds (the caches, text K/V, modulation "input" constants):
+# the golden file leaves them out and verify feeds them from the state.
+STATE_INPUTS = ("kv_full", "kv_local", "cross_kv", "ispa_weight", "ispa_bias")
+# New K/V outputs [layers, 2, batch, chunk_frames*tokens_per_frame, heads, head_dim]: the golden file
+# keeps at most KV_TOKENS tokens of axis KV_AXIS, evenly strided over the chunk's frames (all layers,
+# both K and V, all heads). Wan 1.3B bf16: 30 layers x 2 x 64 x 12 x 128 x 2 bytes = 11.8 MB.
+KV_OUTPUTS = ("new_kv_full", "new_kv_local")
+KV_AXIS = 3
+KV_TOKENS = 64
+INPUT_PREFIX, OUTPUT_PREFIX, STATE_SHA_PREFIX = "input.", "output.", "state_sha256."
 
 # (atol, rtol) per graph dtype and backend, elementwise. ONNX Runtime: measured on CPU against
 # PyTorch eager (tiny and medium configs, docs/tensorrt.md), max abs error 1.3e-6 (float32) and
 # 3.9e-3 (float16) on O(1) outputs; a graph bug moves outputs by O(1). TensorRT keeps TF32 on for
 # float32 GEMMs (the builder's default): PyTorch with TF32-rounded GEMM inputs was off by <= 1.8e-3,
-# so float32 engines get the float16 tolerance. Not yet measured on a GPU.
+# so float32 engines get the float16 tolerance. bfloat16 (8 mantissa bits to float16's 11): float16's
+# tolerances doubled; the tiny bf16 export run by onnx.reference (ONNX Runtime's CPU provider has no
+# bf16 Conv) was off by at most 2.3e-2 on outputs up to 3.4. TensorRT: not yet measured on a GPU.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "float32": {"onnxrt": (1e-4, 1e-3), "tensorrt": (2e-2, 2e-2)},
     "float16": {"onnxrt": (2e-2, 2e-2), "tensorrt": (4e-2, 4e-2)},
+    "bfloat16": {"onnxrt": (4e-2, 4e-2), "tensorrt": (8e-2, 8e-2)},
 }
 
 
-def _nbytes(arrays: dict[str, np.ndarray]) -> int:
-    return sum(int(a.nbytes) for a in arrays.values())
+# -- what the golden file holds ---------------------------------------------------------------------
 
+def kv_token_slice(tokens: int, count: int = KV_TOKENS) -> slice:
+    """At most `count` of `tokens` positions, evenly strided from the first (every frame of the chunk)."""
+    if count < 1:
+        raise ValueError(f"kv_tokens: expected >= 1, got {count}")
+    return slice(0, tokens, max(1, math.ceil(tokens / count)))
+
+
+def golden_layout(inputs: dict[str, tuple[tuple[int, ...], str]], outputs: dict[str, tuple[tuple[int, ...], str]],
+                  kv_tokens: int = KV_TOKENS) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors golden.safetensors holds for a graph with these inputs/outputs ((shape, dtype) by
+    name): its file keys, shapes and dtypes. The state's inputs are left out; new K/V are sliced."""
+    out = {INPUT_PREFIX + n: (tuple(s), d) for n, (s, d) in inputs.items() if n not in STATE_INPUTS}
+    for n, (s, d) in outputs.items():
+        s = tuple(s)
+        if n in KV_OUTPUTS:
+            s = s[:KV_AXIS] + (len(range(s[KV_AXIS])[kv_token_slice(s[KV_AXIS], kv_tokens)]),) + s[KV_AXIS + 1:]
+        out[OUTPUT_PREFIX + n] = (s, d)
+    return out
+
+
+def layout_nbytes(layout: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    from runtimes.buffers import host_dtype
+
+    return sum(math.prod(s) * host_dtype(d).itemsize for s, d in layout.values())
+
+
+def slice_outputs(outputs: dict[str, np.ndarray], kv: slice) -> dict[str, np.ndarray]:
+    """The outputs as the golden file keeps them: new K/V reduced to the tokens `kv` of axis KV_AXIS."""
+    index = (slice(None),) * KV_AXIS + (kv,)
+    return {n: (np.ascontiguousarray(a[index]) if n in KV_OUTPUTS else a) for n, a in outputs.items()}
+
+
+def tensor_sha256(a: np.ndarray) -> str:
+    """sha256 of an array's bytes (C order): how the golden file names the state it was made with."""
+    h = hashlib.sha256()
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if flat.size:
+        h.update(flat.view(np.uint8))
+    return h.hexdigest()
+
+
+# -- export side --------------------------------------------------------------------------------------
 
 def golden_outputs(model: "WanModel", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The PyTorch chunk step on `feeds` (graph input names), outputs by graph output name."""
     import torch
 
-    kwargs = {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()}
+    from .torch_runner import to_numpy, to_torch
+
+    device = next(model.parameters()).device
+    kwargs = {k: to_torch(v, device) for k, v in feeds.items()}
     with torch.no_grad():
         outs = model(**kwargs)
-    return {name: o.detach().cpu().numpy() for name, o in zip(OUTPUT_NAMES, outs) if o is not None}
+    return {name: to_numpy(o) for name, o in zip(OUTPUT_NAMES, outs) if o is not None}
 
 
 def golden_feeds(stream: "Stream", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,36 +150,37 @@ def golden_feeds(stream: "Stream", feeds: dict[str, np.ndarray]) -> dict[str, np
 
 
 def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray], *,
-                max_bytes: int = MAX_GOLDEN_BYTES) -> list[str]:
-    """Write golden_inputs.json / golden_outputs.json (Polygraphy formats) into `directory`.
+                kv_tokens: int = KV_TOKENS) -> list[str]:
+    """Write golden.safetensors into `directory` (atomically); returns [GOLDEN].
 
     `model` is the module that is exported (already cast to the export dtype), `feeds` its example
-    inputs by graph input name. Returns the file names written, or [] when the tensors exceed
-    `max_bytes` (then verification needs a smaller export). Each file is replaced atomically.
+    inputs by graph input name, the state's tensors (STATE_INPUTS) included: they are run but not
+    stored, only fingerprinted. New K/V outputs keep `kv_tokens` tokens (kv_token_slice).
     """
-    from polygraphy.comparator import IterationResult, RunResults
-    from polygraphy.json import to_json
+    from safetensors.numpy import save_file
 
-    directory = Path(directory)
+    path = Path(directory) / GOLDEN
     # np.require, not ascontiguousarray: that turns the 0-d frame_index into shape [1].
     feeds = {k: np.require(v, requirements="C") for k, v in feeds.items()}
-    if _nbytes(feeds) > max_bytes:  # before the forward pass, which costs seconds at real model sizes
-        return []
     t0 = time.perf_counter()
     outputs = golden_outputs(model, feeds)
     seconds = time.perf_counter() - t0
-    if _nbytes(feeds) + _nbytes(outputs) > max_bytes:
-        return []
     for name, out in outputs.items():
-        if out.dtype.kind == "f" and not np.isfinite(out).all():
-            raise UserError(f"{directory / GOLDEN_OUTPUTS}: output {name!r} of the PyTorch model has NaN/inf "
-                            "on the example inputs; expected finite values")
-    results = RunResults()
-    results.append((GOLDEN_RUNNER, [IterationResult(outputs, runtime=seconds, runner_name=GOLDEN_RUNNER)]))
-    # A list of feed dicts: one iteration per element (Polygraphy's --load-inputs format).
-    write_bytes_atomic(directory / GOLDEN_INPUTS, to_json([feeds]).encode("utf-8"))
-    write_bytes_atomic(directory / GOLDEN_OUTPUTS, results.to_json().encode("utf-8"))
-    return [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+        if out.dtype.kind == "f" or out.dtype.name == "bfloat16":
+            if not np.isfinite(out.astype(np.float32) if out.dtype.name == "bfloat16" else out).all():
+                raise UserError(f"{path}: output {name!r} of the PyTorch model has NaN/inf on the example "
+                                "inputs; expected finite values")
+    kv = kv_token_slice(next((o.shape[KV_AXIS] for n, o in outputs.items() if n in KV_OUTPUTS), 1), kv_tokens)
+    tensors = {INPUT_PREFIX + k: v for k, v in feeds.items() if k not in STATE_INPUTS}
+    tensors.update({OUTPUT_PREFIX + k: v for k, v in slice_outputs(outputs, kv).items()})
+    metadata = {"format": GOLDEN_FORMAT, "version": GOLDEN_VERSION, "runner": GOLDEN_RUNNER,
+                "seconds": f"{seconds:.3f}", "kv_axis": str(KV_AXIS),
+                "kv_slice": f"{kv.start}:{kv.stop}:{kv.step}",
+                "state_inputs": ",".join(sorted(k for k in feeds if k in STATE_INPUTS))}
+    metadata.update({STATE_SHA_PREFIX + k: tensor_sha256(v) for k, v in feeds.items() if k in STATE_INPUTS})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return [GOLDEN]
 
 
 def update_manifest_files(directory: Path, names: list[str], fields: dict[str, Any] | None = None) -> dict:
@@ -144,12 +206,112 @@ def update_manifest_files(directory: Path, names: list[str], fields: dict[str, A
 
 
 def add_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray], *,
-               max_bytes: int = MAX_GOLDEN_BYTES) -> list[str]:
-    """save_golden on an existing artifact, then list the files in its manifest."""
-    names = save_golden(directory, model, feeds, max_bytes=max_bytes)
-    if names:
-        update_manifest_files(directory, names)
+               kv_tokens: int = KV_TOKENS) -> list[str]:
+    """save_golden on an existing artifact, then list the file in its manifest."""
+    names = save_golden(directory, model, feeds, kv_tokens=kv_tokens)
+    update_manifest_files(directory, names)
     return names
+
+
+# -- reading it back ---------------------------------------------------------------------------------
+
+@dataclass
+class Golden:
+    """golden.safetensors as read: per-step inputs and (sliced) outputs by graph name."""
+
+    path: Path
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    kv: slice
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _spec(a: np.ndarray) -> str:
+    return f"{a.dtype.name}{list(a.shape)}"
+
+
+def read_golden(path: Path) -> Golden:
+    """The file as it is (format and metadata checked, not yet against an artifact)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: expected a readable safetensors file, found {' '.join(str(e).split())[:200]}") from None
+    if metadata.get("format") != GOLDEN_FORMAT or metadata.get("version") != GOLDEN_VERSION:
+        raise UserError(f"{path}: metadata format/version: expected {GOLDEN_FORMAT!r} version {GOLDEN_VERSION}, "
+                        f"found {metadata.get('format')!r} version {metadata.get('version')}")
+    try:
+        start, stop, step = (int(x) for x in metadata.get("kv_slice", "").split(":"))
+        if int(metadata.get("kv_axis", "")) != KV_AXIS or start < 0 or stop <= start or step < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{path}: metadata kv_axis/kv_slice: expected {KV_AXIS} and 'start:stop:step' integers "
+                        f"(0 <= start < stop, step >= 1), found {metadata.get('kv_axis')!r} "
+                        f"{metadata.get('kv_slice')!r}") from None
+    unknown = sorted(k for k in tensors if not k.startswith((INPUT_PREFIX, OUTPUT_PREFIX)))
+    if unknown:
+        raise UserError(f"{path}: tensors: expected names starting {INPUT_PREFIX!r} or {OUTPUT_PREFIX!r}, "
+                        f"found {unknown}")
+    return Golden(path, {k[len(INPUT_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUT_PREFIX)},
+                  {k[len(OUTPUT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OUTPUT_PREFIX)},
+                  slice(start, stop, step), metadata)
+
+
+def load_golden(art) -> tuple[dict[str, np.ndarray], Golden]:
+    """The full feeds of the golden pass (state tensors + golden inputs) and the golden file, each
+    checked against the artifact's manifest. Every refusal is one UserError line."""
+    d = art.directory
+    path = d / GOLDEN
+    if not path.is_file():
+        old = " (this artifact has golden_*.json from an older ispa-export: re-export it)" \
+            if (d / "golden_inputs.json").is_file() else ""
+        raise UserError(f"{path}: missing; expected the golden I/O written by `ispa export`{old}")
+    if GOLDEN not in art.manifest["files"]:
+        raise UserError(f"{art.manifest_path}: files: expected an entry for {GOLDEN!r} (its checksum), "
+                        f"found entries {sorted(art.manifest['files'])}")
+    golden = read_golden(path)
+    from_state = sorted(n for n in art.inputs if n in STATE_INPUTS)
+    want = sorted(n for n in art.inputs if n not in STATE_INPUTS)
+    if sorted(golden.inputs) != want:
+        raise UserError(f"{path}: inputs: expected {want} (manifest.json inputs, less {from_state} from "
+                        f"{art.state_path.name}), found {sorted(golden.inputs)}")
+    for name in want:
+        spec, a = art.inputs[name], golden.inputs[name]
+        if a.shape != spec.shape or a.dtype.name != spec.dtype:
+            raise UserError(f"{path}: input {name!r}: expected {spec.describe()} (manifest.json), found {_spec(a)}")
+    if sorted(golden.outputs) != sorted(art.outputs):
+        raise UserError(f"{path}: outputs: expected {sorted(art.outputs)} (manifest.json), "
+                        f"found {sorted(golden.outputs)}")
+    for name, spec in art.outputs.items():
+        a = golden.outputs[name]
+        shape = spec.shape
+        if name in KV_OUTPUTS:
+            kv = golden.kv
+            if kv.stop != spec.shape[KV_AXIS]:
+                raise UserError(f"{path}: metadata kv_slice: expected a stop of {spec.shape[KV_AXIS]} (the tokens "
+                                f"of {name!r}, manifest.json), found {golden.metadata['kv_slice']!r}")
+            n = len(range(kv.stop)[kv])
+            shape = shape[:KV_AXIS] + (n,) + shape[KV_AXIS + 1:]
+        if a.shape != tuple(shape) or a.dtype.name != spec.dtype:
+            raise UserError(f"{path}: output {name!r}: expected {spec.dtype}{list(shape)} (manifest.json, "
+                            f"kv_slice {golden.metadata['kv_slice']}), found {_spec(a)}")
+    feeds = {}
+    for name in art.inputs:
+        if name in STATE_INPUTS:
+            a = art.state[name]
+            want_sha = golden.metadata.get(STATE_SHA_PREFIX + name)
+            got_sha = tensor_sha256(a)
+            if want_sha != got_sha:
+                raise UserError(f"{path}: metadata {STATE_SHA_PREFIX + name}: expected {got_sha} (tensor {name!r} "
+                                f"of {art.state_path.name}), found {want_sha}: the golden pass ran on another state")
+            feeds[name] = a
+        else:
+            feeds[name] = golden.inputs[name]
+    return feeds, golden
 
 
 # -- verification -------------------------------------------------------------------------------
@@ -159,66 +321,6 @@ def tolerances(dtype: str, backend: str) -> tuple[float, float]:
         return TOLERANCES[dtype][backend]
     except KeyError:
         raise UserError(f"manifest.json: dtype: expected one of {sorted(TOLERANCES)}, found {dtype!r}") from None
-
-
-def polygraphy_command(directory: Path, dtype: str, trt: bool = False,
-                       tol: tuple[float, float] | None = None) -> str:
-    """The stock `polygraphy run` line that repeats this check (with --trt: Polygraphy builds its own
-    strongly typed engine from the ONNX, TF32 off, so the TensorRT tolerance covers it)."""
-    d = Path(directory)
-    atol, rtol = tol or tolerances(dtype, "tensorrt" if trt else "onnxrt")
-    args = ["polygraphy", "run", str(d / "model.onnx"), "--onnxrt"]
-    if trt:
-        args += ["--trt", "--strongly-typed"]
-    args += ["--load-inputs", str(d / GOLDEN_INPUTS), "--load-outputs", str(d / GOLDEN_OUTPUTS),
-             "--atol", f"{atol:g}", "--rtol", f"{rtol:g}"]
-    return shlex.join(args)
-
-
-def _spec(a: np.ndarray) -> str:
-    return f"{a.dtype.name}{list(a.shape)}"
-
-
-def _load_golden(art) -> tuple[list[dict[str, np.ndarray]], Any]:
-    from polygraphy.comparator import RunResults
-    from polygraphy.exception import PolygraphyException
-    from polygraphy.json import load_json
-
-    d = art.directory
-    for name in (GOLDEN_INPUTS, GOLDEN_OUTPUTS):
-        if not (d / name).is_file():
-            raise UserError(f"{d / name}: missing; expected the golden I/O written by `ispa export` (none is "
-                            f"written when the graph's tensors exceed {MAX_GOLDEN_BYTES >> 30} GiB)")
-    try:
-        feeds_list = load_json(str(d / GOLDEN_INPUTS))
-    except (PolygraphyException, ValueError) as e:
-        raise UserError(f"{d / GOLDEN_INPUTS}: not a Polygraphy input list ({' '.join(str(e).split())[:200]})") from None
-    if isinstance(feeds_list, dict):
-        feeds_list = [feeds_list]
-    if not isinstance(feeds_list, list) or not feeds_list or not all(isinstance(f, dict) for f in feeds_list):
-        raise UserError(f"{d / GOLDEN_INPUTS}: expected a non-empty JSON list of feed dicts")
-    for i, feeds in enumerate(feeds_list):
-        if set(feeds) != set(art.inputs):
-            raise UserError(f"{d / GOLDEN_INPUTS}: iteration {i}: expected inputs {sorted(art.inputs)} "
-                            f"(manifest.json), found {sorted(feeds)}")
-        for name, spec in art.inputs.items():
-            a = feeds[name]
-            if not isinstance(a, np.ndarray) or a.shape != spec.shape or a.dtype.name != spec.dtype:
-                found = _spec(a) if isinstance(a, np.ndarray) else type(a).__name__
-                raise UserError(f"{d / GOLDEN_INPUTS}: iteration {i}: input {name!r}: expected "
-                                f"{spec.describe()} (manifest.json), found {found}")
-    try:
-        results = RunResults.load(str(d / GOLDEN_OUTPUTS))
-    except (PolygraphyException, ValueError, TypeError) as e:
-        raise UserError(f"{d / GOLDEN_OUTPUTS}: not a Polygraphy RunResults ({' '.join(str(e).split())[:200]})") from None
-    if GOLDEN_RUNNER not in results or len(results[GOLDEN_RUNNER]) != len(feeds_list):
-        raise UserError(f"{d / GOLDEN_OUTPUTS}: expected runner {GOLDEN_RUNNER!r} with {len(feeds_list)} "
-                        f"iteration(s), found runners {list(results.keys())}")
-    for i, it in enumerate(results[GOLDEN_RUNNER]):
-        if set(it.keys()) != set(art.outputs):
-            raise UserError(f"{d / GOLDEN_OUTPUTS}: iteration {i}: expected outputs {sorted(art.outputs)} "
-                            f"(manifest.json), found {sorted(it.keys())}")
-    return feeds_list, results[GOLDEN_RUNNER]
 
 
 def _trt_runner(art, scratch: contextlib.ExitStack):
@@ -239,9 +341,55 @@ def _trt_runner(art, scratch: contextlib.ExitStack):
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="tensorrt"), engine
 
 
+def _run_trt(runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One inference through Polygraphy's TrtRunner. numpy has no bfloat16 of its own, so a bf16 graph
+    is fed torch tensors (Polygraphy returns torch tensors then), converted back with ml_dtypes."""
+    bf16 = any(a.dtype.name == "bfloat16" for a in feeds.values())
+    if bf16:
+        import torch
+
+        from .torch_runner import to_numpy, to_torch
+
+        feeds = {k: to_torch(v, torch.device("cpu")) for k, v in feeds.items()}
+    with runner:
+        out = runner.infer(feeds)
+    if bf16:
+        return {k: (to_numpy(v) if not isinstance(v, np.ndarray) else v) for k, v in out.items()}
+    return {k: np.array(v, copy=True) for k, v in out.items()}
+
+
+def _run_ort(art, feeds: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+    """ONNX Runtime on the CPU provider; (backend name, outputs). ONNX Runtime's CPU provider has no
+    bfloat16 kernels for several ops (Conv among them): a bfloat16 graph it refuses is run by
+    onnx.reference instead (fine at test sizes, far too slow at real ones: use --trt there)."""
+    from runtimes.ort import OrtRunner
+
+    try:
+        runner = OrtRunner(art.onnx_path, providers=["CPUExecutionProvider"], copy_outputs=True)
+        return "onnxrt", runner.run(feeds)
+    except Exception as e:  # onnxruntime's own exceptions (e.g. a kernel missing for a dtype on the CPU)
+        why = " ".join(str(e).split())
+        if not (art.geometry.dtype == "bfloat16" and "bfloat16" in why):
+            raise UserError(f"{art.onnx_path}: ONNX Runtime (CPU) could not run the golden inputs: "
+                            f"{type(e).__name__}: {why[:300]}") from None
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    print(f"verify: ONNX Runtime's CPU provider has no bfloat16 kernels for {art.onnx_path.name}; running "
+          "onnx.reference instead (slow beyond small models: use --trt on a GPU)", file=sys.stderr)
+    model = onnx.load(str(art.onnx_path))
+    outs = ReferenceEvaluator(model).run(None, feeds)
+    return "onnxref", dict(zip((o.name for o in model.graph.output), outs))
+
+
+def _widen(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # Polygraphy's array helpers do not know ml_dtypes' bfloat16; float32 holds every bf16 value exactly.
+    return {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v) for k, v in outputs.items()}
+
+
 @contextlib.contextmanager
 def _quiet_polygraphy():
-    # The comparator logs every statistic (and each failure) itself; verify prints its own table.
+    # The compare function logs every statistic (and each failure) itself; verify prints its own table.
     # Critical messages still raise PolygraphyException, which verify turns into a UserError.
     from polygraphy.logger import G_LOGGER
 
@@ -252,18 +400,17 @@ def _quiet_polygraphy():
 def verify(directory: Path, trt: bool = False, *, atol: float | None = None, rtol: float | None = None) -> int:
     """Compare ONNX Runtime (CPU), and with trt=True TensorRT, against the golden PyTorch outputs.
 
-    Prints one line per backend and output and the `polygraphy run` command that repeats the check.
-    Returns 0 when every output is within tolerance, 1 otherwise. `atol`/`rtol` replace the
-    per-dtype defaults (TOLERANCES) for every backend. User errors (a missing or broken artifact,
-    TensorRT not installed) raise UserError / ArtifactError.
+    Prints one line per backend and output. Returns 0 when every output is within tolerance, 1
+    otherwise. `atol`/`rtol` replace the per-dtype defaults (TOLERANCES) for every backend. User
+    errors (a missing or broken artifact or golden file, TensorRT not installed) raise UserError /
+    ArtifactError.
     """
     from runtimes.artifact import load_artifact
 
     if trt:
         from .engine import _trt
         _trt()  # the one-line error before any work when TensorRT is missing
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import AccuracyResult, Comparator, RunResults
+    from polygraphy.comparator import IterationResult
     from polygraphy.exception import PolygraphyException
     try:
         from polygraphy.comparator import SimpleCompareFunc
@@ -274,54 +421,51 @@ def verify(directory: Path, trt: bool = False, *, atol: float | None = None, rto
     directory = Path(directory)
     art = load_artifact(directory, check_onnx=True)
     dtype = art.manifest.get("dtype", art.geometry.dtype)
-    with _quiet_polygraphy():
-        feeds_list, golden = _load_golden(art)
+    feeds, golden = load_golden(art)
 
     def tol(backend: str) -> tuple[float, float]:
         a, r = tolerances(dtype, backend)
         return (a if atol is None else atol), (r if rtol is None else rtol)
 
-    runners = [OnnxrtRunner(SessionFromOnnx(str(art.onnx_path), providers=["cpu"]), name="onnxrt")]
+    cpu_backend, cpu_outputs = _run_ort(art, feeds)
+    results = {cpu_backend: cpu_outputs}
     engine = None
     scratch = contextlib.ExitStack()
     try:
         if trt:
             runner, engine = _trt_runner(art, scratch)
-            runners.append(runner)
-        with _quiet_polygraphy():
-            results = Comparator.run(runners, data_loader=feeds_list)
-            results = RunResults(list(results.items()) + [(GOLDEN_RUNNER, golden)])
-            rows, ok = [], True
-            ref = len(runners)
-            for i, runner in enumerate(runners):
-                a, r = tol(runner.name)
-                acc = Comparator.compare_accuracy(results, comparisons=[(i, ref)],
-                                                  compare_func=SimpleCompareFunc(atol=a, rtol=r))
-                ok = ok and bool(acc)
-                # Polygraphy 0.53 returns a list (one AccuracyResult per compare function), earlier ones one.
-                per_func = [acc] if isinstance(acc, AccuracyResult) else list(acc)
-                for per_pair in per_func:
-                    for iterations in per_pair.values():
-                        for it, per_output in enumerate(iterations):
-                            for name, res in per_output.items():
-                                rows.append((runner.name, it, name, res, a, r))
+            with _quiet_polygraphy():
+                results["tensorrt"] = _run_trt(runner, feeds)
+        want = IterationResult(_widen(golden.outputs), runner_name=GOLDEN_RUNNER)
+        rows, ok = [], True
+        for backend, outputs in results.items():
+            got = slice_outputs(outputs, golden.kv)
+            for name, g in golden.outputs.items():
+                if name not in got or got[name].shape != g.shape:
+                    found = _spec(got[name]) if name in got else "no such output"
+                    raise UserError(f"{directory}: {backend} output {name!r}: expected {_spec(g)} "
+                                    f"({golden.path.name}), found {found}")
+            a, r = tol("tensorrt" if backend == "tensorrt" else "onnxrt")
+            with _quiet_polygraphy():
+                acc = SimpleCompareFunc(atol=a, rtol=r)(IterationResult(_widen(got), runner_name=backend), want)
+            for name, res in acc.items():
+                ok = ok and bool(res)
+                rows.append((backend, name, res, a, r))
     except PolygraphyException as e:
         raise UserError(f"{directory}: Polygraphy comparison failed: {' '.join(str(e).split())[:300]}") from None
     finally:
         scratch.close()
 
     where = f"engine {engine}" if engine is not None else "CPU"
-    print(f"verify {directory}: {dtype} graph vs PyTorch golden outputs ({len(feeds_list)} input set(s); "
-          f"elementwise: an element fails where it exceeds both atol and rtol; TensorRT: {where if trt else 'not run'})")
+    kv = golden.metadata["kv_slice"]
+    print(f"verify {directory}: {dtype} graph vs PyTorch golden outputs ({golden.path.name}; new K/V tokens "
+          f"{kv} of axis {KV_AXIS}; elementwise: an element fails where it exceeds both atol and rtol; "
+          f"TensorRT: {where if trt else 'not run'})")
     print(f"{'backend':<10} {'output':<14} {'max abs err':>12} {'max rel err':>12} {'atol':>8} {'rtol':>8}  result")
-    for backend, it, name, res, a, r in rows:
-        label = name if len(feeds_list) == 1 else f"{name}[{it}]"
+    for backend, name, res, a, r in rows:
         mark = "pass" if bool(res) else "FAIL"
-        print(f"{backend:<10} {label:<14} {_num(res.max_absdiff):>12} {_num(res.max_reldiff):>12} "
+        print(f"{backend:<10} {name:<14} {_num(res.max_absdiff):>12} {_num(res.max_reldiff):>12} "
               f"{a:>8.0e} {r:>8.0e}  {mark}")
-    print("repeat with Polygraphy:")
-    print("  " + polygraphy_command(directory, dtype, tol=tol("onnxrt")))
-    print("  " + polygraphy_command(directory, dtype, trt=True, tol=tol("tensorrt")) + "   # needs TensorRT")
     print(f"verify: {'passed' if ok else 'FAILED'}")
     return 0 if ok else 1
 

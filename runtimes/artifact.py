@@ -337,7 +337,7 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
         if n in inputs and (not inputs[n].shape or inputs[n].shape[0] != n_local):
             raise _fail(MANIFEST, f"inputs[{n!r}].shape", f"a first dimension of {n_local} (one per L-layer)",
                         list(inputs[n].shape))
-    if not outputs["prediction"].dtype.startswith("float"):
+    if outputs["prediction"].dtype not in GRAPH_DTYPES:
         raise _fail(MANIFEST, "outputs['prediction'].dtype", "a float type", repr(outputs["prediction"].dtype))
 
 

@@ -1,12 +1,11 @@
-"""Polygraphy parity (`ispa verify`), the CPU-side TensorRT checks of exported graphs, `ispa engine`
+"""Golden parity (`ispa verify`, golden.safetensors), the CPU-side TensorRT checks of exported graphs, `ispa engine`
 without TensorRT, per-video refit planning, and the TensorRT build/run/refit (skipped without it)."""
 
 import copy
 import importlib.util
 import json
+import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,13 @@ from ispa_export.export import DTYPES, graph_feeds, write_artifact
 from ispa_export.ispa import IspaOptions, report, transition
 from ispa_export.pipeline import load_context, load_model
 from ispa_export.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
-from ispa_export.verify import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GOLDEN_RUNNER, TOLERANCES, add_golden, golden_feeds,
-                                update_manifest_files, verify)
+from ispa_export.verify import (GOLDEN, KV_TOKENS, STATE_INPUTS, TOLERANCES, add_golden, golden_feeds, golden_layout,
+                                layout_nbytes, load_golden, read_golden, slice_outputs, update_manifest_files, verify)
 from runtimes.artifact import ArtifactError, load_artifact
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (tensorrt cannot be imported)")
 no_trt = pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is missing")
-POLYGRAPHY = Path(sys.executable).with_name("polygraphy")
 # 2 of 4 layers local: the graph has both caches (kv_full and kv_local, one sink frame pinned).
 TINY = ["--model", "tiny", "--kv-reduction", "0.25", "--warmup-chunks", "4", "--seed", "0"]
 MEDIUM = preset("tiny").replace(dim=128, num_heads=4, ffn_dim=256, num_layers=4, latent_height=8, latent_width=8,
@@ -40,14 +38,14 @@ MEDIUM = preset("tiny").replace(dim=128, num_heads=4, ffn_dim=256, num_layers=4,
 
 
 def _ensure_golden(directory: Path, model, stream, modulation="baked", dtype="fp32") -> None:
-    """Golden I/O for an artifact whose export did not write them (before write_artifact calls save_golden)."""
+    """Golden I/O for an artifact whose export did not write it (before write_artifact calls save_golden)."""
     manifest = json.loads((directory / "manifest.json").read_text())
-    if GOLDEN_INPUTS in manifest["files"] and GOLDEN_OUTPUTS in manifest["files"]:
+    if GOLDEN in manifest["files"]:
         return
     torch_dtype, np_dtype, _ = DTYPES[dtype]
     graph_model = copy.deepcopy(model).cast(torch_dtype)
     feeds = golden_feeds(stream, graph_feeds(stream, stream.state_arrays(), graph_model, modulation, np_dtype))
-    assert add_golden(directory, graph_model, feeds) == [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+    assert add_golden(directory, graph_model, feeds) == [GOLDEN]
 
 
 def _export_pieces(out: Path, model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions) -> Path:
@@ -109,22 +107,31 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def _golden(d: Path):
-    from polygraphy.comparator import RunResults
-    from polygraphy.json import load_json
+    """The full feeds of the golden pass (state + golden inputs) and the golden file, as verify reads them."""
+    return load_golden(load_artifact(d))
 
-    return load_json(str(d / GOLDEN_INPUTS)), RunResults.load(str(d / GOLDEN_OUTPUTS))
+
+def _rewrite(d: Path, change) -> None:
+    """Apply `change(tensors)` to golden.safetensors' tensors (file keys), keep its metadata, re-list it."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(d / GOLDEN), framework="np") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors)
+    save_file(tensors, str(d / GOLDEN), metadata=metadata)
+    update_manifest_files(d, [GOLDEN])
 
 
 def _perturb(d: Path, output: str, delta: float) -> None:
     """Move the largest-magnitude element of one golden output by `delta`, and re-list the file."""
-    _, results = _golden(d)
-    it = results[GOLDEN_RUNNER][0]
-    arr = it[output].copy()
-    idx = np.unravel_index(np.argmax(np.abs(arr)), arr.shape)
-    arr[idx] += delta
-    it[output] = arr
-    (d / GOLDEN_OUTPUTS).write_text(results.to_json())
-    update_manifest_files(d, [GOLDEN_OUTPUTS])
+    def change(tensors):
+        arr = tensors["output." + output].copy()
+        idx = np.unravel_index(np.argmax(np.abs(arr)), arr.shape)
+        arr[idx] += delta
+        tensors["output." + output] = arr
+
+    _rewrite(d, change)
 
 
 def _ort(path: Path, feeds: dict) -> dict:
@@ -136,23 +143,22 @@ def _ort(path: Path, feeds: dict) -> dict:
 
 # -- verify -------------------------------------------------------------------------------------
 
-def test_golden_files_are_listed_and_match_the_manifest(tiny):
+def test_golden_file_is_listed_and_matches_the_manifest(tiny):
     art = load_artifact(tiny)
-    assert GOLDEN_INPUTS in art.manifest["files"] and GOLDEN_OUTPUTS in art.manifest["files"]
-    feeds_list, results = _golden(tiny)
-    assert len(feeds_list) == 1 and list(results.keys()) == [GOLDEN_RUNNER]
-    feeds, outs = feeds_list[0], results[GOLDEN_RUNNER][0]
+    assert GOLDEN in art.manifest["files"] and not list(tiny.glob("golden_*.json"))
+    feeds, golden = _golden(tiny)
     for name, spec in art.inputs.items():
         assert (feeds[name].shape, feeds[name].dtype.name) == (spec.shape, spec.dtype)
+    layout = golden_layout({}, {n: (s.shape, s.dtype) for n, s in art.outputs.items()})
     for name, spec in art.outputs.items():
-        assert (outs[name].shape, outs[name].dtype.name) == (spec.shape, spec.dtype)
+        assert (golden.outputs[name].shape, golden.outputs[name].dtype.name) == layout["output." + name]
     assert {"kv_full", "kv_local"} <= set(feeds)
     assert np.abs(feeds["latents"]).std() > 0.5  # a denoising step's noise (golden_feeds), not the trace's zeros
     # Baked modulation, variant "full": W_o' (transposed) and the absorbed bias of each L-layer.
     assert len(art.manifest["refit_names"]) == 2 * art.geometry.modes.count("L") > 0
 
 
-def test_save_golden_skips_graphs_over_the_size_limit(tmp_path):
+def test_save_golden_stores_step_inputs_and_sliced_kv(tmp_path):
     from ispa_export.torch_runner import torch_stream
     from ispa_export.verify import save_golden
 
@@ -163,15 +169,59 @@ def test_save_golden_skips_graphs_over_the_size_limit(tmp_path):
     stream = torch_stream(model, torch.randn(1, 4, cfg.text_dim), 0, local_window=2, local_sink=1)
     stream.run(1)
     feeds = golden_feeds(stream, graph_feeds(stream, stream.state_arrays(), model, "baked", np.float32))
-    size = sum(a.nbytes for a in feeds.values())
-    assert save_golden(tmp_path, model, feeds, max_bytes=size - 1) == [] and not list(tmp_path.iterdir())
-    assert save_golden(tmp_path, model, feeds, max_bytes=10 * size) == [GOLDEN_INPUTS, GOLDEN_OUTPUTS]
-    _, results = _golden(tmp_path)
-    want = results[GOLDEN_RUNNER][0]
+    assert save_golden(tmp_path, model, feeds, kv_tokens=5) == [GOLDEN]
+    assert [p.name for p in tmp_path.iterdir()] == [GOLDEN]  # written atomically: no temporary left
+    golden = read_golden(tmp_path / GOLDEN)
+    tokens = feeds["kv_local"].shape[3] // stream.geo.local_capacity * stream.geo.chunk_frames
+    assert golden.kv == slice(0, tokens, -(-tokens // 5)) and golden.metadata["kv_slice"] == f"0:{tokens}:{golden.kv.step}"
+    assert set(golden.inputs) == set(feeds) - set(STATE_INPUTS)
+    assert all(np.array_equal(golden.inputs[k], feeds[k]) for k in golden.inputs)
     with torch.no_grad():
         got = model(**{k: torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()})
-    np.testing.assert_array_equal(want["prediction"], got[0].numpy())  # stored exactly, float32 round trip
-    np.testing.assert_array_equal(want["new_kv_local"], got[2].numpy())
+    np.testing.assert_array_equal(golden.outputs["prediction"], got[0].numpy())  # stored exactly, in full
+    want = got[2].numpy()[:, :, :, golden.kv]
+    assert golden.outputs["new_kv_local"].shape == want.shape and want.shape[3] == len(range(tokens)[golden.kv]) <= 5
+    np.testing.assert_array_equal(golden.outputs["new_kv_local"], want)  # every layer, K and V, strided tokens
+    # Non-finite PyTorch outputs are refused, and nothing is written.
+    bad = dict(feeds, latents=np.full_like(feeds["latents"], np.nan))
+    with pytest.raises(UserError, match=r"golden\.safetensors: output 'prediction' of the PyTorch model has NaN/inf"):
+        save_golden(tmp_path / "nan", model, bad)
+    assert not (tmp_path / "nan" / GOLDEN).exists()
+
+
+def test_golden_file_leaves_the_state_out_and_stays_small(tiny):
+    """golden.safetensors never repeats the caches, text K/V or constants of state.safetensors, and its
+    size is bounded at the Wan 1.3B geometry (computed from shapes, no model built)."""
+    art = load_artifact(tiny)
+    golden = read_golden(tiny / GOLDEN)
+    assert not set(golden.inputs) & set(STATE_INPUTS) and not set(golden.outputs) & set(STATE_INPUTS)
+    assert {"kv_full", "kv_local", "cross_kv"} <= set(art.state)
+    layout = golden_layout({n: (s.shape, s.dtype) for n, s in art.inputs.items()},
+                           {n: (s.shape, s.dtype) for n, s in art.outputs.items()})
+    assert (tiny / GOLDEN).stat().st_size <= layout_nbytes(layout) + 8192  # tensors + a small header
+    assert layout_nbytes(layout) < sum(art.state[k].nbytes for k in ("kv_full", "kv_local", "cross_kv"))
+
+    # Wan2.1 1.3B, bf16, 480x832 (60x104 latents, 1560 tokens a frame, 3-frame chunks): 30 layers,
+    # say 15 full (M = 21) and 15 local (window 6 + 1 sink), text K/V of 512 tokens.
+    cfg = preset("wan2.1-t2v-1.3b")
+    b, f, (gh, gw) = 1, cfg.chunk_frames, cfg.grid
+    p = gh * gw
+    heads, hd, n_f, n_l, local_cap = cfg.num_heads, cfg.head_dim, 15, 15, 7
+    bf = "bfloat16"
+    inputs = {"latents": ((b, cfg.in_dim, f, cfg.latent_height, cfg.latent_width), bf), "timestep": ((b,), "float32"),
+              "rope_frame": ((2, f, hd // 2), "float32"), "pass_kind": ((), "int64"),
+              "cross_kv": ((n_f + n_l, 2, b, cfg.text_len, heads, hd), bf),
+              "kv_full": ((n_f, 2, b, cfg.max_frames * p, heads, hd), bf), "kv_full_mask": ((cfg.max_frames,), "bool"),
+              "kv_local": ((n_l, 2, b, local_cap * p, heads, hd), bf), "kv_local_mask": ((local_cap,), "bool")}
+    outputs = {"prediction": (inputs["latents"][0], bf), "new_kv_full": ((n_f, 2, b, f * p, heads, hd), bf),
+               "new_kv_local": ((n_l, 2, b, f * p, heads, hd), bf)}
+    layout = golden_layout(inputs, outputs)
+    assert not {k.split(".", 1)[1] for k in layout} & set(STATE_INPUTS)
+    assert layout["output.new_kv_full"][0] == (n_f, 2, b, KV_TOKENS, heads, hd)  # 4680 tokens, every 74th
+    size = layout_nbytes(layout)
+    state = sum(math.prod(s) * 2 for n, (s, _) in inputs.items() if n in STATE_INPUTS)
+    full_kv = sum(math.prod(s) * 2 for n, (s, _) in outputs.items() if n != "prediction")
+    assert size < 16e6 and size < state / 100 and size < full_kv / 50, (size, state, full_kv)
 
 
 def test_verify_passes_on_the_exported_artifact(tiny, capsys):
@@ -181,18 +231,28 @@ def test_verify_passes_on_the_exported_artifact(tiny, capsys):
         line = next(l for l in out.splitlines() if l.startswith("onnxrt") and f" {name} " in l)
         assert line.endswith("pass")
         assert float(line.split()[2]) < 1e-5  # max abs error: float32 ORT vs eager, measured ~1e-6
-    assert f"polygraphy run {tiny / 'model.onnx'} --onnxrt --load-inputs" in out
-    assert "--atol 0.0001 --rtol 0.001" in out
+        assert line.split()[4:6] == ["1e-04", "1e-03"]
+    assert "polygraphy run" not in out and "golden.safetensors" in out
     assert out.strip().endswith("verify: passed")
 
 
-def test_stock_polygraphy_cli_reads_the_golden_files(tiny):
-    atol, rtol = TOLERANCES["float32"]["onnxrt"]
-    cmd = [str(POLYGRAPHY), "run", str(tiny / "model.onnx"), "--onnxrt", "--load-inputs", str(tiny / GOLDEN_INPUTS),
-           "--load-outputs", str(tiny / GOLDEN_OUTPUTS), "--atol", str(atol), "--rtol", str(rtol)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "PASSED" in r.stdout and "Passed: 1/1 iterations" in r.stdout
+def test_verify_slices_the_runners_kv_like_the_golden_file(tiny, tmp_path, capsys):
+    """A golden file written with fewer K/V tokens (a strided slice) still passes: verify slices the
+    runner's outputs by the file's recorded slice."""
+    d = _copy(tiny, tmp_path)
+    feeds, golden = _golden(d)
+    full = _ort(d / "model.onnx", feeds)
+    from safetensors.numpy import save_file
+
+    kv = slice(1, golden.kv.stop, 3)
+    tensors = {"input." + k: v for k, v in golden.inputs.items()}
+    tensors.update({"output." + k: v for k, v in slice_outputs(dict(golden.outputs, **{
+        n: full[n] for n in ("new_kv_full", "new_kv_local")}), kv).items()})
+    save_file(tensors, str(d / GOLDEN), metadata=dict(golden.metadata, kv_slice=f"1:{kv.stop}:3"))
+    update_manifest_files(d, [GOLDEN])
+    assert read_golden(d / GOLDEN).outputs["new_kv_local"].shape[3] == len(range(kv.stop)[kv]) < kv.stop
+    assert verify(d) == 0
+    assert "new K/V tokens 1:" in capsys.readouterr().out
 
 
 def test_verify_fails_when_a_golden_output_is_perturbed(tiny, tmp_path, capsys):
@@ -212,39 +272,94 @@ def test_verify_fails_when_a_golden_output_is_perturbed(tiny, tmp_path, capsys):
 
 def test_tampered_golden_file_is_refused_by_its_checksum(tiny, tmp_path, capsys):
     d = _copy(tiny, tmp_path)
-    text = (d / GOLDEN_OUTPUTS).read_text()
-    (d / GOLDEN_OUTPUTS).write_text(text.replace('"pytorch"', '"pytorcH"', 1))
-    with pytest.raises(ArtifactError, match=r"golden_outputs\.json: sha256: expected [0-9a-f]{64}"):
+    data = bytearray((d / GOLDEN).read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor's data
+    (d / GOLDEN).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"golden\.safetensors: sha256: expected [0-9a-f]{64}"):
         verify(d)
     assert cli.main(["verify", str(d)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("ispa verify: error:")
 
 
-def test_missing_golden_files_are_one_user_error(tiny, tmp_path):
+def test_missing_golden_file_is_one_user_error(tiny, tmp_path, capsys):
     d = _copy(tiny, tmp_path)
-    (d / GOLDEN_INPUTS).unlink()
+    (d / GOLDEN).unlink()
     m = json.loads((d / "manifest.json").read_text())
-    del m["files"][GOLDEN_INPUTS]
+    del m["files"][GOLDEN]
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(UserError, match=r"golden_inputs\.json: missing; expected the golden I/O written by `ispa export`"):
+    with pytest.raises(UserError, match=r"golden\.safetensors: missing; expected the golden I/O written by `ispa export`$"):
         verify(d)
+    (d / "golden_inputs.json").write_text("[]")  # an export from before golden.safetensors
+    with pytest.raises(UserError, match=r"golden_\*\.json from an older ispa-export: re-export it"):
+        verify(d)
+    assert cli.main(["verify", str(d)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ispa verify: error:")
 
 
-def test_golden_inputs_must_match_the_graph(tiny, tmp_path):
-    from polygraphy.json import to_json
-
-    d = _copy(tiny, tmp_path)
-    feeds_list, _ = _golden(d)
-    shape = list(feeds_list[0]["kv_local"].shape)
-    feeds_list[0]["kv_local"] = feeds_list[0]["kv_local"][..., :-1]
-    (d / GOLDEN_INPUTS).write_text(to_json(feeds_list))
-    update_manifest_files(d, [GOLDEN_INPUTS])
-    found = shape[:-1] + [shape[-1] - 1]
+def _refusal(d: Path) -> str:
     with pytest.raises(UserError) as e:
         verify(d)
-    assert str(e.value) == (f"{d / GOLDEN_INPUTS}: iteration 0: input 'kv_local': expected float32{shape} "
-                            f"(manifest.json), found float32{found}")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{d}")
+    return msg
+
+
+def test_golden_inputs_and_outputs_must_match_the_graph(tiny, tmp_path):
+    d = _copy(tiny, tmp_path)
+    shape = list(load_artifact(d).inputs["latents"].shape)
+    found = shape[:-1] + [shape[-1] - 1]
+    _rewrite(d, lambda t: t.update({"input.latents": np.ascontiguousarray(t["input.latents"][..., :-1])}))
+    assert _refusal(d) == (f"{d / GOLDEN}: input 'latents': expected float32{shape} (manifest.json), "
+                           f"found float32{found}")
+
+    d = _copy(tiny, tmp_path / "dtype")
+    _rewrite(d, lambda t: t.update({"input.latents": t["input.latents"].astype(np.float16)}))
+    assert _refusal(d) == f"{d / GOLDEN}: input 'latents': expected float32{shape} (manifest.json), found float16{shape}"
+
+    d = _copy(tiny, tmp_path / "cache")  # a cache stored in the golden file (the old layout) is refused
+    art = load_artifact(d)
+    _rewrite(d, lambda t: t.update({"input.kv_local": art.state["kv_local"]}))
+    msg = _refusal(d)
+    assert msg.startswith(f"{d / GOLDEN}: inputs: expected [") and "less ['cross_kv', 'kv_full', 'kv_local'] from " \
+        "state.safetensors), found [" in msg and "'kv_local'" in msg.split("found")[1]
+
+    d = _copy(tiny, tmp_path / "out")
+    _rewrite(d, lambda t: t.pop("output.new_kv_full"))
+    assert _refusal(d).startswith(f"{d / GOLDEN}: outputs: expected ['new_kv_full', 'new_kv_local', 'prediction'] "
+                                  "(manifest.json), found ['new_kv_local', 'prediction']")
+
+    d = _copy(tiny, tmp_path / "kvshape")
+    _rewrite(d, lambda t: t.update({"output.new_kv_local": np.ascontiguousarray(t["output.new_kv_local"][:, :, :, :-1])}))
+    assert _refusal(d).startswith(f"{d / GOLDEN}: output 'new_kv_local': expected float32[")
+
+
+def test_golden_file_of_another_state_is_refused(tiny, video_b, tmp_path):
+    d = _copy(tiny, tmp_path)
+    shutil.copy(video_b / GOLDEN, d / GOLDEN)  # same graph I/O, another video's caches
+    update_manifest_files(d, [GOLDEN])
+    msg = _refusal(d)
+    assert msg.startswith(f"{d / GOLDEN}: metadata state_sha256.") and "of state.safetensors), found " in msg
+    assert msg.endswith("the golden pass ran on another state")
+
+
+def test_bf16_export_golden_and_verify(tmp_path, capsys):
+    """A bfloat16 graph: golden.safetensors holds ml_dtypes bfloat16 tensors, and verify passes (ONNX
+    Runtime's CPU provider lacks bf16 Conv, so onnx.reference runs the graph) at the bf16 tolerance."""
+    out = tmp_path / "bf16"
+    assert cli.main(["export", *TINY, "--dtype", "bf16", "--out", str(out)]) == 0
+    golden = read_golden(out / GOLDEN)
+    assert golden.inputs["latents"].dtype.name == "bfloat16" and golden.inputs["timestep"].dtype.name == "float32"
+    assert all(o.dtype.name == "bfloat16" for o in golden.outputs.values())
+    assert not set(golden.inputs) & set(STATE_INPUTS)
+    capsys.readouterr()
+    assert verify(out) == 0
+    res = capsys.readouterr()
+    rows = [l.split() for l in res.out.splitlines() if l.startswith(("onnxrt ", "onnxref "))]
+    assert len(rows) == 3 and all(r[-1] == "pass" and r[4:6] == ["4e-02", "4e-02"] for r in rows)
+    _perturb(out, "prediction", 0.5)  # far beyond bf16 rounding
+    assert verify(out) == 1
 
 
 @no_trt
@@ -276,10 +391,10 @@ def test_polygraphy_inspect_and_sanitize_the_medium_graph(medium, tmp_path):
     folded = sanitize(art.onnx_path, tmp_path / "folded.onnx")
     assert check_onnx_for_tensorrt(folded, art.manifest["refit_names"]) == []
     # Folding must not change the function: the folded graph still meets the golden PyTorch outputs.
-    feeds_list, results = _golden(medium)
-    got = _ort(folded, feeds_list[0])
+    feeds, golden = _golden(medium)
+    got = slice_outputs(_ort(folded, feeds), golden.kv)
     atol, _ = TOLERANCES["float32"]["onnxrt"]
-    for name, want in results[GOLDEN_RUNNER][0].items():
+    for name, want in golden.outputs.items():
         np.testing.assert_allclose(got[name], want, atol=atol, rtol=0)
     assert len(onnx.load(str(folded)).graph.node) <= len(onnx.load(str(art.onnx_path)).graph.node)
 
@@ -383,10 +498,10 @@ def test_refit_plan_between_two_videos_of_one_model(tiny, video_b, tmp_path):
         if init.name in plan:
             init.CopyFrom(numpy_helper.from_array(plan[init.name], init.name))
     onnx.save(m, str(tmp_path / "refitted.onnx"))
-    feeds_list, results = _golden(video_b)
-    want = results[GOLDEN_RUNNER][0]
-    refitted = _ort(tmp_path / "refitted.onnx", feeds_list[0])
-    unrefitted = _ort(tiny / "model.onnx", feeds_list[0])
+    feeds, golden = _golden(video_b)
+    want = golden.outputs
+    refitted = slice_outputs(_ort(tmp_path / "refitted.onnx", feeds), golden.kv)
+    unrefitted = _ort(tiny / "model.onnx", feeds)
     atol, rtol = TOLERANCES["float32"]["onnxrt"]
     for name in want.keys():
         np.testing.assert_allclose(refitted[name], want[name], atol=atol, rtol=rtol)
@@ -463,17 +578,17 @@ def test_tensorrt_build_run_and_refit(tiny, video_b, tmp_path, capsys):
     assert load_artifact(a).engine_path() == a / ENGINE and (a / "timing.cache").is_file()
     assert verify(a, trt=True) == 0  # TensorRT and ORT both against PyTorch
 
-    feeds_list, results = _golden(b)
-    want = results[GOLDEN_RUNNER][0]
+    feeds, golden = _golden(b)
+    want = golden.outputs
     atol, rtol = TOLERANCES["float32"]["tensorrt"]
     with TrtRunner(a / ENGINE, copy_outputs=True) as runner:
-        before = runner.run(feeds_list[0])
+        before = runner.run(feeds)
     assert np.abs(before["prediction"] - want["prediction"]).max() > 10 * atol  # A's weights: not B's answer
 
     refit_for_artifact(b, a)  # A's engine, B's corrections, no rebuild
     assert load_artifact(b).engine_path() == b / ENGINE
     with TrtRunner(b / ENGINE, copy_outputs=True) as runner:
-        after = runner.run(feeds_list[0])
+        after = slice_outputs(runner.run(feeds), golden.kv)
     for name in want.keys():
         np.testing.assert_allclose(after[name], want[name], atol=atol, rtol=rtol)
     assert verify(b, trt=True) == 0
