@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ QUICK = dict(latency={"demo": ([6, 12, 24], [12])}, history=["demo"], reps=5, wa
              monitor="tiny", solve=[1536], export="demo")
 FULL_PLAN = dict(latency={"demo": ([6, 12, 24], [6, 12, 24]), "medium": ([6, 12, 21], [21])},
                  history=["demo", "medium"], reps=7, warmup=2, min_seconds=4.0, monitor="demo", solve=[1536, 5120],
-                 export="demo", cuda_latency=[9, 15, 21])
+                 export="demo", cuda_latency=[9, 15, 21], real_export=REAL[0])
 
 
 _START = time.perf_counter()
@@ -434,6 +435,36 @@ def export_section(name: str, out: Path, seed: int = 0) -> tuple[dict, WanModel,
     return info, base, model, directory
 
 
+def real_export(name: str, out: Path, dtype: str = "float16") -> dict:
+    """The ONNX export of a real-size graph (random weights, the ISPA layout at the target, caches at
+    capacity) in a process of its own: its wall time and the process's peak resident memory (VmHWM),
+    what a CPU export box must have."""
+    path = out / "onnx" / f"{name}-{dtype}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    code = ("import json, sys; from pathlib import Path; from ispa_export.bench import export_real_child; "
+            f"print(json.dumps(export_real_child({name!r}, Path({str(path)!r}), {dtype!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"real-size export of {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def export_real_child(name: str, path: Path, dtype: str) -> dict:
+    torch.manual_seed(0)
+    model = WanModel(preset(name)).eval().cast(getattr(torch, dtype))
+    ispa = ispa_copy(model, ispa_modes(model.cfg))
+    del model
+    feeds = step_feeds(ispa, ispa.cfg.max_frames, ispa.cfg.max_frames, fill=False, dtype=dtype)
+    t0 = time.perf_counter()
+    export_onnx(ispa, feeds, path, refit=False)
+    seconds = time.perf_counter() - t0
+    hwm = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    files = {p.name: p.stat().st_size for p in path.parent.glob(path.name + "*")}
+    return {"config": name, "dtype": dtype, "export_seconds": seconds, "peak_rss_bytes": hwm, "files": files,
+            "layers_local": ispa.modes.count(LOCAL)}
+
+
 # -- entry point ----------------------------------------------------------------------------------
 def run(plan: dict, out: Path, threads: int, command: str) -> dict:
     res = {"mode": "quick" if plan["quick"] else "full", "command": command, "machine": machine(threads),
@@ -448,6 +479,9 @@ def run(plan: dict, out: Path, threads: int, command: str) -> dict:
     res["growth"] = kv_growth(REAL[0])
     log(f"export: warmup, solve, bake and write_artifact on {plan['export']}")
     res["export"], base, baked, directory = export_section(plan["export"], out)
+    if plan.get("real_export"):
+        log(f"export: {plan['real_export']} graph, fp16, in a process of its own (minutes, ~12 GB)")
+        res["real_export"] = real_export(plan["real_export"], out)
     onnx = {(plan["export"], base.cfg.max_frames, "ispa"): directory / ONNX}
     lat, versus = [], []
     for name, (caps, ort_caps) in plan["latency"].items():

@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("artifact", metavar="DIR")
     g.add_argument("--workspace-gib", type=float, default=4.0)
 
-    f = sub.add_parser("verify", help="Polygraphy parity of the exported graph")
+    f = sub.add_parser("verify", help="parity of the exported graph with the golden PyTorch step")
     f.add_argument("artifact", metavar="DIR")
     f.add_argument("--trt", action="store_true", help="compare TensorRT against ONNX Runtime as well")
     return p
