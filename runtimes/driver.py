@@ -140,6 +140,7 @@ class Stream:
         self.frame_index = 0
         self.keep_latents = keep_latents
         self.latents: list[np.ndarray] = []
+        self.sample: np.ndarray | None = None
         self.static_inputs = ["cross_kv"]
         self._upload("cross_kv", cross_kv)
         for name, value in (constants or {}).items():  # e.g. ispa_weight/ispa_bias when modulation is an input
@@ -199,6 +200,7 @@ class Stream:
             x0 = flow_step(noisy, pred, t / 1000.0)
             if k + 1 < len(ts):
                 noisy = renoise(x0, chunk_noise(self.seed, self.chunk, k + 1, shape), ts[k + 1] / 1000.0)
+        self.sample = x0  # the chunk's own sample, also when `given` replaces it in the cache
         if given is not None:
             x0 = np.asarray(given, dtype=np.float32)
         out = self._run(x0, 0.0, len(ts))
