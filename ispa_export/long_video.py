@@ -34,17 +34,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
-def teacher_forced(layout: str, seed: int, chunks: int, log) -> list[float]:
+def teacher_forced(layout: str, seed: int, chunks: int, log) -> list[float | None]:
     """Per-chunk PSNR of the sample against the true chunk, chunks 0..chunks-1 (warmup included)."""
     _, model = load_model("demo")
     f = model.cfg.chunk_frames
     video = make_video(seed, chunks * f).frames  # [T, C, H, W]
     lat = np.ascontiguousarray(video.transpose(1, 0, 2, 3)[None])  # [1, C, T, H, W]
     true = lambda c: lat[:, :, c * f:(c + 1) * f]  # noqa: E731
-    scores = []
+    scores: list[float | None] = []
     if layout == "ispa":
         stream, _, _ = transition(model, demo_context(), seed, IspaOptions(), video=lat)
-        scores = [float("nan")] * stream.chunk  # the warmup's samples are not kept by transition
+        scores = [None] * stream.chunk  # the warmup's samples are not kept by transition
     else:
         stream = torch_stream(model, demo_context(), seed)
     stream.keep_latents = False
