@@ -124,11 +124,22 @@ class RunDir:
         if old and old != self.record["snapshot"]["file"]:
             (self.out / old).unlink(missing_ok=True)
 
-    def fail(self, message: str) -> None:
+    def fail_chunk(self, chunk: int, frame: int, reason: str) -> None:
+        """Stops the run at stream chunk `chunk` (first frame `frame`): run.json says failed, and how
+        many chunks before it are in frames.npy; raises RunError with the same line."""
+        message = (f"chunk {chunk} (frames {frame}-{frame + self.chunk_frames - 1}): {reason}; the "
+                   f"{self.record['chunks_done']} chunks before it are in {self.out / FRAMES} "
+                   f"({self.record['frames']} frames, {RECORD})")
         self.frames.sync()
         self.record.update(status="failed", error=message)
         self._write()
         self.frames.close()
+        raise RunError(message)
+
+    def flush(self) -> None:
+        """run.json brought up to date now (the loop stopped between two timed rewrites)."""
+        if self.record.get("status") == "running":
+            self._write()
 
     def finish(self, extra: dict[str, Any], preview: Callable[[Path, np.ndarray], bool] | None,
                max_preview_frames: int) -> None:
@@ -155,16 +166,3 @@ class RunDir:
 
     def _write(self, durable: bool = True) -> None:
         write_json_atomic(self.out / RECORD, self.record, durable=durable)
-
-
-def finite_or_raise(x: np.ndarray, chunk: int, frame: int, rundir: RunDir) -> None:
-    """A chunk whose latents hold NaN or inf stops the run; the frames before it stay (run.json)."""
-    if np.isfinite(x).all():
-        return
-    bad = int(x.size - np.isfinite(x).sum())
-    message = (f"chunk {chunk} (frames {frame}-{frame + x.shape[2] - 1}): expected a finite prediction, found "
-               f"{bad} of {x.size} values NaN or inf; the {rundir.record['chunks_done']} chunks before it are in "
-               f"{rundir.out / FRAMES} ({rundir.record['frames']} frames, {RECORD})")
-    rundir.fail(message)
-    raise RunError(message)
-

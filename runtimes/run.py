@@ -20,7 +20,7 @@ from .artifact import ONNX, Artifact, ArtifactError, load_artifact
 from .driver import Stream
 from .errors import RunError
 from .files import atomic_path, sha256_file
-from .output import FRAMES, RunDir, check_out, finite_or_raise
+from .output import FRAMES, RunDir, check_out
 from .snapshot import load_snapshot
 
 BACKENDS = ("ort", "trt")
@@ -301,16 +301,27 @@ def generate(args: argparse.Namespace, runner: Any = None,
     del state_frames
     progress = None if args.quiet else _Progress(total, start=done)
     t0 = time.perf_counter()
-    for i in range(done, total):
-        x0 = stream.step()
-        finite_or_raise(x0, stream.chunk - 1, stream.frame_index - f, rundir)
-        rundir.add_chunk(i, x0)
-        if args.snapshot_every and (i + 1) % args.snapshot_every == 0 and i + 1 < total:
-            rundir.snapshot(stream_state(stream, static), identity)
-        if progress is not None:
-            progress(1)
-        if on_chunk is not None:
-            on_chunk(i + 1)
+    try:
+        for i in range(done, total):
+            try:
+                x0 = stream.step()
+            except Exception as e:  # the engine's own error types (onnxruntime Fail, TensorRT, ...)
+                rundir.fail_chunk(stream.chunk, stream.frame_index, f"{args.backend} runner failed: "
+                                  f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            if not np.isfinite(x0).all():
+                bad = int(x0.size - np.count_nonzero(np.isfinite(x0)))
+                rundir.fail_chunk(stream.chunk - 1, stream.frame_index - f, f"expected a finite prediction, found "
+                                  f"{bad} of {x0.size} values NaN or inf")
+            rundir.add_chunk(i, x0)
+            if args.snapshot_every and (i + 1) % args.snapshot_every == 0 and i + 1 < total:
+                rundir.snapshot(stream_state(stream, static), identity)
+            if progress is not None:
+                progress(1)
+            if on_chunk is not None:
+                on_chunk(i + 1)
+    except BaseException:
+        rundir.flush()  # run.json counts every chunk on disk, whatever stopped the loop (Ctrl-C)
+        raise
     seconds = time.perf_counter() - t0
     made = total - done
     wrote_preview = [False]
