@@ -227,13 +227,8 @@ def stream_state(stream: Stream, static: set[str]) -> dict[str, np.ndarray]:
 
 
 def make_stream(art: Artifact, runner: Any) -> Stream:
-    """A Stream positioned at the artifact's handoff state."""
-    # Frames go to disk as they come: the stream need not keep them. A driver that predates the
-    # keep_latents option keeps every latent (memory grows with the video).
-    if "keep_latents" in inspect.signature(Stream).parameters:
-        stream = Stream(runner, art.geometry, art.cross_kv, art.seed, constants=art.constants, keep_latents=False)
-    else:
-        stream = Stream(runner, art.geometry, art.cross_kv, art.seed, constants=art.constants)
+    """A Stream positioned at the artifact's handoff state; it keeps no latents (they go to disk)."""
+    stream = Stream(runner, art.geometry, art.cross_kv, art.seed, constants=art.constants, keep_latents=False)
     stream.load_state(art.state)
     return stream
 

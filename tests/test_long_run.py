@@ -26,11 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def art(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "art"
-    assert ispa(["export", "--model", "tiny", "--kv-reduction", "0.25", "--warmup-chunks", "5", "--out", str(d)]) == 0
-    return d
+@pytest.fixture
+def art(tiny_artifact) -> Path:
+    return tiny_artifact
 
 
 def runtime(*args: str, **kw) -> subprocess.Popen:
@@ -76,7 +74,7 @@ def crashed_run(art: Path, out: Path, chunks: int, at: int, snapshot_every: int)
 # -- crash safety ----------------------------------------------------------------------------------
 
 def test_sigkill_mid_run_keeps_frames_and_resume_is_bit_identical(art, tmp_path):
-    chunks, every = 150, 8
+    chunks, every = 300, 8
     ref, out = tmp_path / "ref", tmp_path / "out"
     r = runtime(str(art), "--chunks", str(chunks), "--out", str(ref))
     assert r.wait(timeout=120) == 0, r.stderr.read()
@@ -209,7 +207,7 @@ def test_a_non_finite_chunk_stops_the_run_and_keeps_the_frames_before_it(art, tm
         """The artifact's ONNX Runtime runner, with NaN in one chunk's prediction."""
 
         def __init__(self, inner):
-            self.inner, self.input_names = inner, inner.input_names
+            self.inner, self.input_names, self.buffers = inner, inner.input_names, inner.buffers
 
         def run(self, feeds, info):
             out = self.inner.run(feeds, info)

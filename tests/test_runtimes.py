@@ -263,20 +263,6 @@ def test_zero_size_groups_store_and_rebuild(tmp_path, streams):
     ("state_extra", "state.safetensors: tensors: expected only"),
     ("state_ring", "state.safetensors: tensor 'kv_full_frames'[0]: expected -1 or a frame < 8 whose ring slot"),
     ("state_seed", "state.safetensors: tensor 'seed': expected 8 (manifest.json seed), found 7"),
-    # field by field (the JSON Schema): type, range, allowed values
-    ("huge_timestep", "manifest.json: geometry.timesteps[0]: expected a number in (0, 1000] (sigma = t/1000), "
-                      "found number 1e+30"),
-    ("nan_timestep", "manifest.json: expected valid JSON, found NaN (not a JSON number)"),
-    ("float64", "manifest.json: dtype: expected one of ['float32', 'float16'], found string 'float64'"),
-    ("dtype_vs_graph", "manifest.json: dtype: expected 'float32' (geometry.dtype, the graph's), found 'float16'"),
-    ("io_float64", "manifest.json: inputs[0].dtype: expected one of ['float32', 'float16', 'int64', 'bool'], "
-                   "found string 'float64'"),
-    ("float_count", "manifest.json: geometry.batch: expected an integer, found number 1.0"),
-    ("zero_channels", "manifest.json: geometry.channels: expected an integer >= 1, found number 0"),
-    ("unknown_geometry", "manifest.json: geometry: expected only the fields ['batch', "),
-    ("missing_field", "manifest.json: caches.full: expected a field 'bytes', found no such field"),
-    ("bad_sha", "manifest.json: files['report.json'].sha256: expected 64 lowercase hex digits, found string 'x'"),
-    ("bad_mode", "manifest.json: geometry.modes[1]: expected one of ['F', 'L'], found string 'X'"),
 ])
 def test_refusals_name_file_field_and_expectation(art, case, expect):
     d, ins, outs = art
@@ -335,26 +321,6 @@ def test_refusals_name_file_field_and_expectation(art, case, expect):
         resave(kv_full_frames=fr)
     elif case == "state_seed":
         edit_manifest(d, lambda m: m.__setitem__("seed", 8))
-    elif case == "huge_timestep":
-        edit_manifest(d, lambda m: m["geometry"]["timesteps"].__setitem__(0, 1e30))
-    elif case == "nan_timestep":
-        edit_manifest(d, lambda m: m["geometry"]["timesteps"].__setitem__(0, float("nan")))
-    elif case in ("float64", "dtype_vs_graph"):
-        edit_manifest(d, lambda m: m.__setitem__("dtype", "float64" if case == "float64" else "float16"))
-    elif case == "io_float64":
-        edit_manifest(d, lambda m: m["inputs"][0].__setitem__("dtype", "float64"))
-    elif case == "float_count":
-        edit_manifest(d, lambda m: m["geometry"].__setitem__("batch", 1.0))
-    elif case == "zero_channels":
-        edit_manifest(d, lambda m: m["geometry"].__setitem__("channels", 0))
-    elif case == "unknown_geometry":
-        edit_manifest(d, lambda m: m["geometry"].__setitem__("fps", 16))
-    elif case == "missing_field":
-        edit_manifest(d, lambda m: m["caches"]["full"].pop("bytes"))
-    elif case == "bad_sha":
-        edit_manifest(d, lambda m: m["files"]["report.json"].__setitem__("sha256", "x"))
-    elif case == "bad_mode":
-        edit_manifest(d, lambda m: m["geometry"]["modes"].__setitem__(1, "X"))
     msg = refusal(d)
     file, rest = expect.split(": ", 1)
     assert msg.startswith(f"{d / file}: "), msg
