@@ -191,8 +191,6 @@ def runner_path(art: Artifact, args: argparse.Namespace) -> Path | None:
     return Path(args.engine) if args.engine else art.engine_path()
 
 
-
-
 def _check_counts(args: argparse.Namespace) -> None:
     if args.chunks is None and not args.resume:
         raise RunError("--chunks: expected the number of chunks to generate (>= 1), found none")
@@ -224,6 +222,48 @@ def _resume_point(args: argparse.Namespace, prior: dict[str, Any], art: Artifact
 def stream_state(stream: Stream, static: set[str]) -> dict[str, np.ndarray]:
     """What a snapshot keeps: the stream's state less what the artifact or frames.npy already hold."""
     return {k: v for k, v in stream.state_arrays().items() if k not in static}
+
+
+def _restore(stream: Stream, art: Artifact, snap: dict[str, np.ndarray], path: Path, chunk: int) -> None:
+    """Puts the stream where the snapshot at `path` left it (the artifact supplies the fixed parts)."""
+    try:
+        stream.load_state({**art.state, **snap})
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{path}: expected the state of this artifact's stream, found "
+                       f"{' '.join(str(e).split())[:200]}") from None
+    if stream.chunk != chunk:
+        raise RunError(f"{path}: chunk: expected {chunk} (the state's chunk + chunks done), found {stream.chunk}")
+
+
+def _stream_chunks(stream: Stream, rundir: RunDir, args: argparse.Namespace, done: int, total: int,
+                   static: set[str], identity: str, on_chunk: Callable[[int], None] | None) -> float:
+    """Chunks done..total-1, each stored as it comes; returns the seconds they took."""
+    f = stream.geo.chunk_frames
+    progress = None if args.quiet else _Progress(total, start=done)
+    t0 = time.perf_counter()
+    try:
+        for i in range(done, total):
+            try:
+                x0 = stream.step()
+            except Exception as e:  # the engine's own error types (onnxruntime Fail, TensorRT, ...)
+                rundir.fail_chunk(stream.chunk, stream.frame_index, f"{args.backend} runner failed: "
+                                  f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            # One pass over a chunk's latents on the host: cheap next to the chunk's four graph runs.
+            if not np.isfinite(x0).all():
+                bad = int(x0.size - np.count_nonzero(np.isfinite(x0)))
+                rundir.fail_chunk(stream.chunk - 1, stream.frame_index - f, f"expected a finite prediction, found "
+                                  f"{bad} of {x0.size} values NaN or inf")
+            rundir.add_chunk(i, x0)
+            if args.snapshot_every and (i + 1) % args.snapshot_every == 0 and i + 1 < total:
+                rundir.snapshot(stream_state(stream, static), identity)
+            if progress is not None:
+                progress(1)
+            if on_chunk is not None:
+                on_chunk(i + 1)
+    except BaseException:
+        rundir.flush()  # run.json counts every chunk on disk, whatever stopped the loop (Ctrl-C)
+        raise
+    return time.perf_counter() - t0
 
 
 def make_stream(art: Artifact, runner: Any) -> Stream:
@@ -262,14 +302,7 @@ def generate(args: argparse.Namespace, runner: Any = None,
     stream = make_stream(art, runner)
     start_chunk = stream.chunk
     if snap is not None:
-        try:
-            stream.load_state({**art.state, **snap})
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunError(f"{out / prior['snapshot']['file']}: expected the state of this artifact's stream, "
-                           f"found {' '.join(str(e).split())[:200]}") from None
-        if stream.chunk != start_chunk + done:
-            raise RunError(f"{out / prior['snapshot']['file']}: chunk: expected {start_chunk + done} "
-                           f"(state chunk {start_chunk} + {done} done), found {stream.chunk}")
+        _restore(stream, art, snap, out / prior["snapshot"]["file"], start_chunk + done)
     state_frames = art.state["latents"]
     static = {"latents", "cross_kv", *art.constants}
     for name in ("kv_full", "kv_local", "latents"):  # the stream copied what it needs: free the originals
@@ -294,41 +327,12 @@ def generate(args: argparse.Namespace, runner: Any = None,
     else:
         rundir = RunDir.start(out, record, shape, state_frames, f)
     del state_frames
-    progress = None if args.quiet else _Progress(total, start=done)
-    t0 = time.perf_counter()
-    try:
-        for i in range(done, total):
-            try:
-                x0 = stream.step()
-            except Exception as e:  # the engine's own error types (onnxruntime Fail, TensorRT, ...)
-                rundir.fail_chunk(stream.chunk, stream.frame_index, f"{args.backend} runner failed: "
-                                  f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
-            if not np.isfinite(x0).all():
-                bad = int(x0.size - np.count_nonzero(np.isfinite(x0)))
-                rundir.fail_chunk(stream.chunk - 1, stream.frame_index - f, f"expected a finite prediction, found "
-                                  f"{bad} of {x0.size} values NaN or inf")
-            rundir.add_chunk(i, x0)
-            if args.snapshot_every and (i + 1) % args.snapshot_every == 0 and i + 1 < total:
-                rundir.snapshot(stream_state(stream, static), identity)
-            if progress is not None:
-                progress(1)
-            if on_chunk is not None:
-                on_chunk(i + 1)
-    except BaseException:
-        rundir.flush()  # run.json counts every chunk on disk, whatever stopped the loop (Ctrl-C)
-        raise
-    seconds = time.perf_counter() - t0
+    seconds = _stream_chunks(stream, rundir, args, done, total, static, identity, on_chunk)
     made = total - done
-    wrote_preview = [False]
-
-    def preview(path: Path, frames: np.ndarray) -> bool:
-        wrote_preview[0] = write_preview(path, frames)
-        return wrote_preview[0]
-
     rundir.finish({"chunks_generated": total, "seconds": round(seconds, 6),
                    "seconds_per_chunk": round(seconds / made, 6) if made else None},
-                  None if args.no_preview else preview, PREVIEW_MAX_FRAMES)
-    if not args.no_preview and not wrote_preview[0]:
+                  None if args.no_preview else write_preview, PREVIEW_MAX_FRAMES)
+    if not args.no_preview and not rundir.record["preview"]:
         print("note: imageio is not importable; preview.gif not written", file=sys.stderr)
     return rundir.record
 
