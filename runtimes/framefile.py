@@ -60,7 +60,8 @@ class FrameFile:
         frame_bytes = h * w * self.dtype.itemsize
         for i in range(b):
             for j in range(c):
-                _pwrite_all(self._fd, memoryview(x[i, j]).cast("B"), self.offset + ((i * c + j) * t + start) * frame_bytes)
+                at = self.offset + ((i * c + j) * t + start) * frame_bytes
+                _pwrite_all(self._fd, memoryview(x[i, j]).cast("B"), at)
 
     def sync(self) -> None:
         """Everything written so far is on the disk, not only in the page cache (power loss)."""

@@ -54,7 +54,8 @@ def load_snapshot(directory: Path, record: dict[str, Any], artifact: str, artifa
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise RunError(f"{path}: expected a readable safetensors snapshot, found {' '.join(str(e).split())[:200]}") from None
+        found = " ".join(str(e).split())[:200]
+        raise RunError(f"{path}: expected a readable safetensors snapshot, found {found}") from None
     if meta.get("format") != FORMAT:
         raise RunError(f"{path}: format: expected {FORMAT!r}, found {meta.get('format')!r}")
     if meta.get("artifact_manifest_sha256") != artifact:

@@ -235,12 +235,13 @@ def test_a_non_finite_chunk_stops_the_run_and_keeps_the_frames_before_it(art, tm
 
 def test_ispa_run_takes_snapshot_every_and_resume(art, tmp_path, capsys):
     out = tmp_path / "run"
-    assert ispa(["run", str(art), "--backend", "torch", "--chunks", "3", "--snapshot-every", "2", "--out", str(out)]) == 0
+    run = ["run", str(art), "--backend", "torch"]
+    assert ispa([*run, "--chunks", "3", "--snapshot-every", "2", "--out", str(out)]) == 0
     rec = record(out)
     assert rec["status"] == "done" and rec["snapshot_every"] == 2 and rec["chunks_done"] == 3
-    assert ispa(["run", str(art), "--backend", "torch", "--out", str(out), "--resume"]) == 0
+    assert ispa([*run, "--out", str(out), "--resume"]) == 0
     assert "nothing to resume" in capsys.readouterr().err
-    assert ispa(["run", str(art), "--backend", "torch", "--chunks", "0", "--out", str(tmp_path / "x")]) == 2
+    assert ispa([*run, "--chunks", "0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--chunks: expected an integer >= 1, found 0" in err
     assert not (tmp_path / "x").exists()
