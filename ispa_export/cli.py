@@ -107,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="artifacts/bench")
     b.add_argument("--device", help="cpu | cuda | cuda:N: cuda also times the real-size model (default: cuda when "
                    "PyTorch sees one)")
+    b.add_argument("--stream", metavar="DIR", default=None,
+                   help="instead: resident memory of a 10,000-chunk ONNX Runtime stream of the artifact DIR "
+                        "(python -m ispa_export.bench_stream; its section goes into --out/BENCHMARKS.md)")
 
     g = sub.add_parser("engine", help="build a TensorRT engine beside the ONNX")
     g.add_argument("artifact", metavar="DIR")
@@ -163,6 +166,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.stream:
+        import subprocess
+        # A process of its own: the RSS it reports is the runtime's, not this one's PyTorch.
+        out = Path(args.out)
+        return subprocess.call([sys.executable, "-m", "ispa_export.bench_stream", "--artifact", args.stream,
+                                "--out", str(out / "stream"), "--markdown", str(out / "BENCHMARKS.md")])
     from .bench import main as bench_main
     return bench_main(args)
 
