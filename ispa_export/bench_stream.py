@@ -108,7 +108,10 @@ def upsert_section(path: Path, section: str) -> None:
     """Puts `section` into the markdown file, in place of an earlier one or at the end."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
     path.write_text(text, encoding="utf-8")
 
 

@@ -99,6 +99,7 @@ class RunDir:
             raise RunError(f"{path}: expected float32{list(shape)} (run.json and the artifact), "
                            f"found {frames.dtype}{list(frames.shape)}")
         first = shape[2] - record["chunks_requested"] * chunk_frames
+        record.pop("error", None)  # a failed run resumed: the failure is made again or it is gone
         record.update(status="running", chunks_done=chunks_done, frames=first + chunks_done * chunk_frames)
         write_json_atomic(out / RECORD, record)
         return cls(out, record, frames, chunk_frames, first)
