@@ -76,6 +76,8 @@ class RunDir:
         write_json_atomic(out / RECORD, record)
         remove_snapshots(out)
         (out / PREVIEW).unlink(missing_ok=True)
+        for stale in out.glob(f".{FRAMES}.tmp-*"):  # a run killed while it sized its frames file
+            stale.unlink(missing_ok=True)
         tmp = out / f".{FRAMES}.tmp-{os.getpid()}"
         frames = FrameFile.create(tmp, shape)
         frames.write(0, state_frames)
