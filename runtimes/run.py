@@ -1,8 +1,9 @@
 """`python -m runtimes DIR --chunks N --out OUTDIR`: continue an exported video on ONNX Runtime or TensorRT.
 
-Loads and validates the artifact, resumes the stream from its handoff state, generates N more
-chunks and writes OUTDIR/frames.npy (every latent frame: the state's and the new ones),
-OUTDIR/preview.gif and OUTDIR/run.json, each atomically. Torch-free.
+Loads and validates the artifact, resumes the stream from its handoff state and generates N more
+chunks into OUTDIR (runtimes.output): frames.npy (every latent frame, the state's and the new ones)
+gets each chunk as it is made, run.json says how many are done, a snapshot every --snapshot-every
+chunks lets --resume go on after a crash, and preview.gif is made at the end. Torch-free.
 """
 from __future__ import annotations
 
