@@ -18,7 +18,7 @@ import numpy as np
 from .buffers import host_dtype
 from .driver import FULL, LOCAL, Geometry
 from .files import sha256_file
-from .manifest_schema import describe, schema_violation
+from .manifest_schema import FLOAT_DTYPES, describe, schema_violation
 from .schedule import ring_slot
 
 # 2: RoPE angles as the input `rope_frame` (no 1,024-frame limit), bfloat16 graphs, `positions`.
@@ -275,7 +275,7 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
         if n in inputs and (not inputs[n].shape or inputs[n].shape[0] != n_local):
             raise _fail(MANIFEST, f"inputs[{n!r}].shape", f"a first dimension of {n_local} (one per L-layer)",
                         list(inputs[n].shape))
-    if outputs["prediction"].dtype not in GRAPH_DTYPES:
+    if outputs["prediction"].dtype not in FLOAT_DTYPES:
         raise _fail(MANIFEST, "outputs['prediction'].dtype", "a float type", repr(outputs["prediction"].dtype))
 
 
