@@ -84,10 +84,13 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate the rest of the video from an artifact")
     r.add_argument("artifact", metavar="DIR")
     r.add_argument("--backend", default="ort", help="torch | ort | trt")
-    r.add_argument("--chunks", type=int, required=True)
+    r.add_argument("--chunks", type=int, help="chunks to generate (with --resume: the run's own when left out)")
     r.add_argument("--out", required=True)
     r.add_argument("--device", help="torch backend: cpu | cuda | cuda:N (default: cuda when PyTorch sees one)")
     r.add_argument("--compile", action="store_true", help="torch backend: run the step through torch.compile")
+    r.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="store the stream state every N chunks for --resume (0: never)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
 
     i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes")
     i.add_argument("target", metavar="PRESET|DIR")
@@ -104,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="artifacts/bench")
     b.add_argument("--device", help="cpu | cuda | cuda:N: cuda also times the real-size model (default: cuda when "
                    "PyTorch sees one)")
+    b.add_argument("--stream", metavar="DIR", default=None,
+                   help="instead: resident memory of a 10,000-chunk ONNX Runtime stream of the artifact DIR "
+                        "(python -m ispa_export.bench_stream; its section goes into --out/BENCHMARKS.md)")
 
     g = sub.add_parser("engine", help="build a TensorRT engine beside the ONNX")
     g.add_argument("artifact", metavar="DIR")
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as e:
         # runtimes' ArtifactError and the driver's shape checks are ValueErrors with one-line messages.
-        if type(e).__name__ in ("ArtifactError", "BackendError"):
+        if type(e).__name__ in ("ArtifactError", "BackendError", "RunError"):
             print(f"ispa {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
@@ -139,7 +145,7 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_artifact
     run_artifact(Path(args.artifact), args.backend, args.chunks, Path(args.out), device=args.device,
-                 compile=args.compile)
+                 compile=args.compile, resume=args.resume, snapshot_every=args.snapshot_every)
     return 0
 
 
@@ -160,6 +166,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.stream:
+        import subprocess
+        # A process of its own: the RSS it reports is the runtime's, not this one's PyTorch.
+        out = Path(args.out)
+        return subprocess.call([sys.executable, "-m", "ispa_export.bench_stream", "--artifact", args.stream,
+                                "--out", str(out / "stream"), "--markdown", str(out / "BENCHMARKS.md")])
     from .bench import main as bench_main
     return bench_main(args)
 

@@ -168,13 +168,16 @@ def export_pipeline(args) -> dict:
     return manifest
 
 
-def run_artifact(directory: Path, backend: str, chunks: int, out: Path, device: str | None = None,
-                 compile: bool = False) -> dict:
+def run_artifact(directory: Path, backend: str, chunks: int | None, out: Path, device: str | None = None,
+                 compile: bool = False, resume: bool = False, snapshot_every: int = 0) -> dict:
     """`ispa run`: the torch backend runs the baked PyTorch model, ort/trt go through runtimes."""
     from runtimes import run as rt
 
+    argv = [str(directory), "--out", str(out), "--snapshot-every", str(snapshot_every)]
+    argv += ["--chunks", str(chunks)] if chunks is not None else []
+    argv += ["--resume"] if resume else []
     if backend in ("ort", "trt"):
-        code = rt.main([str(directory), "--backend", backend, "--chunks", str(chunks), "--out", str(out)])
+        code = rt.main([*argv, "--backend", backend])
         if code:
             raise SystemExit(code)
         return json.loads((out / "run.json").read_text())
@@ -184,7 +187,7 @@ def run_artifact(directory: Path, backend: str, chunks: int, out: Path, device: 
 
     from .torch_runner import TorchRunner
 
-    args = rt.parser().parse_args([str(directory), "--chunks", str(chunks), "--out", str(out)])
+    args = rt.parser().parse_args(argv)
     args.backend = "torch"
     art = load_artifact(directory, check_onnx=False)
     cfg = WanConfig.from_dict(art.manifest["model"]["config"])

@@ -6,11 +6,9 @@ numpy, safetensors and (lazily) onnx or onnxruntime; never torch, ispa_export or
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 from .buffers import host_dtype
 from .driver import FULL, LOCAL, Geometry
 from .files import sha256_file
+from .manifest_schema import FLOAT_DTYPES, describe, schema_violation
 from .schedule import ring_slot
 
 # 2: RoPE angles as the input `rope_frame` (no 1,024-frame limit), bfloat16 graphs, `positions`.
@@ -30,20 +29,16 @@ ONNX = "model.onnx"
 STATE = "state.safetensors"
 REPORT = "report.json"
 REQUIRED_FILES = (ONNX, STATE)
-IO_DTYPES = ("float32", "float16", "bfloat16", "int64", "bool")
-GRAPH_DTYPES = ("float32", "float16", "bfloat16")
 # How the graph gets its positions (manifest `positions.scheme`): the runtime computes the chunk's
 # frame-axis RoPE angles in float64 modulo 2*pi from absolute frame indices and feeds their cos/sin.
 # Keys are cached after RoPE, so every cached frame keeps its absolute position; attention depends
 # only on query-key distances, which stay those of the training window for the rolling frames. Sink
 # frames are not re-based: a sink's distance to the chunk grows with the stream.
 POSITION_SCHEME = "absolute-rope-input"
-MODULATIONS = ("baked", "input")
 # The graph inputs the driver knows how to feed (runtimes.driver.Stream._feeds + constants).
 KNOWN_INPUTS = ("latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
                 "kv_local_mask", "pass_kind", "ispa_weight", "ispa_bias")
 GROUPS = (("full", FULL, "kv_full"), ("local", LOCAL, "kv_local"))
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ArtifactError(ValueError):
@@ -125,43 +120,13 @@ def _fail(file: str | Path, field: str | None, expected: str, found: Any) -> Art
     return ArtifactError(_one_line(f"{where}expected {expected}, found {found}", 600))
 
 
-def _kind(x: Any) -> str:
-    if x is None:
-        return "null"
-    if isinstance(x, bool):
-        return f"boolean {x}"
-    if isinstance(x, (int, float)):
-        return f"number {x}"
-    if isinstance(x, str):
-        return f"string {x!r}"
-    if isinstance(x, list):
-        return f"a list of {len(x)}"
-    if isinstance(x, dict):
-        return "an object"
-    return type(x).__name__
-
-
-def _field(obj: dict, key: str, kind: type | tuple, path: str, file: str = MANIFEST) -> Any:
-    if key not in obj:
-        raise _fail(file, path or "(top level)", f"a field {key!r}", "no such field")
-    v = obj[key]
-    ok = isinstance(v, kind) and not (kind is int and isinstance(v, bool))
-    if kind == (int, float) and isinstance(v, bool):
-        ok = False
-    if not ok:
-        names = {dict: "an object", list: "a list", str: "a string", int: "an integer", (int, float): "a number"}
-        raise _fail(file, f"{path}.{key}" if path else key, names.get(kind, str(kind)), _kind(v))
-    return v
-
-
-def _int(obj: dict, key: str, path: str, minimum: int = 0) -> int:
-    v = _field(obj, key, int, path)
-    if v < minimum:
-        raise _fail(MANIFEST, f"{path}.{key}" if path else key, f"an integer >= {minimum}", v)
-    return v
-
-
 # -- manifest -----------------------------------------------------------------------------------
+
+def _not_json(literal: str) -> float:
+    # Python's json module reads NaN/Infinity, which JSON does not have; a manifest holding one is
+    # refused here, before a NaN timestep can turn a whole video into NaN.
+    raise ValueError(f"{literal} (not a JSON number)")
+
 
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
@@ -170,62 +135,46 @@ def _read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise _fail(path, None, "the artifact manifest", "no such file")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
     except UnicodeDecodeError as e:
         raise _fail(path, None, "UTF-8 JSON", f"undecodable bytes ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise _fail(path, None, "valid JSON", f"a parse error at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError as e:
+        raise _fail(path, None, "valid JSON", e) from None
     if not isinstance(manifest, dict):
-        raise _fail(path, None, "a JSON object", _kind(manifest))
+        raise _fail(path, None, "a JSON object", describe(manifest))
+    # Format and version first: they decide which schema the rest is read with.
     if manifest.get("format") != FORMAT:
-        found = _kind(manifest["format"]) if "format" in manifest else "no such field"
+        found = describe(manifest["format"]) if "format" in manifest else "no such field"
         raise _fail(path, "format", repr(FORMAT), found)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
         why = (" (an artifact from before RoPE angles became a graph input: re-export it)"
                if version == 1 else f" (this runtime reads schema version {SCHEMA_VERSION})")
         raise _fail(path, "schema_version", f"{SCHEMA_VERSION}{why}",
-                    _kind(version) if "schema_version" in manifest else "no such field")
-    positions = _field(manifest, "positions", dict, "")
-    if positions.get("scheme") != POSITION_SCHEME:
-        raise _fail(path, "positions.scheme", repr(POSITION_SCHEME), _kind(positions.get("scheme")))
-    for key, kind in (("model", dict), ("layers", list), ("geometry", dict), ("caches", dict),
-                      ("modulation", str), ("inputs", list), ("outputs", list), ("files", dict)):
-        _field(manifest, key, kind, "")
-    if "seed" in manifest:
-        _int(manifest, "seed", "")
+                    describe(version) if "schema_version" in manifest else "no such field")
+    violation = schema_violation(manifest)
+    if violation is not None:
+        field, expected, found = violation
+        raise _fail(path, field, expected, found)
+    if manifest["positions"]["scheme"] != POSITION_SCHEME:
+        raise _fail(path, "positions.scheme", repr(POSITION_SCHEME), describe(manifest["positions"]["scheme"]))
     return manifest
 
 
 def _geometry(manifest: dict) -> Geometry:
+    """Geometry from a manifest that passed the schema (types and ranges); cross-field checks here."""
     g = manifest["geometry"]
-    names = [f.name for f in dataclasses.fields(Geometry)]
-    unknown = sorted(set(g) - set(names))
-    if unknown:
-        raise _fail(MANIFEST, "geometry", f"only the fields {names}", f"unknown fields {unknown}")
-    modes = _field(g, "modes", list, "geometry")
-    if not modes or any(m not in (FULL, LOCAL) for m in modes):
-        raise _fail(MANIFEST, "geometry.modes", "a non-empty list of 'F'/'L'", _one_line(modes, 120))
-    ints = {}
-    for key in ("batch", "channels", "chunk_frames", "height", "width", "tokens_per_frame", "heads", "head_dim"):
-        ints[key] = _int(g, key, "geometry", 1)
-    for key in ("full_capacity", "full_sink", "local_capacity", "local_sink"):
-        ints[key] = _int(g, key, "geometry", 0)
     for prefix, mode in (("full", FULL), ("local", LOCAL)):
-        cap, sink = ints[prefix + "_capacity"], ints[prefix + "_sink"]
-        if mode in modes and sink >= cap:
+        cap, sink = g[prefix + "_capacity"], g[prefix + "_sink"]
+        if mode in g["modes"] and sink >= cap:
             raise _fail(MANIFEST, f"geometry.{prefix}_sink",
                         f"< {prefix}_capacity={cap} (the ring needs a rolling part)", sink)
-    dtype = _field(g, "dtype", str, "geometry")
-    if dtype not in GRAPH_DTYPES:
-        raise _fail(MANIFEST, "geometry.dtype", f"one of {list(GRAPH_DTYPES)}", repr(dtype))
-    ts = _field(g, "timesteps", list, "geometry")
-    if not ts or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in ts):
-        raise _fail(MANIFEST, "geometry.timesteps", "a non-empty list of finite numbers", _one_line(ts, 120))
-    theta = _field(g, "rope_theta", (int, float), "geometry")
-    if not (math.isfinite(theta) and theta > 1):
-        raise _fail(MANIFEST, "geometry.rope_theta", "a finite number > 1", theta)
-    return Geometry(modes=list(modes), dtype=dtype, timesteps=[float(t) for t in ts], rope_theta=float(theta), **ints)
+    if "dtype" in manifest and manifest["dtype"] != g["dtype"]:
+        raise _fail(MANIFEST, "dtype", f"{g['dtype']!r} (geometry.dtype, the graph's)", repr(manifest["dtype"]))
+    return Geometry(**{**g, "modes": list(g["modes"]), "timesteps": [float(t) for t in g["timesteps"]],
+                       "rope_theta": float(g["rope_theta"])})
 
 
 def _cache_shape(geo: Geometry, mode: str) -> tuple[int, ...]:
@@ -243,25 +192,25 @@ def _check_layers_and_caches(manifest: dict, geo: Geometry) -> None:
                         _one_line(entry, 120))
     caches = manifest["caches"]
     for key, mode, _ in GROUPS:
-        c = _field(caches, key, dict, "caches")
+        c = caches[key]
         path = f"caches.{key}"
         cap, sink = ((geo.full_capacity, geo.full_sink) if mode == FULL else (geo.local_capacity, geo.local_sink))
         want = {"layers": geo.modes.count(mode), "capacity_frames": cap, "sink_frames": sink}
         for field, value in want.items():
-            got = _field(c, field, int, path)
+            got = c[field]
             if got != value:
                 raise _fail(MANIFEST, f"{path}.{field}", f"{value} (from geometry)", got)
         shape = list(_cache_shape(geo, mode))
-        got = _field(c, "shape", list, path)
+        got = c["shape"]
         if got != shape:
             raise _fail(MANIFEST, f"{path}.shape",
                         f"{shape} = [layers, 2, batch, capacity_frames*tokens_per_frame "
                         f"({cap}*{geo.tokens_per_frame}), heads, head_dim]", got)
-        dtype = _field(c, "dtype", str, path)
+        dtype = c["dtype"]
         if dtype != geo.dtype:
             raise _fail(MANIFEST, f"{path}.dtype", f"{geo.dtype!r} (geometry.dtype)", repr(dtype))
         nbytes = math.prod(shape) * host_dtype(geo.dtype).itemsize
-        got = _field(c, "bytes", int, path)
+        got = c["bytes"]
         if got != nbytes:
             raise _fail(MANIFEST, f"{path}.bytes", f"{nbytes} (shape x itemsize)", got)
 
@@ -269,19 +218,10 @@ def _check_layers_and_caches(manifest: dict, geo: Geometry) -> None:
 def _specs(manifest: dict, key: str) -> dict[str, TensorSpec]:
     out: dict[str, TensorSpec] = {}
     for i, entry in enumerate(manifest[key]):
-        path = f"{key}[{i}]"
-        if not isinstance(entry, dict):
-            raise _fail(MANIFEST, path, "an object with name, shape, dtype", _kind(entry))
-        name = _field(entry, "name", str, path)
-        shape = _field(entry, "shape", list, path)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise _fail(MANIFEST, f"{path}.shape", "a list of static non-negative integers", _one_line(shape, 120))
-        dtype = _field(entry, "dtype", str, path)
-        if dtype not in IO_DTYPES:
-            raise _fail(MANIFEST, f"{path}.dtype", f"one of {list(IO_DTYPES)}", repr(dtype))
+        name = entry["name"]
         if name in out:
-            raise _fail(MANIFEST, path, "unique names", f"{name!r} twice")
-        out[name] = TensorSpec(name, tuple(shape), dtype)
+            raise _fail(MANIFEST, f"{key}[{i}]", "unique names", f"{name!r} twice")
+        out[name] = TensorSpec(name, tuple(entry["shape"]), entry["dtype"])
     return out
 
 
@@ -289,8 +229,6 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
                        outputs: dict[str, TensorSpec]) -> None:
     """The manifest's I/O against what the driver feeds and reads, for this geometry."""
     modulation = manifest["modulation"]
-    if modulation not in MODULATIONS:
-        raise _fail(MANIFEST, "modulation", f"one of {list(MODULATIONS)}", repr(modulation))
     unknown = [n for n in inputs if n not in KNOWN_INPUTS]
     if unknown:
         raise _fail(MANIFEST, "inputs", f"names the driver feeds ({', '.join(KNOWN_INPUTS)})", f"unknown {unknown}")
@@ -337,7 +275,7 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
         if n in inputs and (not inputs[n].shape or inputs[n].shape[0] != n_local):
             raise _fail(MANIFEST, f"inputs[{n!r}].shape", f"a first dimension of {n_local} (one per L-layer)",
                         list(inputs[n].shape))
-    if outputs["prediction"].dtype not in GRAPH_DTYPES:
+    if outputs["prediction"].dtype not in FLOAT_DTYPES:
         raise _fail(MANIFEST, "outputs['prediction'].dtype", "a float type", repr(outputs["prediction"].dtype))
 
 
@@ -352,13 +290,7 @@ def _check_files(directory: Path, manifest: dict, verify_checksums: bool) -> Non
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts or name in ("", MANIFEST) or "\\" in name:
             raise _fail(MANIFEST, "files", "relative paths inside the artifact (manifest.json excluded)", repr(name))
-        path = f"files[{name!r}]"
-        if not isinstance(record, dict):
-            raise _fail(MANIFEST, path, "an object with sha256 and bytes", _kind(record))
-        sha = _field(record, "sha256", str, path)
-        size = _int(record, "bytes", path)
-        if not _HEX64.match(sha):
-            raise _fail(MANIFEST, f"{path}.sha256", "64 lowercase hex digits", repr(sha))
+        size = record["bytes"]
         p = directory / name
         if not p.is_file():
             raise _fail(p, None, f"the file listed in {MANIFEST} ({size} bytes)", "no such file")

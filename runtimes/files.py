@@ -73,36 +73,42 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yields a temporary path next to `target`; write the file there. On normal exit it is fsynced
-    and renamed onto `target`; on an exception it is removed and `target` is left as it was."""
+    and renamed onto `target`; on an exception it is removed and `target` is left as it was.
+
+    durable=False skips the fsyncs: the rename is still atomic and survives the writer being killed
+    (the page cache outlives a process), but not a power loss; for files rewritten many times a
+    second whose last durable version is good enough (a run's progress record)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target, "tmp")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         # Some writers (safetensors) create their file 0600; the result gets a new file's usual mode.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview, durable: bool = True) -> None:
+    with atomic_path(path, durable) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2, durable: bool = True) -> None:
     """JSON (UTF-8, sorted keys, trailing newline) written with one rename. NaN/inf are refused:
-    they are not JSON and other readers would choke on them."""
+    they are not JSON and other readers would choke on them. durable: as for atomic_path."""
     text = json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, text.encode("utf-8"), durable)
 
 
 # -- directories --------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`python -m runtimes DIR --chunks N --out OUTDIR`: continue an exported video on ONNX Runtime or TensorRT.
 
-Loads and validates the artifact, resumes the stream from its handoff state, generates N more
-chunks and writes OUTDIR/frames.npy (every latent frame: the state's and the new ones),
-OUTDIR/preview.gif and OUTDIR/run.json, each atomically. Torch-free.
+Loads and validates the artifact, resumes the stream from its handoff state and generates N more
+chunks into OUTDIR (runtimes.output): frames.npy (every latent frame, the state's and the new ones)
+gets each chunk as it is made, run.json says how many are done, a snapshot every --snapshot-every
+chunks lets --resume go on after a crash, and preview.gif is made at the end. Torch-free.
 """
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .artifact import ONNX, Artifact, ArtifactError, load_artifact
 from .driver import Stream
-from .files import atomic_path, sha256_file, write_json_atomic
+from .errors import RunError
+from .files import atomic_path, sha256_file
+from .output import FRAMES, RunDir, check_out
+from .snapshot import load_snapshot
 
 BACKENDS = ("ort", "trt")
 PREVIEW_MIN_PX = 128
+# A preview of a long run is a time-lapse: frames spread evenly, so the GIF stays a few MB.
+PREVIEW_MAX_FRAMES = 240
 
 
 class BackendError(RuntimeError):
@@ -102,13 +108,6 @@ def _check_runner_io(runner: Any, art: Artifact, where: Path) -> None:
                                     f"found {found}")
 
 
-def make_stream(art: Artifact, runner: Any) -> Stream:
-    """A Stream positioned at the artifact's handoff state."""
-    stream = Stream(runner, art.geometry, art.cross_kv, art.seed, constants=art.constants)
-    stream.load_state(art.state)
-    return stream
-
-
 # -- outputs ------------------------------------------------------------------------------------
 
 def preview_frames(latents: np.ndarray, min_px: int = PREVIEW_MIN_PX) -> np.ndarray:
@@ -137,42 +136,42 @@ def write_preview(path: Path, latents: np.ndarray, fps: float = 8.0) -> bool:
     return True
 
 
-def write_frames(path: Path, latents: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, latents, allow_pickle=False)
-
-
 class _Progress:
-    def __init__(self, total: int, stream=None):
+    """One line per chunk on a terminal (rewritten in place); elsewhere (logs) at most one a second."""
+
+    def __init__(self, total: int, start: int = 0, stream=None, every_s: float = 1.0):
         stream = stream if stream is not None else sys.stderr
-        self.total, self.done, self.t0, self.out = total, 0, time.perf_counter(), stream
+        self.total, self.start, self.done, self.t0, self.out = total, start, start, time.perf_counter(), stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.every_s, self.last = every_s, -math.inf
 
     def __call__(self, n: int) -> None:
         self.done += n
-        dt = time.perf_counter() - self.t0
-        line = f"chunk {self.done}/{self.total}  {dt / self.done:.3f} s/chunk"
+        now = time.perf_counter()
+        if not self.tty and self.done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        line = f"chunk {self.done}/{self.total}  {(now - self.t0) / (self.done - self.start):.3f} s/chunk"
         end = "\r" if self.tty and self.done < self.total else "\n"
         print(line, end=end, file=self.out, flush=True)
 
 
 # -- entry point --------------------------------------------------------------------------------
 
-def _count(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {n}")
-    return n
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtimes",
         description="Continue an exported ISPA stream from its handoff state on ONNX Runtime or TensorRT.")
     p.add_argument("artifact", metavar="DIR", help="export directory (manifest.json, model.onnx, state.safetensors)")
-    p.add_argument("--chunks", type=_count, required=True, metavar="N", help="chunks to generate (>= 0)")
-    p.add_argument("--out", required=True, metavar="OUTDIR", help="where frames.npy, preview.gif, run.json go")
+    p.add_argument("--chunks", type=int, default=None, metavar="N",
+                   help="chunks to generate (>= 1); with --resume, the run's own count when left out")
+    p.add_argument("--out", required=True, metavar="OUTDIR",
+                   help="where frames.npy (written as chunks come), run.json, snapshots and preview.gif go")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                   help="store the stream state every N chunks, so --resume can go on from there (0: never)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTDIR from its last snapshot; the frames come out bit-identical "
+                        "to an uninterrupted run on the same backend")
     p.add_argument("--backend", choices=BACKENDS, default="ort", help="ort: ONNX Runtime (default); trt: TensorRT")
     p.add_argument("--providers", default=None,
                    help="ort: comma-separated execution providers (default: TensorRT, CUDA, CPU as available)")
@@ -193,57 +192,161 @@ def runner_path(art: Artifact, args: argparse.Namespace) -> Path | None:
     return Path(args.engine) if args.engine else art.engine_path()
 
 
-def generate(args: argparse.Namespace, runner: Any = None) -> dict[str, Any]:
-    """Continue the artifact's stream; `runner` overrides the backend (the PyTorch one lives outside)."""
+def _check_counts(args: argparse.Namespace) -> None:
+    if args.chunks is None and not args.resume:
+        raise RunError("--chunks: expected the number of chunks to generate (>= 1), found none")
+    if args.chunks is not None and args.chunks < 1:
+        raise RunError(f"--chunks: expected an integer >= 1, found {args.chunks}")
+    if args.snapshot_every < 0:
+        raise RunError(f"--snapshot-every: expected an integer >= 0 (0: no snapshots), found {args.snapshot_every}")
+
+
+def _resume_point(args: argparse.Namespace, prior: dict[str, Any], art: Artifact, identity: str,
+                  out: Path) -> tuple[int, int, dict[str, np.ndarray]]:
+    """(chunks requested, chunks done at the snapshot, snapshot arrays) of the run in `out`."""
+    record = out / "run.json"
+    if prior.get("artifact_manifest_sha256") != identity:
+        raise RunError(f"{record}: expected a run of {art.directory} (manifest sha256 {identity}), found one of "
+                       f"another artifact ({prior.get('artifact')}, manifest sha256 "
+                       f"{prior.get('artifact_manifest_sha256')})")
+    total = prior.get("chunks_requested")
+    if not isinstance(total, int) or total < 1:
+        raise RunError(f"{record}: chunks_requested: expected an integer >= 1, found {total!r}")
+    if args.chunks is not None and args.chunks != total:
+        raise RunError(f"--chunks: expected {total} (the run in {out}; its frames.npy is sized for it), "
+                       f"found {args.chunks}")
+    snap = prior["snapshot"]
+    arrays = load_snapshot(out, snap, identity, art.directory)
+    return total, int(snap["chunks_done"]), arrays
+
+
+def stream_state(stream: Stream, static: set[str]) -> dict[str, np.ndarray]:
+    """What a snapshot keeps: the stream's state less what the artifact or frames.npy already hold."""
+    return {k: v for k, v in stream.state_arrays().items() if k not in static}
+
+
+def _restore(stream: Stream, art: Artifact, snap: dict[str, np.ndarray], path: Path, chunk: int) -> None:
+    """Puts the stream where the snapshot at `path` left it (the artifact supplies the fixed parts)."""
+    try:
+        stream.load_state({**art.state, **snap})
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{path}: expected the state of this artifact's stream, found "
+                       f"{' '.join(str(e).split())[:200]}") from None
+    if stream.chunk != chunk:
+        raise RunError(f"{path}: chunk: expected {chunk} (the state's chunk + chunks done), found {stream.chunk}")
+
+
+def _stream_chunks(stream: Stream, rundir: RunDir, args: argparse.Namespace, done: int, total: int,
+                   static: set[str], identity: str, on_chunk: Callable[[int], None] | None) -> float:
+    """Chunks done..total-1, each stored as it comes; returns the seconds they took."""
+    f = stream.geo.chunk_frames
+    progress = None if args.quiet else _Progress(total, start=done)
+    t0 = time.perf_counter()
+    try:
+        for i in range(done, total):
+            try:
+                x0 = stream.step()
+            except Exception as e:  # the engine's own error types (onnxruntime Fail, TensorRT, ...)
+                rundir.fail_chunk(stream.chunk, stream.frame_index, f"{args.backend} runner failed: "
+                                  f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            # One pass over a chunk's latents on the host: cheap next to the chunk's four graph runs.
+            if not np.isfinite(x0).all():
+                bad = int(x0.size - np.count_nonzero(np.isfinite(x0)))
+                rundir.fail_chunk(stream.chunk - 1, stream.frame_index - f, f"expected a finite prediction, found "
+                                  f"{bad} of {x0.size} values NaN or inf")
+            rundir.add_chunk(i, x0)
+            if args.snapshot_every and (i + 1) % args.snapshot_every == 0 and i + 1 < total:
+                rundir.snapshot(stream_state(stream, static), identity)
+            if progress is not None:
+                progress(1)
+            if on_chunk is not None:
+                on_chunk(i + 1)
+    except BaseException:
+        rundir.flush()  # run.json counts every chunk on disk, whatever stopped the loop (Ctrl-C)
+        raise
+    return time.perf_counter() - t0
+
+
+def make_stream(art: Artifact, runner: Any) -> Stream:
+    """A Stream positioned at the artifact's handoff state; it keeps no latents (they go to disk)."""
+    stream = Stream(runner, art.geometry, art.cross_kv, art.seed, constants=art.constants, keep_latents=False)
+    stream.load_state(art.state)
+    return stream
+
+
+def generate(args: argparse.Namespace, runner: Any = None,
+             on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Continue the artifact's stream into args.out, or resume the run there (args.resume).
+
+    `runner` overrides the backend (the PyTorch one lives outside); `on_chunk(chunks_done)` is
+    called after each chunk is stored (benchmarks). Refusals are RunError/ArtifactError/
+    BackendError, raised before anything in args.out is touched; a non-finite chunk is a RunError
+    raised after run.json records the chunks before it."""
+    _check_counts(args)
+    out = Path(args.out)
+    prior = check_out(out, args.resume)
+    if args.resume and prior.get("status") == "done":
+        if not args.quiet:
+            print(f"note: {out} holds a finished run ({prior.get('chunks_done')} chunks); nothing to resume",
+                  file=sys.stderr)
+        return prior
     # The ONNX protobuf is read here only when the onnx package is present (cheap: weights stay on
     # disk); otherwise the loaded session's I/O is checked by make_runner instead of loading it twice.
     check_onnx = args.backend == "ort" and importlib.util.find_spec("onnx") is not None
     art = load_artifact(args.artifact, verify_checksums=not args.no_verify, check_onnx=check_onnx)
+    identity = sha256_file(art.manifest_path)
+    total, done, snap = (_resume_point(args, prior, art, identity, out) if args.resume
+                         else (args.chunks, 0, None))
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     if runner is None:
         runner = make_runner(art, args.backend, providers=providers, threads=args.threads, engine=args.engine)
     stream = make_stream(art, runner)
-    for name in ("kv_full", "kv_local"):  # the stream copied them into its ring buffers: free the originals
-        art.state.pop(name, None)
     start_chunk = stream.chunk
-    t0 = time.perf_counter()
-    if args.chunks:
-        stream.run(args.chunks, progress=None if args.quiet else _Progress(args.chunks))
-    seconds = time.perf_counter() - t0
+    if snap is not None:
+        _restore(stream, art, snap, out / prior["snapshot"]["file"], start_chunk + done)
+    state_frames = art.state["latents"]
+    static = {"latents", "cross_kv", *art.constants}
+    for name in ("kv_full", "kv_local", "latents"):  # the stream copied what it needs: free the originals
+        art.state.pop(name, None)
     geo = art.geometry
-    latents = (np.concatenate(stream.latents, axis=2) if stream.latents
-               else np.zeros(geo.chunk_shape[:2] + (0,) + geo.chunk_shape[3:], np.float32))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_frames(out / "frames.npy", latents)
-    wrote_preview = False
-    if not args.no_preview and latents.shape[2]:
-        wrote_preview = write_preview(out / "preview.gif", latents)
-        if not wrote_preview:
-            print("note: imageio is not importable; preview.gif not written", file=sys.stderr)
+    b, c, f, h, w = geo.chunk_shape
+    shape = (b, c, state_frames.shape[2] + total * f, h, w)
     record = {
         "artifact": str(Path(args.artifact).resolve()),
+        "artifact_manifest_sha256": identity,
         "backend": args.backend,
         "providers": list(getattr(runner, "providers", []) or []),
-        "chunks_from_state": start_chunk,
-        "chunks_generated": args.chunks,
-        "frames": int(latents.shape[2]),
-        "frames_shape": list(latents.shape),
-        "seconds": round(seconds, 6),
-        "seconds_per_chunk": round(seconds / args.chunks, 6) if args.chunks else None,
-        "frames_sha256": sha256_file(out / "frames.npy"),
-        "preview": "preview.gif" if wrote_preview else None,
         "model": str(runner_path(art, args)),
+        "chunks_from_state": start_chunk,
+        "chunks_requested": total,
+        "snapshot_every": args.snapshot_every,
+        "frames_shape": list(shape),
+        "frames_file": FRAMES,
     }
-    write_json_atomic(out / "run.json", record)
-    return record
+    if args.resume:
+        rundir = RunDir.resume(out, {**prior, **record, "resumed_from": done}, shape, done, f)
+    else:
+        rundir = RunDir.start(out, record, shape, state_frames, f)
+    del state_frames
+    seconds = _stream_chunks(stream, rundir, args, done, total, static, identity, on_chunk)
+    made = total - done
+    rundir.finish({"chunks_generated": total, "seconds": round(seconds, 6),
+                   "seconds_per_chunk": round(seconds / made, 6) if made else None},
+                  None if args.no_preview else write_preview, PREVIEW_MAX_FRAMES)
+    if not args.no_preview and not rundir.record["preview"]:
+        print("note: imageio is not importable; preview.gif not written", file=sys.stderr)
+    return rundir.record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         generate(args)
-    except (ArtifactError, BackendError) as e:
+    except (ArtifactError, BackendError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {Path(args.out) / 'run.json'} says how many chunks are in frames.npy; "
+              f"--resume goes on from the last snapshot", file=sys.stderr)
+        return 130
     return 0
