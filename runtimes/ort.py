@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .buffers import CudaBuffers, HostBuffers, host_dtype
+from .buffers import CudaBuffers, HostBuffers, _check, host_dtype
 
 # Preference order when the caller names no providers: the fastest one this build of onnxruntime has.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -49,8 +49,6 @@ class OrtCudaBuffers(CudaBuffers):
         return value
 
     def _check_memset(self, ptr: int, nbytes: int) -> None:
-        from .buffers import _check
-
         _check(self.cudart.cudaMemsetAsync(ptr, 0, nbytes, self._stream), "cudaMemsetAsync")
 
     def _zero(self, buf):
