@@ -181,13 +181,13 @@ class _Fanout:
 
     def __init__(self, monitors: list[WarmupMonitor]):
         self.monitors = monitors
-        self.local_mask = None
+        self.local_masks = []
 
     def before_pass(self, info):
         got = [m.before_pass(info) for m in self.monitors]
         if got[0] is None:
             return None
-        self.local_mask = self.monitors[0].local_mask
+        self.local_masks = self.monitors[0].local_masks
         return self
 
     def record(self, *args) -> None:
