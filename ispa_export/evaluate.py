@@ -866,7 +866,7 @@ def span_fits(cfg: WanConfig, sink: int, window: int) -> bool:
 
 def default_sink(cfg: WanConfig, window: int) -> int:
     """The export's default sink (IspaOptions) where the cache allows it (span_fits), else 0."""
-    sink = IspaOptions().sink
+    sink = 0  # the plain-window layout (the policy chooses its own sinks; this is the fixed-span comparison)
     return sink if span_fits(cfg, sink, window) else 0
 
 

@@ -313,8 +313,8 @@ def decide_fixed(monitor: WarmupMonitor, num_layers: int, n_local: int, chunk: i
     layers with the lowest d (held-out corrected or raw, default rho) at the latest chunk; the same
     waiting, convergence and sink rules as `ready`."""
     span = monitor.span
-    geo = monitor.stream.geo
-    horizon = sink_horizon(geo.full_capacity, geo.full_sink, span.sink)
+    geo = None if monitor.stream is None else monitor.stream.geo
+    horizon = None if geo is None else sink_horizon(geo.full_capacity, geo.full_sink, span.sink)
     chunks = monitor.monitored_chunks
     capped = horizon is not None and history + chunk_frames > horizon
     if history < span.frames + chunk_frames or len(chunks) < 2 or chunks[-1] != chunk:
