@@ -109,7 +109,8 @@ class SpanLoss:
 
 def extrapolate(windows: list[int], d: list[float], window: int) -> float:
     """d at `window` from the d measured at shorter `windows` of the same sink: a power law
-    d = A * w^b (least squares in log-log, b <= 0), never above the longest measured window's d."""
+    d = A * w^b (least squares in log-log), never above the longest measured window's d (which is
+    also the answer when the fit has b >= 0 or fewer than two points)."""
     pts = [(w, v) for w, v in zip(windows, d) if math.isfinite(v)]
     if not pts:
         return math.inf
@@ -119,7 +120,9 @@ def extrapolate(windows: list[int], d: list[float], window: int) -> float:
         return longest
     x, y = np.log([w for w, _ in pos]), np.log([v for _, v in pos])
     b, a = np.polyfit(x, y, 1)
-    return float(min(math.exp(a + min(b, 0.0) * math.log(window)), longest))
+    if b >= 0:  # d does not fall with the window here: keep the longest window's d
+        return longest
+    return float(min(math.exp(a + b * math.log(window)), longest))
 
 
 def span_losses(monitors: SpanMonitors, num_layers: int, weights: np.ndarray | None = None,
