@@ -161,6 +161,18 @@ def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOpti
     With `video` latents [B, C, T, H, W] (T >= warmup_chunks * chunk_frames) each cache pass stores
     the video's frames instead of the sample (teacher forcing), so the monitor sees a known video.
     """
+    stream, monitors, tr = plan(model, context, seed, opts, progress, video)
+    corrections = {l: tr.losses[tr.span].corrections[l] for l in tr.layers}
+    tr.absorption = bake(model, stream, monitors[tr.span], tr.layers, opts, tr.span,
+                         corrections if opts.gate or opts.rho is None else None)
+    return stream, monitors, tr
+
+
+def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
+         progress: Callable[[int], None] | None = None,
+         video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
+    """transition() up to, not including, the bake: the all-F model and stream at the transition
+    point, the monitors and the decision (the common start of every run an evaluation compares)."""
     from .calibration import measure_sensitivity
 
     cfg = model.cfg
@@ -229,12 +241,8 @@ def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOpti
         alloc = general
     layers = alloc.local_layers
     span = alloc.distinct_spans[0] if layers else spans[0]
-    corrections = {l: losses[span].corrections[l] for l in layers}
-    absorption = bake(model, stream, monitors[span], layers, opts, span,
-                      corrections if opts.gate or opts.rho is None else None)
-    tr = Transition(stream.chunk, layers, span, decision.reason, alloc, per_span, losses, calibration, general,
-                    absorption)
-    return stream, monitors, tr
+    return stream, monitors, Transition(stream.chunk, layers, span, decision.reason, alloc, per_span, losses,
+                                        calibration, general)
 
 
 def _finite(x):
