@@ -173,7 +173,7 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
          video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
     """transition() up to, not including, the bake: the all-F model and stream at the transition
     point, the monitors and the decision (the common start of every run an evaluation compares)."""
-    from .calibration import measure_sensitivity
+    from .calibration import Chain, sensitivity
 
     cfg = model.cfg
     opts.check(cfg.num_layers)
@@ -218,14 +218,15 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
             break
     stream.runner.before_pass = None
 
-    calibration, weights = None, None
+    calibration, weights, chain = None, None, None
     losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=set(decision.eligible))
     if opts.calibrate:
         # The reference span: the shortest measured one (the largest, best-resolved discrepancies).
         measured = [s for s, sl in losses.items() if sl.source != "extrapolated" and s in decision.eligible]
         ref = min(measured, key=lambda s: (s.frames, s))
-        sens = measure_sensitivity(model, torch.from_numpy(stream.cross_kv), np.concatenate(stream.latents, axis=2),
-                                   ref, losses[ref].raw, stream.geo.timesteps, seed)
+        chain = Chain(model, torch.from_numpy(stream.cross_kv), np.concatenate(stream.latents, axis=2), seed,
+                      stream.geo.timesteps)
+        sens = sensitivity(chain, ref, losses[ref].raw)
         calibration, weights = sens.to_dict(), np.array(sens.weight)
         losses = span_losses(monitors, cfg.num_layers, weights, correct=correct, gate=opts.gate,
                              allowed=set(decision.eligible))
@@ -233,6 +234,15 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     if alloc is None:
         raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
                         f"it ({', '.join(str(s) for s in losses)})")
+    if chain is not None and opts.layers is None:
+        # The additive prediction ranks layers within a span; between spans the best allocation of
+        # each is measured whole on the warmup's last chunks (uncorrected: the corrections were fit
+        # on these frames, so they would be scored in-sample) and the lowest error wins.
+        joint = {s: chain.error(a.spans) for s, a in per_span.items() if a is not None}
+        calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
+                                                          "predicted_loss": per_span[s].loss}
+                                for s, e in joint.items()}
+        alloc = per_span[min(joint, key=lambda s: (joint[s], per_span[s].loss, s))]
     general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
     if opts.per_layer_spans and general is not None:
         if len(general.distinct_spans) > 1:
