@@ -42,7 +42,15 @@ def eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="only rewrite EVAL.md and the plot of --out from its eval.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
+    p.add_argument("--regime", choices=("whole", "rolling"), help="the policy's layout against every drop "
+                   "baseline in one regime (ispa_export/regimes.py); writes OUT/results.jsonl")
+    p.add_argument("--reductions", type=_reductions, help="comma-separated KV reductions for --regime "
+                   "(default 0.25,0.5,0.75; --quick: 0.5)")
     return p
+
+
+def _reductions(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(t) for t in text.split(","))
 
 
 def _seeds(text: str) -> list[int]:

@@ -918,6 +918,8 @@ def load(name: str, random_weights: bool = False, seed: int = 0,
 
 
 def main(args) -> int:
+    if getattr(args, "regime", None):
+        return _evaluate_regime(args)
     if getattr(args, "render", False):
         summary = render(Path(args.out))
         for proto in summary["protocols"]:
@@ -946,6 +948,37 @@ def _evaluate(args) -> int:
         torch.set_num_threads(before)
     for proto in summary["protocols"]:
         print(summary["key_lines"][proto])
+    return 0
+
+
+def _evaluate_regime(args) -> int:
+    """`ispa eval --regime R`: regimes.run_seed for every seed, rows to OUT/results.jsonl, and the
+    mean teacher-forced PSNR per reduction and method on stdout."""
+    from .regimes import RegimeSettings, run_seed, write_results
+
+    quick = bool(getattr(args, "quick", False))
+    model, ctx, name, _ = load(args.model, bool(getattr(args, "random_weights", False)),
+                               checkpoint=getattr(args, "checkpoint", None))
+    if model.cfg.in_dim != 3 or model.cfg.latent_height < 16:
+        raise UserError(f"--regime: needs a model that draws 3-channel pixel frames (the demo), not {name}")
+    seeds = getattr(args, "seeds", None) or ([1000, 1001] if quick else list(range(1000, 1006)))
+    reductions = getattr(args, "reductions", None) or ((0.5,) if quick else (0.25, 0.5, 0.75))
+    st = RegimeSettings(args.regime, seeds, reductions, protocols=("teacher",) if quick else ("teacher", "free"))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(getattr(args, "threads", None) or 1)
+    try:
+        rows = [row for seed in seeds for row in run_seed(model, ctx, seed, st, log=log)]
+    finally:
+        torch.set_num_threads(before)
+    path = write_results(rows, Path(args.out))
+    for proto in st.protocols:
+        for r in reductions:
+            sel = [x for x in rows if x["protocol"] == proto and x["reduction"] == r]
+            means = {m: np.mean([x["psnr"] for x in sel if x["method"] == m]) for m in dict.fromkeys(x["method"] for x in sel)}
+            print(f"{args.regime} {proto} {r:.0%}: " + ", ".join(f"{m} {v:.2f}" for m, v in means.items())
+                  + f" dB PSNR (mean of {len(seeds)} seeds)")
+    print(f"wrote {path}")
     return 0
 
 

@@ -21,8 +21,8 @@ from runtimes.driver import Stream
 from .errors import UserError
 from .kv import frame_bytes, kv_bytes
 from .monitor import RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor
-from .policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed, ready,
-                     span_losses)
+from .policy import (Allocation, Correction, SpanLoss, allocate, allocate_measured, candidate_spans, decide_fixed,
+                     ready, span_losses)
 from .solver import SITES
 from .torch_runner import torch_stream
 
@@ -92,6 +92,7 @@ class Transition:
     calibration: dict | None = None
     general: Allocation | None = None  # the per-layer-span optimum, for comparison
     absorption: dict = field(default_factory=dict)  # layer -> solution report
+    chain: object = None  # calibration.Chain of the warmup (None without calibration), to re-allocate
 
 
 def decide(monitor: WarmupMonitor, num_layers: int, n_local: int, opts: IspaOptions, chunk: int,
@@ -235,14 +236,12 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
         raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
                         f"it ({', '.join(str(s) for s in losses)})")
     if chain is not None and opts.layers is None:
-        # The additive prediction ranks layers within a span; between spans the best allocation of
-        # each is measured whole on the warmup's last chunks (uncorrected: the corrections were fit
-        # on these frames, so they would be scored in-sample) and the lowest error wins.
-        joint = {s: chain.error(a.spans) for s, a in per_span.items() if a is not None}
+        # Between spans, each span's best allocation is measured whole on the warmup's last chunks
+        # (uncorrected: the corrections were fit on these frames, so they would score in-sample).
+        alloc, per_span, joint = allocate_measured(losses, cfg, opts.kv_reduction, chain.error)
         calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
                                                           "predicted_loss": per_span[s].loss}
                                 for s, e in joint.items()}
-        alloc = per_span[min(joint, key=lambda s: (joint[s], per_span[s].loss, s))]
     general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
     if opts.per_layer_spans and general is not None:
         if len(general.distinct_spans) > 1:
@@ -252,7 +251,7 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     layers = alloc.local_layers
     span = alloc.distinct_spans[0] if layers else spans[0]
     return stream, monitors, Transition(stream.chunk, layers, span, decision.reason, alloc, per_span, losses,
-                                        calibration, general)
+                                        calibration, general, chain=chain)
 
 
 def _finite(x):

@@ -236,6 +236,19 @@ def allocate(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float
     return min(found, key=lambda t: (t[0], t[1], t[2]))[3], per_span
 
 
+def allocate_measured(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float,
+                      measure) -> tuple[Allocation, dict[LocalSpan, Allocation | None], dict[LocalSpan, float]]:
+    """The additive prediction ranks layers within a span (the DP per shared span); between spans,
+    `measure(spans per layer) -> error` judges each span's best allocation as a whole and the lowest
+    error wins (ties: lower predicted loss). Also returns every span's allocation and error."""
+    _, per_span = allocate(losses, cfg, reduction)
+    errors = {s: measure(a.spans) for s, a in per_span.items() if a is not None}
+    if not errors:
+        raise UserError(f"--kv-reduction {reduction}: no candidate span reaches it")
+    best = min(errors, key=lambda s: (errors[s], per_span[s].loss, s))
+    return per_span[best], per_span, errors
+
+
 # -- the transition rule -----------------------------------------------------------------------
 def sink_horizon(cfg_full_capacity: int, full_sink: int, sink: int) -> int | None:
     """The most frames of history at which the full cache still holds frames < sink (None: always).

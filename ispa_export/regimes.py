@@ -36,7 +36,7 @@ from .errors import UserError
 from .ispa import IspaOptions, bake, plan
 from .kv import frame_bytes
 from .monitor import LocalSpan
-from .policy import Correction, allocate, budget_frames
+from .policy import Correction, allocate, allocate_measured, budget_frames
 from .torch_runner import TorchRunner
 
 REGIMES = ("rolling", "whole")
@@ -85,7 +85,10 @@ def regime_model(model: WanModel, regime: str, total_frames: int) -> WanModel:
 def layouts(tr, cfg, reduction: float) -> list[Layout]:
     """The compared layouts at one reduction, from the warmup measurements in `tr`."""
     n, f = cfg.num_layers, cfg.chunk_frames
-    alloc, _ = allocate(tr.losses, cfg, reduction)
+    if tr.chain is not None:
+        alloc = allocate_measured(tr.losses, cfg, reduction, tr.chain.error)[0]
+    else:
+        alloc = allocate(tr.losses, cfg, reduction)[0]
     span = alloc.distinct_spans[0]
     corr = {l: tr.losses[span].corrections[l] for l in alloc.local_layers}
     out = [Layout("ispa", alloc.spans, corr), Layout("ispa-nocorr", alloc.spans, {l: None for l in corr})]

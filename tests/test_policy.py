@@ -189,10 +189,15 @@ def test_transition_allocates_over_candidate_spans_and_meets_the_target():
     rep = report(model, mons, tr, opts)
     assert rep["kv_reduction"] >= 0.5
     assert rep["kv_bytes_after"] == sum(g.data.nbytes for g in stream.groups.values())
-    # the chosen allocation is the best shared span's, and no other span's allocation predicts less
-    best = min(a["predicted_loss"] for a in rep["allocations_by_span"].values() if a is not None)
-    assert rep["allocation"]["predicted_loss"] == best
-    assert rep["general_allocation"]["predicted_loss"] <= best + 1e-15
+    # the chosen allocation is the best of one span's (the DP's), the one whose whole layout
+    # measured the lowest error on the warmup; the general DP predicts no more than any of them
+    joint = rep["calibration"]["joint"]
+    assert joint.keys() == {k for k, a in rep["allocations_by_span"].items() if a is not None}
+    best = min(joint, key=lambda k: joint[k]["error"])
+    assert rep["allocation"]["local_layers"] == joint[best]["layers"] == rep["selected_layers"]
+    assert rep["span"] == {"sink": tr.span.sink, "window": tr.span.window} and best == f"s{tr.span.sink}w{tr.span.window}"
+    assert rep["general_allocation"]["predicted_loss"] <= min(
+        a["predicted_loss"] for a in rep["allocations_by_span"].values() if a is not None) + 1e-15
     assert [l["span"] is not None for l in rep["layers"]] == [m == LOCAL for m in model.modes]
     assert stream.groups[LOCAL].capacity == tr.span.frames and stream.groups[LOCAL].sink == tr.span.sink
     assert np.isfinite(stream.step()).all()
@@ -210,3 +215,25 @@ def test_per_layer_spans_refused_when_the_graph_cannot_hold_them(monkeypatch):
     model, ctx = build()
     with pytest.raises(UserError, match="--per-layer-spans: the best allocation gives layers 2 different spans"):
         transition(model, ctx, 0, IspaOptions(kv_reduction=0.5, per_layer_spans=True))
+
+
+def test_calibration_chain_reproduces_the_teacher_forced_stream():
+    from ispa_export.calibration import Chain
+    from ispa_export.regimes import _Samples
+
+    model, ctx = build()
+    rng = np.random.default_rng(0)
+    video = rng.standard_normal((1, CFG.in_dim, 10, CFG.latent_height, CFG.latent_width)).astype(np.float32)
+    stream = torch_stream(model, ctx, 7)
+    cap = _Samples(stream.runner, stream.geo.timesteps)
+    stream.runner = cap
+    for c in range(5):
+        stream.step(video[:, :, 2 * c:2 * c + 2])
+    chain = Chain(model, model.cross_kv(ctx), video, 7, stream.geo.timesteps, score_chunks=2)
+    np.testing.assert_allclose(chain.reference.numpy(), np.concatenate(cap.samples, axis=2), rtol=1e-4, atol=1e-4)
+    assert chain.scored == [6, 7, 8, 9] and chain.error([None] * CFG.num_layers) == 0.0
+    # a local layer changes the samples exactly where its span drops history
+    span = LocalSpan(0, 2)
+    out = chain.sample([span] + [None] * (CFG.num_layers - 1))
+    np.testing.assert_allclose(out[:, :, :4].numpy(), chain.reference[:, :, :4].numpy(), rtol=1e-5, atol=1e-5)
+    assert chain.error([span] + [None] * (CFG.num_layers - 1)) > 0
