@@ -82,8 +82,8 @@ def parser() -> argparse.ArgumentParser:
                    "even where it does not lower the held-out discrepancy")
     e.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "
                    "discrepancy alike instead of by its measured effect on the prediction")
-    e.add_argument("--holdout-gap", type=int, default=0, help="chunks between a fit and the warmup chunk that "
-                   "scores it (a staler fit, as after the transition)")
+    e.add_argument("--holdout-gap", type=int, default=1, help="chunks between a fit and the warmup chunk that "
+                   "scores it (default 1: a staler fit, as after the transition)")
     e.add_argument("--warmup-chunks", type=int, default=8, help="most chunks generated before the transition")
     e.add_argument("--tol", type=float, default=0.05, help="convergence tolerance of the held-out corrected discrepancy")
     e.add_argument("--variant", default="full", help="full | per_pass | bias | none")

@@ -115,7 +115,7 @@ def rel(a, b):
 # -- 1. streaming statistics == batch statistics; d* is held out ---------------------------------
 
 def test_streaming_statistics_equal_batch_statistics():
-    opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=6, tol=0.0, site="adapter")
+    opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=6, tol=0.0, site="adapter", holdout_gap=1)
     model, stream, mon, tr, _ = run(opts, video=moving_video())
     span, f = opts.sink + opts.window, CFG.chunk_frames
     # Monitored: exactly the passes whose history is longer than the local span, every pass kind.
@@ -152,14 +152,22 @@ def test_streaming_statistics_equal_batch_statistics():
                                                            flat(r["a_g"]) @ w.T)
                 got = mon.curves[layer][c][r["kind"]]
                 assert math.isclose(got[0], raw, rel_tol=1e-10) and math.isclose(got[1], corr, rel_tol=1e-9)
-            # every rho of the grid, scored on the chunk (all pass kinds) under the fit of the earlier ones
+            # every rho of the grid, scored on the chunk (all pass kinds) under the fit of the earlier
+            # ones, minus the newest `holdout_gap` of them (a staler fit)
+            gap = opts.holdout_gap
+            fit = None
+            if i > gap:
+                past = AbsorptionStats()
+                past.update(*(torch.cat(t) for t in zip(*[
+                    (flat(r["a_l"]), (flat(r["a_g"]) - flat(r["a_l"])) @ r["w_o"].to(F64).T, flat(r["x_in"]))
+                    for r in mon.select(layer, chunks=mon.monitored_chunks[:i - gap])])))
             recs = mon.select(layer, chunks=[c])
             z = torch.cat([flat(r["x_in"]) for r in recs])
             res = torch.cat([(flat(r["a_g"]) - flat(r["a_l"])) @ r["w_o"].to(F64).T for r in recs])
             y = torch.cat([flat(r["a_g"]) @ r["w_o"].to(F64).T for r in recs])
             entry = mon.heldout[layer][c]
             assert math.isclose(entry["raw"], discrepancy(res, y), rel_tol=1e-10)
-            assert sorted(entry["rho"]) == ([] if fit is None else sorted(monitor_mod.RHO_GRID))
+            assert sorted(entry["rho"]) == ([] if i <= gap else sorted(monitor_mod.RHO_GRID))
             for rho, got in entry["rho"].items():
                 want = discrepancy(corrected_residual(solve(past, rho=rho, site="adapter"), z, res), y)
                 assert math.isclose(got, want, rel_tol=1e-7, abs_tol=1e-12), (layer, c, rho)
@@ -229,7 +237,7 @@ def test_held_out_corrected_below_raw_on_moving_pattern(variant, site):
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=8, tol=0.0, variant=variant, site=site)
     model, stream, mon, tr, _ = run(opts, video=moving_video())
     last = mon.monitored_chunks[-1]
-    raw, corr = np.array([mon.chunk_discrepancy(l, last) for l in tr.layers]).T
+    raw, corr = np.array([mon.chunk_discrepancy(l, last) for l in range(CFG.num_layers)]).T
     assert corr.mean() < raw.mean(), (raw, corr)
     # the warmup really was teacher-forced: the stored latents are the video's
     np.testing.assert_array_equal(np.concatenate(stream.latents, axis=2), moving_video()[:, :, :16])
@@ -394,8 +402,10 @@ def test_transition_at_earliest_eligible_chunk_when_tol_is_large(window, sink, c
     model, stream, mon, tr, _ = run(opts, cfg=cfg)
     span = window + sink
     first = span // chunk + 1  # the first chunk that starts after more than `span` frames of history
-    assert mon.monitored_chunks == [first, first + 1, first + 2]
-    assert tr.chunk == stream.chunk == first + 3 and tr.reason.startswith("converged")
+    # two held-out chunks, the first of them scored under a fit `holdout_gap` chunks older
+    held = 3 + opts.holdout_gap
+    assert mon.monitored_chunks == [first + i for i in range(held)]
+    assert tr.chunk == stream.chunk == first + held and tr.reason.startswith("converged")
     assert tr.chunk * chunk >= span + chunk  # not before the history exceeds the span by a chunk
 
 

@@ -237,3 +237,28 @@ def test_calibration_chain_reproduces_the_teacher_forced_stream():
     out = chain.sample([span] + [None] * (CFG.num_layers - 1))
     np.testing.assert_allclose(out[:, :, :4].numpy(), chain.reference[:, :, :4].numpy(), rtol=1e-5, atol=1e-5)
     assert chain.error([span] + [None] * (CFG.num_layers - 1)) > 0
+
+
+@pytest.mark.parametrize("reduction", [0.25, 0.5, 0.75])
+def test_compared_layouts_stay_within_the_byte_budget(reduction):
+    from types import SimpleNamespace
+
+    from ispa_export.regimes import layouts
+
+    cfg = preset("demo")
+    rng = np.random.default_rng(1)
+    table = {s: (rng.gamma(1.0, size=6) / s.frames).tolist() for s in candidate_spans(cfg)}
+    got = {lay.name: lay for lay in layouts(SimpleNamespace(losses=losses_of(table), chain=None), cfg, reduction)}
+    assert set(got) == {"ispa", "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink"}
+    budget = budget_frames(cfg, reduction)
+    for lay in got.values():
+        assert sum(cfg.max_frames if s is None else s.frames for s in lay.spans) <= budget, lay.name
+        assert len({s for s in lay.spans if s is not None}) == 1  # one local cache group
+    assert got["ispa"].spans == got["ispa-nocorr"].spans == allocate(losses_of(table), cfg, reduction)[0].spans
+    per_layer = budget // cfg.num_layers
+    assert got["uniform-nosink"].spans == [LocalSpan(0, per_layer)] * 6
+    assert got["uniform"].spans == [LocalSpan(1, per_layer - 1)] * 6
+    # drop: the fewest one-chunk layers that reach the budget, the lowest raw d
+    k = len(got["drop"].layers)
+    assert (6 - k) * 12 + 2 * k <= budget < (7 - k) * 12 + 2 * (k - 1)
+    assert got["drop"].layers == sorted(np.argsort(table[LocalSpan(0, 2)], kind="stable")[:k].tolist())
