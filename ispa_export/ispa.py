@@ -54,11 +54,15 @@ class IspaOptions:
     # transition (rolling regime); a span with fewer than three monitored chunks then has no
     # evidence and goes local uncorrected. Chosen on development seeds 2000-2003 (docs/eval/EVAL.md).
     holdout_gap: int = 1
+    # Other KV targets whose uniform span joins the candidates (an evaluation re-allocating one
+    # warmup's measurements at several targets).
+    uniform_for: tuple[float, ...] = ()
 
     def spans(self, cfg) -> list[LocalSpan]:
         if self.window is not None:
             return [LocalSpan(self.sink or 0, self.window)]
-        spans = candidate_spans(cfg)
+        targets = self.uniform_for + ((self.kv_reduction,) if self.kv_reduction is not None else ())
+        spans = candidate_spans(cfg, reductions=targets)
         return spans if self.sink is None else [s for s in spans if s.sink == self.sink]
 
     def check(self, num_layers: int) -> None:

@@ -39,11 +39,16 @@ from .errors import UserError
 from .monitor import LocalSpan, SpanMonitors, WarmupMonitor
 
 
-def candidate_spans(cfg: WanConfig, sinks: tuple[int, ...] = (0, 1)) -> list[LocalSpan]:
-    """Spans of one chunk up to half the full capacity (whole chunks, and exactly half), with each
-    sink; a sink span keeps the same total frames as the plain one (equal bytes, paired)."""
+def candidate_spans(cfg: WanConfig, sinks: tuple[int, ...] = (0, 1),
+                    reductions: tuple[float, ...] = ()) -> list[LocalSpan]:
+    """Spans of one chunk up to half the full capacity (whole chunks, and exactly half), plus the
+    uniform span of each KV target in `reductions` (every layer local with the frames the target
+    leaves), with each sink; a sink span keeps the same total frames as the plain one (equal bytes).
+    So the uniform layout of the target is always a point of the search."""
     f, half = cfg.chunk_frames, cfg.max_frames // 2
-    totals = sorted({t for t in range(f, half + 1, f)} | ({half} if half >= 1 else set()))
+    totals = {t for t in range(f, half + 1, f)} | ({half} if half >= 1 else set())
+    totals |= {budget_frames(cfg, r) // cfg.num_layers for r in reductions}
+    totals = sorted(t for t in totals if t >= 1)
     out = []
     for sink in sinks:
         for t in totals:
@@ -81,10 +86,10 @@ def choose_correction(monitor: WarmupMonitor, layer: int, gate: bool = True) -> 
     if not monitor.heldout.get(layer):
         return None
     chunks = monitor.heldout_chunks(layer)
-    if not chunks:  # one monitored chunk: a raw d, nothing to score a fit on
-        last = max(monitor.heldout[layer])
+    if not chunks:  # no fit was scored (too few monitored chunks): no evidence, so no correction
+        last = max(monitor.heldout[layer])  # unless the gate is off: then the monitor's own rho
         raw = monitor.heldout[layer][last]["raw"]
-        return Correction(None, False, raw, raw, {}, last)
+        return Correction(None, not gate, raw, raw, {}, last)
     latest = chunks[-1]
     entry = monitor.heldout[layer][latest]
     rho = min(entry["rho"], key=lambda r: (entry["rho"][r], -r))  # ties: the stronger ridge

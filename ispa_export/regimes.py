@@ -155,7 +155,8 @@ def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettin
     cfg = model.cfg
     video = make_video(seed, total, cfg.latent_height).frames
     warm = np.ascontiguousarray(video.transpose(1, 0, 2, 3)[None])
-    opts = IspaOptions(kv_reduction=st.headline, warmup_chunks=st.warmup_chunks, **st.opts)
+    opts = IspaOptions(kv_reduction=st.headline, warmup_chunks=st.warmup_chunks, uniform_for=tuple(st.reductions),
+                       **st.opts)
     base = copy.deepcopy(model)
     stream, monitors, tr = plan(base, context, seed, opts, video=warm)
     stream.runner.before_pass = None
