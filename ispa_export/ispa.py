@@ -22,7 +22,7 @@ from .errors import UserError
 from .kv import frame_bytes, kv_bytes
 from .monitor import RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor
 from .policy import (Allocation, Correction, SpanLoss, allocate, allocate_measured, candidate_spans, decide_fixed,
-                     ready, span_losses)
+                     eligible_spans, ready, span_losses)
 from .solver import SITES
 from .torch_runner import torch_stream
 
@@ -161,6 +161,42 @@ def _allocation(losses: dict[LocalSpan, SpanLoss], cfg, opts: IspaOptions, per_l
         return None, {}
 
 
+def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: set, opts: IspaOptions, seed: int,
+            correct: bool):
+    """The allocation from the warmup so far: predicted losses, calibrated on the warmup's chain
+    (per-layer weights; between spans, each span's best allocation measured whole)."""
+    from .calibration import Chain, sensitivity
+
+    cfg = model.cfg
+    calibration, chain = None, None
+    losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=allowed)
+    if opts.calibrate:
+        # The reference span: the shortest measured one (the largest, best-resolved discrepancies).
+        measured = [s for s, sl in losses.items() if sl.source != "extrapolated" and s in allowed]
+        if not measured:
+            raise UserError("no candidate span has been measured yet")
+        ref = min(measured, key=lambda s: (s.frames, s))
+        chain = Chain(model, torch.from_numpy(stream.cross_kv), np.concatenate(stream.latents, axis=2), seed,
+                      stream.geo.timesteps)
+        sens = sensitivity(chain, ref, losses[ref].raw)
+        calibration = sens.to_dict()
+        losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
+                             allowed=allowed)
+    alloc, per_span = _allocation(losses, cfg, opts)
+    if alloc is None:
+        raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
+                        f"it ({', '.join(str(s) for s in losses)})")
+    if chain is not None and opts.layers is None:
+        # Between spans, each span's best allocation is measured whole on the warmup's last chunks
+        # (uncorrected: the corrections were fit on these frames, so they would score in-sample).
+        alloc, per_span, joint = allocate_measured(
+            {s: l for s, l in losses.items() if s in allowed}, cfg, opts.kv_reduction, chain.error)
+        calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
+                                                          "predicted_loss": per_span[s].loss}
+                                for s, e in joint.items()}
+    return alloc, per_span, losses, calibration, chain
+
+
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
                progress: Callable[[int], None] | None = None,
                video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
@@ -182,8 +218,6 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
          video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
     """transition() up to, not including, the bake: the all-F model and stream at the transition
     point, the monitors and the decision (the common start of every run an evaluation compares)."""
-    from .calibration import Chain, sensitivity
-
     cfg = model.cfg
     opts.check(cfg.num_layers)
     f = cfg.chunk_frames
@@ -219,37 +253,27 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
         monitors.finish()
         if progress is not None:
             progress(1)
-        losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate)
-        current, _ = _allocation(losses, cfg, opts)
+        allowed = set(eligible_spans(spans, stream.frame_index, cfg.max_frames, cfg.full_sink))
+        closing = allowed - set(eligible_spans(spans, stream.frame_index + f, cfg.max_frames, cfg.full_sink))
+        if closing and opts.calibrate and len(allowed) > len(closing):
+            # Whether to stop for spans about to lose their sink frames is the final decision in
+            # miniature: take it with the calibrated, measured allocation, not the rough running one.
+            try:
+                current = _decide(model, stream, monitors, allowed, opts, seed, correct)[0]
+            except UserError:
+                current = None
+            losses = {}
+        else:
+            losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=allowed)
+            current, _ = _allocation(losses, cfg, opts)
         decision = ready(monitors, c, stream.frame_index, f, cfg.max_frames, cfg.full_sink, opts.warmup_chunks,
-                         opts.tol, current, losses)
+                         opts.tol, current, losses or span_losses(monitors, cfg.num_layers, correct=correct,
+                                                                  gate=opts.gate, allowed=allowed))
         if decision is not None:
             break
     stream.runner.before_pass = None
-
-    calibration, weights, chain = None, None, None
-    losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=set(decision.eligible))
-    if opts.calibrate:
-        # The reference span: the shortest measured one (the largest, best-resolved discrepancies).
-        measured = [s for s, sl in losses.items() if sl.source != "extrapolated" and s in decision.eligible]
-        ref = min(measured, key=lambda s: (s.frames, s))
-        chain = Chain(model, torch.from_numpy(stream.cross_kv), np.concatenate(stream.latents, axis=2), seed,
-                      stream.geo.timesteps)
-        sens = sensitivity(chain, ref, losses[ref].raw)
-        calibration, weights = sens.to_dict(), np.array(sens.weight)
-        losses = span_losses(monitors, cfg.num_layers, weights, correct=correct, gate=opts.gate,
-                             allowed=set(decision.eligible))
-    alloc, per_span = _allocation(losses, cfg, opts)
-    if alloc is None:
-        raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
-                        f"it ({', '.join(str(s) for s in losses)})")
-    if chain is not None and opts.layers is None:
-        # Between spans, each span's best allocation is measured whole on the warmup's last chunks
-        # (uncorrected: the corrections were fit on these frames, so they would score in-sample).
-        alloc, per_span, joint = allocate_measured(losses, cfg, opts.kv_reduction, chain.error)
-        calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
-                                                          "predicted_loss": per_span[s].loss}
-                                for s, e in joint.items()}
+    alloc, per_span, losses, calibration, chain = _decide(model, stream, monitors, set(decision.eligible), opts, seed,
+                                                          correct)
     general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
     if opts.per_layer_spans and general is not None:
         if len(general.distinct_spans) > 1:

@@ -265,6 +265,17 @@ def sink_horizon(cfg_full_capacity: int, full_sink: int, sink: int) -> int | Non
     return cfg_full_capacity - full_sink + sink - 1
 
 
+def eligible_spans(spans: list[LocalSpan], history: int, full_capacity: int, full_sink: int) -> list[LocalSpan]:
+    """The spans whose sink frames the full cache still holds after `history` frames: the ones the
+    transition can still cut the caches to."""
+    out = []
+    for s in spans:
+        h = sink_horizon(full_capacity, full_sink, s.sink)
+        if h is None or history <= h:
+            out.append(s)
+    return out
+
+
 @dataclass
 class Decision:
     reason: str
@@ -278,13 +289,19 @@ def ready(monitors: SpanMonitors, chunk: int, history: int, chunk_frames: int, f
 
     Not before every candidate span that the warmup can still reach has two monitored chunks (one
     held out); then when the d_eff of `current`'s L-layers changed by less than `tol` (relative)
-    between their span's last two held-out chunks, at the maximum warmup, or when the next chunk
-    would evict a candidate's sink frames from the full cache."""
+    between their span's last two held-out chunks, or at the maximum warmup. When the next chunk
+    would evict some candidates' sink frames from the full cache, the warmup ends if `current`
+    uses one of them (or nothing else is left); otherwise they drop out and the warmup goes on, so
+    that the other spans are measured on a longer history (in the rolling regime: past the point
+    where the reference cache itself starts to evict, the steady state a correction will serve)."""
     spans = monitors.spans
     last = chunk + 1 == warmup_chunks
     horizons = {s: sink_horizon(full_capacity, full_sink, s.sink) for s in spans}
-    capped = any(h is not None and history + chunk_frames > h for h in horizons.values())
-    eligible = [s for s in spans if horizons[s] is None or history <= horizons[s]]
+    eligible = eligible_spans(spans, history, full_capacity, full_sink)
+    closing = [s for s in eligible if horizons[s] is not None and history + chunk_frames > horizons[s]]
+    remaining = [s for s in eligible if s not in closing]
+    capped = bool(closing) and (not remaining or current is None
+                                or any(s in closing for s in current.distinct_spans))
     counts = {s: len(monitors[s].monitored_chunks) for s in spans}
     if not any(counts[s] >= 2 for s in eligible):
         if capped or last:
@@ -302,11 +319,11 @@ def ready(monitors: SpanMonitors, chunk: int, history: int, chunk_frames: int, f
     if last:
         return Decision(f"maximum warmup of {warmup_chunks} chunks reached", eligible)
     if capped:
-        sink = max(s.sink for s in spans if horizons[s] is not None and history + chunk_frames > horizons[s])
+        sink = max(s.sink for s in closing)
         return Decision(f"warmup ended at {history} frames: the next chunk would evict the L-layers' "
                         f"{sink} sink frames from the full cache", eligible)
     # the next chunk monitors a span whose history is longer than it: wait for its second chunk
-    if any(counts[s] < 2 and history > s.frames for s in spans):
+    if any(counts[s] < 2 and history > s.frames for s in remaining):
         return None
     if current is None or losses is None or not current.local_layers:
         return None
