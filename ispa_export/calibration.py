@@ -67,8 +67,10 @@ class Chain:
             self._masks[span] = teacher_forcing(self.t, self.f, cap, sink).to(self.dev)
         return self._masks[span]
 
-    def sample(self, spans: list[LocalSpan | None]) -> torch.Tensor:
-        """Every warmup chunk's denoised sample [B, C, T, H, W] with layer i restricted to spans[i]."""
+    def sample(self, spans: list[LocalSpan | None], model: WanModel | None = None) -> torch.Tensor:
+        """Every warmup chunk's denoised sample [B, C, T, H, W] with layer i restricted to spans[i]
+        (under `model`, e.g. one with corrections baked, instead of the chain's own)."""
+        model = model or self.model
         masks = [self.mask(s) for s in spans]
         b = self.clean.shape[0]
         x = self.noise[0]
@@ -76,7 +78,7 @@ class Chain:
             for k, ts in enumerate(self.timesteps):
                 sigma = ts / 1000.0
                 t_frames = torch.cat([torch.zeros(b, self.t), torch.full((b, self.t), float(ts))], 1).to(self.dev)
-                pred = self.model.forward_sequence(torch.cat([self.clean, x], 2), t_frames, self.pos,
+                pred = model.forward_sequence(torch.cat([self.clean, x], 2), t_frames, self.pos,
                                                    self.cross_kv, masks)[:, :, self.t:]
                 x0 = x - sigma * pred
                 if k + 1 < len(self.timesteps):  # runtimes.schedule.renoise
@@ -84,9 +86,11 @@ class Chain:
                     x = (1.0 - nxt) * x0 + nxt * self.noise[k + 1]
         return x0
 
-    def error(self, spans: list[LocalSpan | None]) -> float:
-        """Mean squared difference of the scored frames' samples from the full-cache ones."""
-        diff = (self.sample(spans) - self.reference)[:, :, self.scored].double()
+    def error(self, spans: list[LocalSpan | None], model: WanModel | None = None, last_chunks: int | None = None) -> float:
+        """Mean squared difference of the scored frames' samples (or of the last `last_chunks`
+        chunks') from the full-cache ones."""
+        frames = self.scored if last_chunks is None else list(range(max(self.t - last_chunks * self.f, 0), self.t))
+        diff = (self.sample(spans, model) - self.reference)[:, :, frames].double()
         return float(diff.square().mean())
 
 

@@ -57,6 +57,7 @@ class IspaOptions:
     # Other KV targets whose uniform span joins the candidates (an evaluation re-allocating one
     # warmup's measurements at several targets).
     uniform_for: tuple[float, ...] = ()
+    calibration_chunks: int = 2  # the warmup's last chunks the calibration scores (calibration.Chain)
 
     def spans(self, cfg) -> list[LocalSpan]:
         if self.window is not None:
@@ -78,6 +79,8 @@ class IspaOptions:
             raise UserError(f"--warmup-chunks: expected at least 1 chunk, got {self.warmup_chunks}")
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise UserError(f"tol: expected a relative change >= 0, got {self.tol}")
+        if self.calibration_chunks < 1:
+            raise UserError(f"calibration_chunks: expected at least 1 chunk, got {self.calibration_chunks}")
         if self.holdout_gap < 0:
             raise UserError(f"--holdout-gap: expected chunks >= 0, got {self.holdout_gap}")
         if self.layers is not None:
@@ -177,7 +180,7 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
             raise UserError("no candidate span has been measured yet")
         ref = min(measured, key=lambda s: (s.frames, s))
         chain = Chain(model, torch.from_numpy(stream.cross_kv), np.concatenate(stream.latents, axis=2), seed,
-                      stream.geo.timesteps)
+                      stream.geo.timesteps, score_chunks=opts.calibration_chunks)
         sens = sensitivity(chain, ref, losses[ref].raw)
         calibration = sens.to_dict()
         losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
@@ -194,7 +197,43 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
         calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
                                                           "predicted_loss": per_span[s].loss}
                                 for s, e in joint.items()}
+    if chain is not None and opts.gate and opts.variant in ("full", "bias"):
+        calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
     return alloc, per_span, losses, calibration, chain
+
+
+def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocation, losses: dict,
+                opts: IspaOptions) -> dict:
+    """The gate on the generated frames: the kept corrections, refit without the warmup's latest
+    chunk, must lower the sample error of that chunk (chain, layout as allocated) or they all stay
+    out. The per-layer gate judges each layer's own output; this one judges what they do together
+    downstream, still held out in time. Turns the corrections off in `losses` when they fail."""
+    import copy
+
+    layers = [l for l in alloc.local_layers if (c := losses[alloc.spans[l]].corrections[l]) is not None and c.kept]
+    if not layers:
+        return {"layers": [], "kept": False, "reason": "no layer's correction passed its own gate"}
+    trial = copy.deepcopy(model)
+    for l in layers:
+        mon, corr = monitors[alloc.spans[l]], losses[alloc.spans[l]].corrections[l]
+        stats = mon.stats_before_last(l)
+        if stats is None:
+            return {"layers": layers, "kept": True, "reason": "no statistics without the latest chunk; not checked"}
+        sol = mon._solve(stats, corr.rho)
+        w = None if opts.variant == "bias" else sol.weight_delta[None]
+        trial.blocks[l].self_attn.absorb(Absorption(opts.site, w, sol.bias_delta[None]))
+    plain = chain.error(alloc.spans, last_chunks=1)
+    corrected = chain.error(alloc.spans, model=trial, last_chunks=1)
+    kept = corrected < plain
+    if not kept:
+        for l in layers:
+            sl = losses[alloc.spans[l]]
+            c = sl.corrections[l]
+            sl.corrections[l] = Correction(c.rho, False, c.raw, c.corrected, c.scores, c.chunk)
+            if sl.effective[l] > 0:
+                sl.loss[l] *= c.raw / sl.effective[l]
+            sl.effective[l] = c.raw
+    return {"layers": layers, "kept": bool(kept), "error_uncorrected": plain, "error_corrected": corrected}
 
 
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,

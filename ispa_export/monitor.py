@@ -207,6 +207,12 @@ class WarmupMonitor:
         vals = list(self.curves[layer][chunk].values())
         return float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))
 
+    def stats_before_last(self, layer: int) -> AbsorptionStats | None:
+        """The layer's statistics without the latest monitored chunk (None: not kept, holdout_gap 0,
+        or only one chunk)."""
+        past = self._totals.get(layer, ())
+        return past[-2] if len(past) >= 2 else None
+
     def heldout_chunks(self, layer: int) -> list[int]:
         """Monitored chunks of `layer` scored under a fit of earlier chunks (the held-out ones)."""
         return [c for c, e in sorted(self.heldout[layer].items()) if e["rho"]]
