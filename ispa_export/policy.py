@@ -284,23 +284,23 @@ class Decision:
 
 def ready(monitors: SpanMonitors, chunk: int, history: int, chunk_frames: int, full_capacity: int,
           full_sink: int, warmup_chunks: int, tol: float, current: Allocation | None,
-          losses: dict[LocalSpan, SpanLoss] | None) -> Decision | None:
+          losses: dict[LocalSpan, SpanLoss] | None, beyond_sink_horizon: bool = False) -> Decision | None:
     """Whether the warmup ends after `chunk` (history frames written), DESIGN.md section 4.
 
     Not before every candidate span that the warmup can still reach has two monitored chunks (one
     held out); then when the d_eff of `current`'s L-layers changed by less than `tol` (relative)
     between their span's last two held-out chunks, or at the maximum warmup. When the next chunk
-    would evict some candidates' sink frames from the full cache, the warmup ends if `current`
-    uses one of them (or nothing else is left); otherwise they drop out and the warmup goes on, so
-    that the other spans are measured on a longer history (in the rolling regime: past the point
-    where the reference cache itself starts to evict, the steady state a correction will serve)."""
+    would evict some candidates' sink frames from the full cache, the warmup ends there; with
+    `beyond_sink_horizon` only if `current` uses one of them (or nothing else is left), otherwise
+    they drop out and the warmup goes on, so that the other spans are measured on a longer history
+    (in the rolling regime: past the point where the reference cache itself starts to evict)."""
     spans = monitors.spans
     last = chunk + 1 == warmup_chunks
     horizons = {s: sink_horizon(full_capacity, full_sink, s.sink) for s in spans}
     eligible = eligible_spans(spans, history, full_capacity, full_sink)
     closing = [s for s in eligible if horizons[s] is not None and history + chunk_frames > horizons[s]]
     remaining = [s for s in eligible if s not in closing]
-    capped = bool(closing) and (not remaining or current is None
+    capped = bool(closing) and (not beyond_sink_horizon or not remaining or current is None
                                 or any(s in closing for s in current.distinct_spans))
     counts = {s: len(monitors[s].monitored_chunks) for s in spans}
     if not any(counts[s] >= 2 for s in eligible):

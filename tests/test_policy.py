@@ -262,3 +262,17 @@ def test_compared_layouts_stay_within_the_byte_budget(reduction):
     k = len(got["drop"].layers)
     assert (6 - k) * 12 + 2 * k <= budget < (7 - k) * 12 + 2 * (k - 1)
     assert got["drop"].layers == sorted(np.argsort(table[LocalSpan(0, 2)], kind="stable")[:k].tolist())
+
+
+def test_output_gate_keeps_corrections_only_if_they_lower_the_held_out_sample_error():
+    model, ctx = build()
+    opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8, tol=0.0)
+    stream, mons, tr = transition(model, ctx, 0, opts)
+    og = tr.calibration["output_gate"]
+    corr = tr.losses[tr.span].corrections
+    kept = [l for l in tr.layers if corr[l].kept]
+    if og["layers"]:
+        assert og["kept"] == (og["error_corrected"] < og["error_uncorrected"])
+        assert kept == (og["layers"] if og["kept"] else [])
+    # what is baked is what the gates kept
+    assert [l for l in tr.layers if model.blocks[l].self_attn.ispa_bias is not None] == kept
