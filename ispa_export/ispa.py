@@ -204,7 +204,18 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
                                 for s, e in joint.items()}
     if chain is not None and opts.gate and opts.variant in ("full", "bias"):
         calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
+        if not calibration["output_gate"]["kept"]:
+            for l in calibration["output_gate"]["layers"]:
+                _drop_correction(losses[alloc.spans[l]], l)
     return alloc, per_span, losses, calibration, chain
+
+
+def _drop_correction(sl: SpanLoss, layer: int) -> None:
+    c = sl.corrections[layer]
+    sl.corrections[layer] = Correction(c.rho, False, c.raw, c.corrected, c.scores, c.chunk)
+    if sl.effective[layer] > 0:
+        sl.loss[layer] *= c.raw / sl.effective[layer]
+    sl.effective[layer] = c.raw
 
 
 def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocation, losses: dict,
@@ -212,7 +223,7 @@ def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocatio
     """The gate on the generated frames: the kept corrections, refit without the warmup's latest
     chunk, must lower the sample error of that chunk (chain, layout as allocated) or they all stay
     out. The per-layer gate judges each layer's own output; this one judges what they do together
-    downstream, still held out in time. Turns the corrections off in `losses` when they fail."""
+    downstream, still held out in time. Returns the verdict; changes nothing."""
     import copy
 
     layers = [l for l in alloc.local_layers if (c := losses[alloc.spans[l]].corrections[l]) is not None and c.kept]
@@ -230,14 +241,6 @@ def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocatio
     plain = chain.error(alloc.spans, last_chunks=1)
     corrected = chain.error(alloc.spans, model=trial, last_chunks=1)
     kept = corrected < plain
-    if not kept:
-        for l in layers:
-            sl = losses[alloc.spans[l]]
-            c = sl.corrections[l]
-            sl.corrections[l] = Correction(c.rho, False, c.raw, c.corrected, c.scores, c.chunk)
-            if sl.effective[l] > 0:
-                sl.loss[l] *= c.raw / sl.effective[l]
-            sl.effective[l] = c.raw
     return {"layers": layers, "kept": bool(kept), "error_uncorrected": plain, "error_corrected": corrected}
 
 

@@ -245,12 +245,15 @@ def allocate_measured(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reducti
                       measure) -> tuple[Allocation, dict[LocalSpan, Allocation | None], dict[LocalSpan, float]]:
     """The additive prediction ranks layers within a span (the DP per shared span); between spans,
     `measure(spans per layer) -> error` judges each span's best allocation as a whole and the lowest
-    error wins (ties: lower predicted loss). Also returns every span's allocation and error."""
+    error wins. Ties (typically several layouts that drop nothing the warmup's scored chunks could
+    see, error 0) go to the longest span: the extrapolation over distance assumes a layer loses
+    less the more recent frames it keeps, so the layout that drops only the oldest frames is the
+    safe one; then the lower predicted loss. Also returns every span's allocation and error."""
     _, per_span = allocate(losses, cfg, reduction)
     errors = {s: measure(a.spans) for s, a in per_span.items() if a is not None}
     if not errors:
         raise UserError(f"--kv-reduction {reduction}: no candidate span reaches it")
-    best = min(errors, key=lambda s: (errors[s], per_span[s].loss, s))
+    best = min(errors, key=lambda s: (errors[s], -s.frames, per_span[s].loss, s))
     return per_span[best], per_span, errors
 
 

@@ -33,7 +33,7 @@ from graphs.wan import WanModel
 from runtimes.driver import Stream
 
 from .errors import UserError
-from .ispa import IspaOptions, bake, plan
+from .ispa import IspaOptions, bake, output_gate, plan
 from .kv import frame_bytes
 from .monitor import LocalSpan
 from .policy import Correction, allocate, allocate_measured, budget_frames
@@ -82,7 +82,7 @@ def regime_model(model: WanModel, regime: str, total_frames: int) -> WanModel:
     return out
 
 
-def layouts(tr, cfg, reduction: float) -> list[Layout]:
+def layouts(tr, cfg, reduction: float, monitors=None) -> list[Layout]:
     """The compared layouts at one reduction, from the warmup measurements in `tr`."""
     n, f = cfg.num_layers, cfg.chunk_frames
     if tr.chain is not None:
@@ -91,6 +91,10 @@ def layouts(tr, cfg, reduction: float) -> list[Layout]:
         alloc = allocate(tr.losses, cfg, reduction)[0]
     span = alloc.distinct_spans[0]
     corr = {l: tr.losses[span].corrections[l] for l in alloc.local_layers}
+    if tr.chain is not None and monitors is not None:  # the output gate, for this reduction's layout
+        verdict = output_gate(tr.chain.model, monitors, tr.chain, alloc, tr.losses, IspaOptions())
+        if not verdict["kept"]:
+            corr = {l: None if l in verdict["layers"] else c for l, c in corr.items()}
     out = [Layout("ispa", alloc.spans, corr), Layout("ispa-nocorr", alloc.spans, {l: None for l in corr})]
     budget = budget_frames(cfg, reduction)
     for name, span in (("drop", LocalSpan(0, f)), ("sink-window", LocalSpan(1, f - 1))):
@@ -170,7 +174,7 @@ def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettin
         ref = frames_of(ref)
         for r in st.reductions:
             try:
-                lays = layouts(tr, cfg, r)
+                lays = layouts(tr, cfg, r, monitors)
             except UserError as e:
                 log(f"  {r:.0%}: {e}")
                 continue
