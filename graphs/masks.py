@@ -13,7 +13,7 @@ def retained(frame: int, start: int, capacity: int, sink: int) -> bool:
 
 def block_causal(frames: int, chunk: int, capacity: int, sink: int) -> torch.Tensor:
     """[T, T] bool: chunk c sees itself and the earlier frames a cache of `capacity` (sink pinned) keeps."""
-    m = torch.zeros(frames, frames, dtype=torch.bool)
+    m = torch.zeros(frames, frames, dtype=torch.bool, device="cpu")  # built here, moved by the caller
     for start in range(0, frames, chunk):
         q = slice(start, min(start + chunk, frames))
         m[q, q] = True
@@ -27,7 +27,7 @@ def teacher_forcing(frames: int, chunk: int, capacity: int, sink: int) -> torch.
     earlier frames its cache keeps, and itself. This is the cache pass and the denoising passes of the
     whole stream in one forward (and the training layout)."""
     causal = block_causal(frames, chunk, capacity, sink)
-    own = torch.block_diag(*[torch.ones(min(chunk, frames - s), min(chunk, frames - s), dtype=torch.bool)
+    own = torch.block_diag(*[torch.ones(min(chunk, frames - s), min(chunk, frames - s), dtype=torch.bool, device="cpu")
                              for s in range(0, frames, chunk)])
     history = causal & ~own
     top = torch.cat([causal, torch.zeros_like(causal)], 1)

@@ -82,11 +82,14 @@ def mask_to_bias(mask: torch.Tensor) -> torch.Tensor:
 
 
 class Monitor(Protocol):
-    """Receives, for F-layers during warmup, what the same queries give in full and in local mode."""
+    """Receives, for F-layers during warmup, what the same queries give in full attention and under
+    each candidate local span (sink + window) of the same cache."""
 
-    local_mask: torch.Tensor  # bool [M] over the F cache slots: the frames an L-layer would keep
+    # bool [M] over the F cache slots, one per span being measured in this pass: the frames an
+    # L-layer of that span would keep. Any device: the block moves them next to the activations.
+    local_masks: list[torch.Tensor]
 
-    def record(self, layer: int, x_in: torch.Tensor, a_global: torch.Tensor, a_local: torch.Tensor,
+    def record(self, layer: int, x_in: torch.Tensor, a_global: torch.Tensor, a_locals: list[torch.Tensor],
                w_o: torch.Tensor) -> None: ...
 
 
@@ -201,11 +204,15 @@ class Block(nn.Module):
         q, k, v = attn.project(x_in, cos, sin)
         keys, values = (k, v) if cache is None else (torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1))
         a = attend(q, keys, values, bias)
-        if monitor is not None:  # the same queries over the frames an L-layer would keep: a_l
-            per_frame = cache.shape[2] // monitor.local_mask.shape[0]
+        if monitor is not None:  # the same queries over the frames an L-layer of each span would keep: a_l
             own = torch.ones(k.shape[1], dtype=torch.bool, device=x.device)
-            local = mask_to_bias(torch.cat([monitor.local_mask.to(x.device).repeat_interleave(per_frame), own]))
-            monitor.record(layer, x_in, a, attend(q, keys, values, local), attn.o.weight)
+            a_locals = []
+            for slots in monitor.local_masks:  # one extra masked attention per candidate span
+                slots = slots.to(device=x.device, dtype=torch.bool)
+                per_frame = cache.shape[2] // slots.shape[0]
+                local = mask_to_bias(torch.cat([slots.repeat_interleave(per_frame), own]))
+                a_locals.append(attend(q, keys, values, local))
+            monitor.record(layer, x_in, a, a_locals, attn.o.weight)
         x = x + gate(attn.output(a, x_in, pass_kind, modulation), e[2])
         x = x + self.cross_attn(self.norm3(x), cross_kv)
         x = x + gate(self.ffn(modulate(self.norm2(x), e[3], e[4])), e[5])

@@ -42,7 +42,17 @@ def eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="only rewrite EVAL.md and the plot of --out from its eval.json")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N: where the model runs, one seed at a time on a GPU "
+                   "(default: cuda when PyTorch sees one)")
+    p.add_argument("--regime", choices=("whole", "rolling"), help="the policy's layout against every drop "
+                   "baseline in one regime (ispa_export/regimes.py); writes OUT/results.jsonl")
+    p.add_argument("--reductions", type=_reductions, help="comma-separated KV reductions for --regime "
+                   "(default 0.25,0.5,0.75; --quick: 0.5)")
     return p
+
+
+def _reductions(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(t) for t in text.split(","))
 
 
 def _seeds(text: str) -> list[int]:
@@ -64,15 +74,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--context", help="text embeddings: safetensors file with tensor 'context' [B, tokens, text_dim]")
     e.add_argument("--kv-reduction", type=_fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
     e.add_argument("--layers", type=_layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
-    e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: one chunk)")
-    e.add_argument("--sink", type=int, default=0, help="first frames of the video an L-layer keeps (default 0: "
-                   "measured best on the demo model, which like Self-Forcing was trained without a sink)")
+    e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: the policy picks the span "
+                   "from one chunk up to half the full cache)")
+    e.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: the policy "
+                   "picks 0 or 1; with --window alone, 0)")
+    e.add_argument("--per-layer-spans", action="store_true", help="allocate a span per layer (refused when the "
+                   "result needs more than the graph's one local cache group)")
+    e.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "
+                   "even where it does not lower the held-out discrepancy")
+    e.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "
+                   "discrepancy alike instead of by its measured effect on the prediction")
+    e.add_argument("--holdout-gap", type=int, default=1, help="chunks between a fit and the warmup chunk that "
+                   "scores it (default 1: a staler fit, as after the transition)")
     e.add_argument("--warmup-chunks", type=int, default=8, help="most chunks generated before the transition")
     e.add_argument("--tol", type=float, default=0.05, help="convergence tolerance of the held-out corrected discrepancy")
     e.add_argument("--variant", default="full", help="full | per_pass | bias | none")
     e.add_argument("--site", default="wo", help="wo (fold into W_o) | adapter (parallel linear from the attention input)")
     e.add_argument("--rank", type=int, help="rank-k truncation of each correction")
-    e.add_argument("--rho", type=float, help="ridge strength (default: the solver's measured default)")
+    e.add_argument("--rho", type=float, help="ridge strength (default: chosen per layer on held-out warmup chunks)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--modulation", default="baked", help="baked (refittable constants) | input (graph inputs)")
     e.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16: the exported graph's dtype, and the warmup's "

@@ -55,7 +55,6 @@ import torch
 from graphs.config import WanConfig
 from graphs.wan import FULL, LOCAL, WanModel
 from runtimes.driver import Stream
-from runtimes.schedule import flow_step
 
 from .errors import UserError
 from .ispa import IspaOptions, bake, decide
@@ -181,13 +180,13 @@ class _Fanout:
 
     def __init__(self, monitors: list[WarmupMonitor]):
         self.monitors = monitors
-        self.local_mask = None
+        self.local_masks = []
 
     def before_pass(self, info):
         got = [m.before_pass(info) for m in self.monitors]
         if got[0] is None:
             return None
-        self.local_mask = self.monitors[0].local_mask
+        self.local_masks = self.monitors[0].local_masks
         return self
 
     def record(self, *args) -> None:
@@ -273,26 +272,6 @@ def warmup(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     return Warmup(model, stream, monitors, stream.chunk, decision[2], d, time.perf_counter() - t0)
 
 
-class _LastSample:
-    """Runner wrapper that keeps each chunk's denoised sample: Stream.step(given=...) stores and
-    returns the given frames, so under teacher forcing the sample would otherwise be lost."""
-
-    def __init__(self, runner, timesteps: list[float]):
-        self.runner = runner
-        self.input_names = runner.input_names
-        self.buffers = runner.buffers
-        self.last_kind = len(timesteps) - 1
-        self.sigma = timesteps[-1] / 1000.0
-        self.samples: list[np.ndarray] = []
-
-    def run(self, feeds: dict[str, np.ndarray], info) -> dict[str, np.ndarray]:
-        out = self.runner.run(feeds, info)
-        if info.pass_kind == self.last_kind:  # the step the driver's x0 comes from (runtimes.driver)
-            self.samples.append(flow_step(feeds["latents"].astype(np.float32),
-                                          out["prediction"].astype(np.float32), self.sigma))
-        return out
-
-
 def rollout(w: Warmup, method: Method | None, chunks: int,
             video: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Continue a copy of the warmup's stream for `chunks` chunks with `method` baked in (None: the
@@ -318,12 +297,12 @@ def rollout(w: Warmup, method: Method | None, chunks: int,
     held = sum(g.nbytes for g in stream.groups.values())
     if video is None:
         return stream.run(chunks), held
-    capture = _LastSample(stream.runner, stream.geo.timesteps)
-    stream.runner = capture
     f = stream.geo.chunk_frames
+    samples = []
     for c in range(w.chunk, w.chunk + chunks):
         stream.step(_chunk_of(video, c, f))
-    return np.concatenate(capture.samples, axis=2), held
+        samples.append(stream.sample)  # the chunk's own sample, not the true frames it then stores
+    return np.concatenate(samples, axis=2), held
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -865,9 +844,9 @@ def span_fits(cfg: WanConfig, sink: int, window: int) -> bool:
 
 
 def default_sink(cfg: WanConfig, window: int) -> int:
-    """The export's default sink (IspaOptions) where the cache allows it (span_fits), else 0."""
-    sink = IspaOptions().sink
-    return sink if span_fits(cfg, sink, window) else 0
+    """The sink of the fixed-span comparison: a plain window (the export's policy picks sink 0 or 1
+    per video, so there is no single export default to follow)."""
+    return 0
 
 
 def settings_for(cfg: WanConfig, quick: bool, seeds: list[int] | None = None, variants: bool | None = None,
@@ -918,6 +897,8 @@ def load(name: str, random_weights: bool = False, seed: int = 0,
 
 
 def main(args) -> int:
+    if getattr(args, "regime", None):
+        return _evaluate_regime(args)
     if getattr(args, "render", False):
         summary = render(Path(args.out))
         for proto in summary["protocols"]:
@@ -926,12 +907,23 @@ def main(args) -> int:
     return _evaluate(args)
 
 
+def on_device(model: WanModel, args) -> tuple[WanModel, int]:
+    """The model on --device, and the parallel seed jobs: forked workers share one CPU model, a GPU
+    runs the seeds one after another in this process."""
+    from .pipeline import resolve_device
+
+    device = resolve_device(getattr(args, "device", None))
+    jobs = getattr(args, "jobs", None) or os.cpu_count() or 1
+    return model.to(device), (1 if device.type == "cuda" else jobs)
+
+
 def _evaluate(args) -> int:
     """`ispa eval`: args.model, args.quick, args.out (and optionally seeds, variants, threads,
     random_weights from `python -m ispa_export.evaluate`)."""
     quick = bool(getattr(args, "quick", False))
     model, ctx, name, weights = load(args.model, bool(getattr(args, "random_weights", False)),
                                      checkpoint=getattr(args, "checkpoint", None))
+    model, jobs = on_device(model, args)
     settings = settings_for(model.cfg, quick, getattr(args, "seeds", None), getattr(args, "variants", None),
                             getattr(args, "sweep", None))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -941,11 +933,43 @@ def _evaluate(args) -> int:
     torch.set_num_threads(getattr(args, "threads", None) or 1)
     try:
         summary = run_eval(model, ctx, settings, Path(args.out), name, quick, log=log, weights=weights,
-                           jobs=getattr(args, "jobs", None) or os.cpu_count() or 1)
+                           jobs=jobs)
     finally:
         torch.set_num_threads(before)
     for proto in summary["protocols"]:
         print(summary["key_lines"][proto])
+    return 0
+
+
+def _evaluate_regime(args) -> int:
+    """`ispa eval --regime R`: regimes.run_seed for every seed, rows to OUT/results.jsonl, and the
+    mean teacher-forced PSNR per reduction and method on stdout."""
+    from .regimes import RegimeSettings, run_seed, write_results
+
+    quick = bool(getattr(args, "quick", False))
+    model, ctx, name, _ = load(args.model, bool(getattr(args, "random_weights", False)),
+                               checkpoint=getattr(args, "checkpoint", None))
+    model, _ = on_device(model, args)
+    if model.cfg.in_dim != 3 or model.cfg.latent_height < 16:
+        raise UserError(f"--regime: needs a model that draws 3-channel pixel frames (the demo), not {name}")
+    seeds = getattr(args, "seeds", None) or ([1000, 1001] if quick else list(range(1000, 1006)))
+    reductions = getattr(args, "reductions", None) or ((0.5,) if quick else (0.25, 0.5, 0.75))
+    st = RegimeSettings(args.regime, seeds, reductions, protocols=("teacher",) if quick else ("teacher", "free"))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(getattr(args, "threads", None) or 1)
+    try:
+        rows = [row for seed in seeds for row in run_seed(model, ctx, seed, st, log=log)]
+    finally:
+        torch.set_num_threads(before)
+    path = write_results(rows, Path(args.out))
+    for proto in st.protocols:
+        for r in reductions:
+            sel = [x for x in rows if x["protocol"] == proto and x["reduction"] == r]
+            means = {m: np.mean([x["psnr"] for x in sel if x["method"] == m]) for m in dict.fromkeys(x["method"] for x in sel)}
+            print(f"{args.regime} {proto} {r:.0%}: " + ", ".join(f"{m} {v:.2f}" for m, v in means.items())
+                  + f" dB PSNR (mean of {len(seeds)} seeds)")
+    print(f"wrote {path}")
     return 0
 
 

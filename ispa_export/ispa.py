@@ -1,8 +1,10 @@
-"""Policy and bake: warm up in full attention, pick the layers to make local, absorb, switch.
+"""Warmup, transition and bake: measure in full attention, let the policy allocate, absorb, switch.
 
-`transition(...)` runs the warmup with the monitor attached, decides the layers and the transition
-chunk (DESIGN.md section 4), folds the corrections into the model and cuts the caches. The model
-and stream it returns carry on generating; export and evaluation take them as they are.
+`transition(...)` runs the warmup with the multi-span monitor attached (monitor.SpanMonitors), ends
+it by the policy's rule, calibrates the predicted loss on the warmup frames (calibration.py),
+allocates spans under the KV byte target (policy.allocate), folds the corrections that pay into
+the model and cuts the caches. The model and stream it returns carry on generating; export and
+evaluation take them as they are. The decisions themselves live in policy.py.
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ import torch
 
 from graphs.wan import FULL, LOCAL, Absorption, WanModel
 from runtimes.driver import Stream
+from runtimes.schedule import warped_timesteps
 
 from .errors import UserError
-from .kv import kv_bytes, layers_for_target
-from .monitor import LocalSpan, WarmupMonitor
+from .kv import frame_bytes, kv_bytes
+from .monitor import RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
+from .policy import (Allocation, Correction, SpanLoss, allocate, allocate_measured, candidate_spans, decide_fixed,
+                     eligible_spans, ready, span_losses)
 from .solver import SITES
-from .torch_runner import torch_stream
+from .torch_runner import to_torch, torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
 # 'bias' (mean residual only), 'none' (plain drop).
@@ -31,15 +36,41 @@ VARIANTS = ("full", "per_pass", "bias", "none")
 class IspaOptions:
     kv_reduction: float | None = 0.5
     layers: list[int] | None = None  # explicit L-layers instead of a KV target
-    window: int = 2
-    sink: int = 0
+    # One span (window, and sink, default 0) fixes it; None: the policy's candidate spans (sink 0/1,
+    # windows of one chunk up to half the full cache), restricted to `sink` when only that is given.
+    window: int | None = None
+    sink: int | None = None
     warmup_chunks: int = 8  # the most chunks generated before the transition
-    tol: float = 0.05  # convergence: relative change of the selected layers' held-out d*
-    rho: float | None = None  # None: the solver's measured default
+    tol: float = 0.05  # convergence: relative change of the L-layers' held-out d
+    rho: float | None = None  # None: chosen per layer from monitor.RHO_GRID on held-out warmup chunks
     variant: str = "full"
     site: str = "wo"
     rank: int | None = None
-    select_by: str = "corrected"  # rank layers by held-out 'corrected' or 'raw' discrepancy
+    select_by: str = "corrected"  # predicted loss from the gated 'corrected' d or the 'raw' d
+    gate: bool = True  # keep a layer's correction only where it lowers the held-out discrepancy
+    calibrate: bool = True  # weigh each layer's d by its measured effect on the prediction
+    per_layer_spans: bool = False  # the general allocation (needs one cache group per span)
+    # Chunks between the fit and the chunk that scores it. 1: the gate judges a fit one chunk older
+    # than the chunk it is scored on, as a correction is older than the frames it serves after the
+    # transition (rolling regime); a span with fewer than three monitored chunks then has no
+    # evidence and goes local uncorrected. Chosen on development seeds 2000-2003 (docs/eval/EVAL.md).
+    holdout_gap: int = 1
+    # Other KV targets whose uniform span joins the candidates (an evaluation re-allocating one
+    # warmup's measurements at several targets).
+    uniform_for: tuple[float, ...] = ()
+    calibration_chunks: int = 2  # the warmup's last chunks the calibration scores (calibration.Chain)
+    # Go on past the sink horizon when the calibrated allocation uses no sink span (policy.ready).
+    # Off by default: on development seeds 2000-2002 the longer warmup let the gate see the rolling
+    # steady state, but the allocation chosen on its last chunks lost 4-5 dB at 25% and 50% on two
+    # of three seeds against the one chosen at the horizon (docs/eval/EVAL.md).
+    beyond_sink_horizon: bool = False
+
+    def spans(self, cfg) -> list[LocalSpan]:
+        if self.window is not None:
+            return [LocalSpan(self.sink or 0, self.window)]
+        targets = self.uniform_for + ((self.kv_reduction,) if self.kv_reduction is not None else ())
+        spans = candidate_spans(cfg, reductions=targets)
+        return spans if self.sink is None else [s for s in spans if s.sink == self.sink]
 
     def check(self, num_layers: int) -> None:
         if self.variant not in VARIANTS:
@@ -48,12 +79,16 @@ class IspaOptions:
             raise UserError(f"select_by: expected 'corrected' or 'raw', got {self.select_by!r}")
         if self.site not in SITES:
             raise UserError(f"--site: expected one of {SITES}, got {self.site!r}")
-        if self.window < 1 or self.sink < 0:
+        if (self.window is not None and self.window < 1) or (self.sink is not None and self.sink < 0):
             raise UserError(f"--window must be >= 1 and --sink >= 0 frames, got {self.window} and {self.sink}")
         if self.warmup_chunks < 1:
             raise UserError(f"--warmup-chunks: expected at least 1 chunk, got {self.warmup_chunks}")
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise UserError(f"tol: expected a relative change >= 0, got {self.tol}")
+        if self.calibration_chunks < 1:
+            raise UserError(f"calibration_chunks: expected at least 1 chunk, got {self.calibration_chunks}")
+        if self.holdout_gap < 0:
+            raise UserError(f"--holdout-gap: expected chunks >= 0, got {self.holdout_gap}")
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad or len(set(self.layers)) != len(self.layers):
@@ -66,71 +101,34 @@ class IspaOptions:
 class Transition:
     chunk: int  # index of the first chunk generated with L-layers
     layers: list[int]
-    ranking: list[int]
+    span: LocalSpan  # the L-layers' span (one local cache group)
     reason: str
+    allocation: Allocation
+    per_span: dict  # span -> best allocation at that shared span (None: out of reach)
+    losses: dict  # span -> policy.SpanLoss
+    calibration: dict | None = None
+    general: Allocation | None = None  # the per-layer-span optimum, for comparison
     absorption: dict = field(default_factory=dict)  # layer -> solution report
-
-
-def _chunk_d(monitor: WarmupMonitor, chunk: int, num_layers: int, key: str) -> np.ndarray:
-    idx = 0 if key == "raw" else 1
-    return np.array([monitor.chunk_discrepancy(l, chunk)[idx] for l in range(num_layers)])
-
-
-def sink_horizon(monitor: WarmupMonitor, opts: IspaOptions) -> int | None:
-    """The most frames of history at which the full cache still holds the L-layers' sink frames.
-
-    Past it, the rolling full cache has evicted frames < sink: neither the monitor's a_l nor the
-    caches cut at the transition could hold them, so the warmup must end by then (None: never)."""
-    geo = None if monitor.stream is None else monitor.stream.geo
-    if geo is None or opts.sink <= geo.full_sink:
-        return None
-    return geo.full_capacity - geo.full_sink + opts.sink - 1
+    chain: object = None  # calibration.Chain of the warmup (None without calibration), to re-allocate
 
 
 def decide(monitor: WarmupMonitor, num_layers: int, n_local: int, opts: IspaOptions, chunk: int,
            history: int, chunk_frames: int, last: bool) -> tuple[list[int], list[int], str] | None:
-    """Layers and reason if the transition happens after `chunk`, else None (DESIGN.md section 4)."""
-    span = opts.sink + opts.window
-    chunks = monitor.monitored_chunks
-    horizon = sink_horizon(monitor, opts)
-    capped = horizon is not None and history + chunk_frames > horizon  # no further chunk can be monitored
-    # d* is held out only from the second monitored chunk on; convergence compares two of them.
-    if history < span + chunk_frames or len(chunks) < 2 or chunks[-1] != chunk:
-        if capped:
-            raise UserError(f"--sink {opts.sink}/--window {opts.window}: the full cache of "
-                            f"{monitor.stream.geo.full_capacity} frames evicts the L-layers' sink frames after "
-                            f"{horizon} frames of history, before the warmup has two chunks whose history "
-                            f"exceeds the local span of {span} frames; lower --window or --sink")
-        if last:
-            raise UserError(f"--warmup-chunks {opts.warmup_chunks}: the warmup ended with {history} frames of "
-                            f"history, too short to fit a correction for a local span of {span} frames "
-                            f"(needs two chunks whose history exceeds the span: at least "
-                            f"{span // chunk_frames + 3} chunks); lengthen the warmup")
-        return None
-    d = _chunk_d(monitor, chunk, num_layers, opts.select_by)
-    ranking = [int(i) for i in np.argsort(d, kind="stable")]
-    layers = sorted(opts.layers) if opts.layers is not None else sorted(ranking[:n_local])
-    if len(chunks) >= 3:
-        now = _chunk_d(monitor, chunk, num_layers, "corrected")[layers]
-        before = _chunk_d(monitor, chunks[-2], num_layers, "corrected")[layers]
-        change = np.abs(now - before) / np.maximum(before, 1e-12)
-        if change.max() < opts.tol:
-            return layers, ranking, f"converged: max relative change of d* {change.max():.3g} < {opts.tol}"
-    if last:
-        return layers, ranking, f"maximum warmup of {opts.warmup_chunks} chunks reached"
-    if capped:
-        return layers, ranking, (f"warmup ended at {history} frames: the next chunk would evict the L-layers' "
-                                 f"{opts.sink} sink frames from the full cache")
-    return None
+    """One fixed span and n layers (the evaluation's shared transition): policy.decide_fixed."""
+    return decide_fixed(monitor, num_layers, n_local, chunk, history, chunk_frames, opts.warmup_chunks,
+                        opts.tol, last, opts.select_by)
 
 
-def absorption_for(monitor: WarmupMonitor, layer: int, opts: IspaOptions) -> tuple[Absorption | None, dict]:
+def absorption_for(monitor: WarmupMonitor, layer: int, opts: IspaOptions,
+                   rho: float | None = None) -> tuple[Absorption | None, dict]:
+    """The layer's correction from `monitor`'s statistics; `rho` overrides the monitor's ridge."""
     if opts.variant == "none":
         return None, {"variant": "none"}
+    over = {} if rho is None else {"rho": rho}
     if opts.variant == "per_pass":
-        sols = [monitor.solution(layer, k, variant="full") for k in monitor.kinds()]
+        sols = [monitor.solution(layer, k, variant="full", **over) for k in monitor.kinds()]
     else:
-        sols = [monitor.solution(layer, variant=opts.variant)]
+        sols = [monitor.solution(layer, variant=opts.variant, **over)]
     weight = None if opts.variant == "bias" else torch.stack([s.weight_delta for s in sols])
     bias = torch.stack([s.bias_delta for s in sols])
     for name, t in (("weight", weight), ("bias", bias)):
@@ -143,27 +141,132 @@ def absorption_for(monitor: WarmupMonitor, layer: int, opts: IspaOptions) -> tup
     return Absorption(opts.site, weight, bias), {"variant": opts.variant, "solutions": report}
 
 
-def bake(model: WanModel, stream: Stream, monitor: WarmupMonitor, layers: list[int], opts: IspaOptions) -> dict:
-    """Fold the corrections into the L-layers, switch their mode, cut their caches to sink + window."""
+def bake(model: WanModel, stream: Stream, monitor: WarmupMonitor, layers: list[int], opts: IspaOptions,
+         span: LocalSpan | None = None, corrections: dict[int, Correction | None] | None = None) -> dict:
+    """Fold the corrections into the L-layers, switch their mode, cut their caches to the span.
+
+    Without `corrections` every L-layer is corrected with the monitor's rho; with them, only the
+    layers whose gate kept the correction, each with its chosen rho (the others go local as they are)."""
+    span = span or LocalSpan(opts.sink or 0, opts.window)
     report = {}
     for layer in layers:
-        absorption, report[layer] = absorption_for(monitor, layer, opts)
+        corr = None if corrections is None else corrections.get(layer)
+        if corrections is not None and (corr is None or not corr.kept):
+            report[layer] = {"variant": "none", "gated_off": opts.variant != "none"}
+            continue
+        absorption, report[layer] = absorption_for(monitor, layer, opts, None if corr is None else corr.rho)
         if absorption is not None:
             model.blocks[layer].self_attn.absorb(absorption)
     modes = [LOCAL if i in layers else FULL for i in range(model.cfg.num_layers)]
     model.set_modes(modes)
-    stream.relayout(modes, opts.sink + opts.window, opts.sink)
+    stream.relayout(modes, span.frames, span.sink)
     return report
+
+
+def _allocation(losses: dict[LocalSpan, SpanLoss], cfg, opts: IspaOptions, per_layer: bool = False):
+    try:
+        return allocate(losses, cfg, opts.kv_reduction, opts.layers, per_layer)
+    except UserError:
+        return None, {}
+
+
+def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: set, opts: IspaOptions, seed: int,
+            correct: bool):
+    """The allocation from the warmup so far: predicted losses, calibrated on the warmup's chain
+    (per-layer weights; between spans, each span's best allocation measured whole)."""
+    from .calibration import Chain, sensitivity
+
+    cfg = model.cfg
+    calibration, chain = None, None
+    losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=allowed)
+    if opts.calibrate:
+        # The reference span: the shortest measured one (the largest, best-resolved discrepancies).
+        measured = [s for s, sl in losses.items() if sl.source != "extrapolated" and s in allowed]
+        if not measured:
+            raise UserError("no candidate span has been measured yet")
+        ref = min(measured, key=lambda s: (s.frames, s))
+        chain = Chain(model, to_torch(stream.cross_kv, next(model.parameters()).device),
+                      np.concatenate(stream.latents, axis=2), seed,
+                      stream.geo.timesteps, score_chunks=opts.calibration_chunks)
+        sens = sensitivity(chain, ref, losses[ref].raw)
+        calibration = sens.to_dict()
+        losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
+                             allowed=allowed)
+    alloc, per_span = _allocation(losses, cfg, opts)
+    if alloc is None:
+        raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
+                        f"it ({', '.join(str(s) for s in losses)})")
+    if chain is not None and opts.layers is None:
+        # Between spans, each span's best allocation is measured whole on the warmup's last chunks
+        # (uncorrected: the corrections were fit on these frames, so they would score in-sample).
+        alloc, per_span, joint = allocate_measured(
+            {s: l for s, l in losses.items() if s in allowed}, cfg, opts.kv_reduction, chain.error)
+        calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
+                                                          "predicted_loss": per_span[s].loss}
+                                for s, e in joint.items()}
+    if chain is not None and opts.gate and opts.variant in ("full", "bias"):
+        calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
+        if not calibration["output_gate"]["kept"]:
+            for l in calibration["output_gate"]["layers"]:
+                _drop_correction(losses[alloc.spans[l]], l)
+    return alloc, per_span, losses, calibration, chain
+
+
+def _drop_correction(sl: SpanLoss, layer: int) -> None:
+    c = sl.corrections[layer]
+    sl.corrections[layer] = Correction(c.rho, False, c.raw, c.corrected, c.scores, c.chunk)
+    if sl.effective[layer] > 0:
+        sl.loss[layer] *= c.raw / sl.effective[layer]
+    sl.effective[layer] = c.raw
+
+
+def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocation, losses: dict,
+                opts: IspaOptions) -> dict:
+    """The gate on the generated frames: the kept corrections, refit without the warmup's latest
+    chunk, must lower the sample error of that chunk (chain, layout as allocated) or they all stay
+    out. The per-layer gate judges each layer's own output; this one judges what they do together
+    downstream, still held out in time. Returns the verdict; changes nothing."""
+    import copy
+
+    layers = [l for l in alloc.local_layers if (c := losses[alloc.spans[l]].corrections[l]) is not None and c.kept]
+    if not layers:
+        return {"layers": [], "kept": False, "reason": "no layer's correction passed its own gate"}
+    trial = copy.deepcopy(model)
+    for l in layers:
+        mon, corr = monitors[alloc.spans[l]], losses[alloc.spans[l]].corrections[l]
+        stats = mon.stats_before_last(l)
+        if stats is None:
+            return {"layers": layers, "kept": True, "reason": "no statistics without the latest chunk; not checked"}
+        sol = mon._solve(stats, corr.rho)
+        w = None if opts.variant == "bias" else sol.weight_delta[None]
+        trial.blocks[l].self_attn.absorb(Absorption(opts.site, w, sol.bias_delta[None]))
+    plain = chain.error(alloc.spans, last_chunks=1)
+    corrected = chain.error(alloc.spans, model=trial, last_chunks=1)
+    kept = corrected < plain
+    return {"layers": layers, "kept": bool(kept), "error_uncorrected": plain, "error_corrected": corrected}
 
 
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
                progress: Callable[[int], None] | None = None,
-               video: np.ndarray | None = None) -> tuple[Stream, WarmupMonitor, Transition]:
-    """Warmup with every layer full, then the decision and the bake. Returns the stream, ready to go on.
+               video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
+    """Warmup with every layer full, then the policy's decision and the bake. Returns the stream,
+    ready to go on, the monitors of every candidate span and the decision.
 
     With `video` latents [B, C, T, H, W] (T >= warmup_chunks * chunk_frames) each cache pass stores
     the video's frames instead of the sample (teacher forcing), so the monitor sees a known video.
     """
+    stream, monitors, tr = plan(model, context, seed, opts, progress, video)
+    corrections = {l: tr.losses[tr.span].corrections[l] for l in tr.layers}
+    tr.absorption = bake(model, stream, monitors[tr.span], tr.layers, opts, tr.span,
+                         corrections if opts.gate or opts.rho is None else None)
+    return stream, monitors, tr
+
+
+def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
+         progress: Callable[[int], None] | None = None,
+         video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
+    """transition() up to, not including, the bake: the all-F model and stream at the transition
+    point, the monitors and the decision (the common start of every run an evaluation compares)."""
     cfg = model.cfg
     opts.check(cfg.num_layers)
     f = cfg.chunk_frames
@@ -173,56 +276,140 @@ def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOpti
                 or video.shape[2] < want[2]):
             raise UserError(f"warmup video: expected latents [B, C, T, H, W] = {list(want[:2])} + [>= {want[2]}] + "
                             f"{list(want[3:])} ({opts.warmup_chunks} chunks of {f} frames), got {list(video.shape)}")
-    if opts.sink + opts.window >= cfg.max_frames:
-        # An L-layer would keep the whole F cache: nothing to save and nothing to monitor.
-        raise UserError(f"--window/--sink: sink {opts.sink} + window {opts.window} frames must be fewer than "
-                        f"the full cache's {cfg.max_frames} frames")
+    spans = opts.spans(cfg)
+    if not spans:
+        raise UserError(f"--sink {opts.sink}: no candidate span of the full cache's {cfg.max_frames} frames has it")
+    for s in spans:
+        if s.frames >= cfg.max_frames:
+            # An L-layer would keep the whole F cache: nothing to save and nothing to monitor.
+            raise UserError(f"--window/--sink: sink {s.sink} + window {s.window} frames must be fewer than "
+                            f"the full cache's {cfg.max_frames} frames")
+    if opts.layers is None:
+        small = min(spans, key=lambda s: (s.frames, s))
+        best = 1 - small.frames / cfg.max_frames
+        if opts.kv_reduction > best + 1e-9:
+            raise UserError(f"--kv-reduction/--window/--sink: KV reduction {opts.kv_reduction:.0%} is out of reach "
+                            f"with {small}: at most {best:.0%} with every layer local")
+    # Real model widths: each span costs ~(D+1)^2 float64 matrices per layer and pass kind. Refuse
+    # now, in one line, what would run out of memory after minutes of warmup.
+    need = statistics_bytes(cfg.dim, cfg.num_layers, len(spans), len(warped_timesteps()) + 1, opts.holdout_gap)
+    free = available_bytes(next(model.parameters()).device)
+    if free is not None and need > 0.8 * free:
+        raise UserError(f"warmup monitor: {len(spans)} candidate spans x {cfg.num_layers} layers at dim {cfg.dim} "
+                        f"need up to {need / 2**30:.1f} GiB of float64 statistics, {free / 2**30:.1f} GiB is free "
+                        f"on {next(model.parameters()).device}; measure one span with --window W [--sink S]")
     model.set_modes([FULL] * cfg.num_layers)
-    try:
-        n_local = len(opts.layers) if opts.layers is not None else layers_for_target(
-            cfg, opts.kv_reduction, opts.window, opts.sink)
-    except ValueError as e:
-        raise UserError(f"--kv-reduction/--window/--sink: {e}") from None
-    monitor = WarmupMonitor(LocalSpan(opts.sink, opts.window), opts.rho,
-                            "full" if opts.variant in ("per_pass", "none") else opts.variant, opts.site, opts.rank)
-    stream = torch_stream(model, context, seed, before_pass=monitor.before_pass)
-    monitor.stream = stream
+    monitors = SpanMonitors.build(spans, opts.rho, "full" if opts.variant in ("per_pass", "none") else opts.variant,
+                                  opts.site, opts.rank, RHO_GRID if opts.rho is None else (opts.rho,),
+                                  opts.holdout_gap)
+    stream = torch_stream(model, context, seed, before_pass=monitors.before_pass)
+    monitors.stream = stream
+    correct = opts.select_by == "corrected" and opts.variant != "none"
     for c in range(opts.warmup_chunks):
         stream.step(given=None if video is None else video[:, :, c * f:(c + 1) * f])
-        monitor.finish()
+        monitors.finish()
         if progress is not None:
             progress(1)
-        decision = decide(monitor, cfg.num_layers, n_local, opts, c, stream.frame_index, f,
-                          last=c + 1 == opts.warmup_chunks)
+        allowed = set(eligible_spans(spans, stream.frame_index, cfg.max_frames, cfg.full_sink))
+        closing = allowed - set(eligible_spans(spans, stream.frame_index + f, cfg.max_frames, cfg.full_sink))
+        if closing and opts.beyond_sink_horizon and opts.calibrate and len(allowed) > len(closing):
+            # Whether to stop for spans about to lose their sink frames is the final decision in
+            # miniature: take it with the calibrated, measured allocation, not the rough running one.
+            try:
+                current = _decide(model, stream, monitors, allowed, opts, seed, correct)[0]
+            except UserError:
+                current = None
+            losses = {}
+        else:
+            losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=allowed)
+            current, _ = _allocation(losses, cfg, opts)
+        decision = ready(monitors, c, stream.frame_index, f, cfg.max_frames, cfg.full_sink, opts.warmup_chunks,
+                         opts.tol, current, losses or span_losses(monitors, cfg.num_layers, correct=correct,
+                                                                  gate=opts.gate, allowed=allowed),
+                         opts.beyond_sink_horizon)
         if decision is not None:
             break
-    layers, ranking, reason = decision
     stream.runner.before_pass = None
-    absorption = bake(model, stream, monitor, layers, opts)
-    return stream, monitor, Transition(stream.chunk, layers, ranking, reason, absorption)
+    alloc, per_span, losses, calibration, chain = _decide(model, stream, monitors, set(decision.eligible), opts, seed,
+                                                          correct)
+    general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
+    if opts.per_layer_spans and general is not None:
+        if len(general.distinct_spans) > 1:
+            raise UserError(f"--per-layer-spans: the best allocation gives layers {len(general.distinct_spans)} "
+                            f"different spans, and the static graph has one local cache group")
+        alloc = general
+    layers = alloc.local_layers
+    span = alloc.distinct_spans[0] if layers else spans[0]
+    return stream, monitors, Transition(stream.chunk, layers, span, decision.reason, alloc, per_span, losses,
+                                        calibration, general, chain=chain)
 
 
-def report(model: WanModel, monitor: WarmupMonitor, tr: Transition, opts: IspaOptions, dtype: str = "float32") -> dict:
+def _finite(x):
+    """JSON-safe: inf/nan become null (report.json refuses non-finite numbers)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _span_dict(span: LocalSpan | None) -> dict | None:
+    return None if span is None else {"sink": span.sink, "window": span.window}
+
+
+def report(model: WanModel, monitors: SpanMonitors, tr: Transition, opts: IspaOptions, dtype: str = "float32") -> dict:
     """Every number behind the decision (report.json)."""
     cfg = model.cfg
     before = kv_bytes(cfg, [FULL] * cfg.num_layers, dtype=dtype)
-    after = kv_bytes(cfg, model.modes, opts.window, opts.sink, dtype=dtype)
+    after = kv_bytes(cfg, model.modes, tr.span.window, tr.span.sink, dtype=dtype)
     layers = []
     for l in range(cfg.num_layers):
-        chunks = sorted(monitor.curves[l])
-        last = chunks[-1] if chunks else None
-        raw, corr = monitor.chunk_discrepancy(l, last) if last is not None else (float("nan"),) * 2
+        local = l in tr.layers
+        sl = tr.losses[tr.span]
+        corr = sl.corrections[l]
+        mon = monitors[tr.span]
+        chunks = sorted(mon.curves[l])
         layers.append({
-            "index": l, "mode": model.modes[l], "raw_discrepancy": raw, "corrected_discrepancy": corr,
-            "curve": {str(c): {str(k): {"raw": v[0], "corrected": v[1]} for k, v in sorted(monitor.curves[l][c].items())}
+            "index": l, "mode": model.modes[l], "span": _span_dict(tr.span if local else None),
+            # at the L-layers' span: the held-out chunk's raw d and d* (chosen rho; raw if none held out)
+            "raw_discrepancy": float(sl.raw[l]), "corrected_discrepancy": corr.corrected if corr else float(sl.raw[l]),
+            "effective_discrepancy": float(sl.effective[l]), "predicted_loss": float(sl.loss[l]),
+            "weight": None if tr.calibration is None else tr.calibration["weight"][l],
+            "correction": None if corr is None else {
+                "rho": corr.rho, "kept": corr.kept, "heldout_chunk": corr.chunk, "raw": corr.raw,
+                "corrected": corr.corrected, "by_rho": {f"{r:g}": v for r, v in corr.scores.items()}},
+            "candidates": {f"s{s.sink}w{s.window}": {
+                "raw": float(x.raw[l]), "effective": float(x.effective[l]), "loss": float(x.loss[l]),
+                "rho": None if x.corrections[l] is None else x.corrections[l].rho,
+                "kept": None if x.corrections[l] is None else x.corrections[l].kept, "source": x.source}
+                for s, x in tr.losses.items()},
+            "curve": {str(c): {str(k): {"raw": v[0], "corrected": v[1]} for k, v in sorted(mon.curves[l][c].items())}
                       for c in chunks},
             "absorption": tr.absorption.get(l),
         })
-    return {
+    fb = frame_bytes(cfg, dtype)
+    rep = {
         "kv_reduction": 1 - after.total / before.total,
         "kv_bytes_before": before.total, "kv_bytes_after": after.total,
         "kv_bytes_per_layer_after": after.per_layer,
         "transition_chunk": tr.chunk, "transition_reason": tr.reason,
-        "selected_layers": tr.layers, "ranking": tr.ranking, "monitored_chunks": monitor.monitored_chunks,
+        "selected_layers": tr.layers, "span": _span_dict(tr.span),
+        "monitored_chunks": monitors[tr.span].monitored_chunks,
+        "allocation": dict(tr.allocation.to_dict(), bytes=tr.allocation.frames * fb,
+                           budget_bytes=tr.allocation.budget * fb),
+        "allocations_by_span": {f"s{s.sink}w{s.window}": None if a is None else a.to_dict()
+                                for s, a in tr.per_span.items()},
+        "general_allocation": None if tr.general is None else tr.general.to_dict(),
+        "spans": {f"s{s.sink}w{s.window}": {"sink": s.sink, "window": s.window, "source": x.source,
+                                          "monitored_chunks": x.monitored_chunks} for s, x in tr.losses.items()},
+        "calibration": tr.calibration,
+        "prediction": ("loss(layer, span) = weight * d_eff; d_eff = held-out corrected d where the gate keeps the "
+                       "correction, else raw d; spans the warmup never measured: raw d extrapolated over the window "
+                       "(power law, non-increasing; policy.extrapolate), uncorrected"),
         "options": asdict(opts), "layers": layers,
     }
+    return _finite(rep)

@@ -149,8 +149,11 @@ def export_pipeline(args) -> dict:
     cfg = model.cfg
     ctx, ctx_source = load_context(args.context, name, cfg, args.seed)
     opts = IspaOptions(kv_reduction=None if args.layers else args.kv_reduction, layers=args.layers,
-                       window=default_window(cfg, args.window), sink=args.sink, warmup_chunks=args.warmup_chunks,
-                       tol=args.tol, rho=args.rho, variant=args.variant, site=args.site, rank=args.rank)
+                       window=args.window, sink=args.sink, warmup_chunks=args.warmup_chunks,
+                       tol=args.tol, rho=args.rho, variant=args.variant, site=args.site, rank=args.rank,
+                       gate=getattr(args, "gate", True), calibrate=getattr(args, "calibrate", True),
+                       per_layer_spans=getattr(args, "per_layer_spans", False),
+                       holdout_gap=getattr(args, "holdout_gap", 1))
     if args.warmup_chunks < 1:
         raise UserError(f"--warmup-chunks: expected >= 1, got {args.warmup_chunks}")
     bar = Progress(args.warmup_chunks, "warmup (chunks)")
@@ -162,7 +165,7 @@ def export_pipeline(args) -> dict:
     extras = {"discrepancy.png": lambda p: plot_discrepancy(rep, p), BAKED: lambda p: save_baked(model, p)}
     manifest = write_artifact(out, model, stream, rep, preset=name, modulation=args.modulation, dtype=args.dtype,
                               progress=lambda s: print(s, file=sys.stderr), extras=extras)
-    print(f"exported {out}: {len(tr.layers)}/{cfg.num_layers} layers local {tr.layers}, transition at chunk "
+    print(f"exported {out}: {len(tr.layers)}/{cfg.num_layers} layers local {tr.layers} ({tr.span}), transition at chunk "
           f"{tr.chunk} ({tr.reason}), KV bytes {rep['kv_bytes_before']} -> {rep['kv_bytes_after']} "
           f"({rep['kv_reduction']:.1%} removed)")
     return manifest
@@ -209,6 +212,7 @@ def inspect(target: str, reduction: float, window: int | None, sink: int, dtype:
         modes = [l["mode"] for l in man["layers"]]
         geo = man["geometry"]
         window, sink = geo["local_capacity"] - geo["local_sink"], geo["local_sink"]
+        spans = [None if m == "F" else {"sink": sink, "window": window} for m in modes]
         dtype_name = man["dtype"]
         title = f"artifact {path} ({man['model']['preset']})"
     else:
@@ -219,6 +223,7 @@ def inspect(target: str, reduction: float, window: int | None, sink: int, dtype:
         except ValueError as e:
             raise UserError(f"--kv-reduction/--window/--sink: {e}") from None
         modes = ["F"] * (cfg.num_layers - n) + ["L"] * n  # which layers is decided per video at export
+        spans = [None if m == "F" else {"sink": sink, "window": window} for m in modes]
         dtype_name = names[dtype]
         title = f"preset {target} at {reduction:.0%} KV reduction (window {window}, sink {sink})"
     full = kv_bytes(cfg, None, dtype=dtype_name)
@@ -229,11 +234,13 @@ def inspect(target: str, reduction: float, window: int | None, sink: int, dtype:
             f"{params:,} parameters",
             f"  {cfg.tokens_per_frame} tokens/frame, chunk {cfg.chunk_frames} frames, full cache {cfg.max_frames} frames",
             f"  layer modes: {''.join(modes)}",
+            "  layer spans: " + " ".join(f"{i}:F" if sp is None else f"{i}:L(sink {sp['sink']} + window {sp['window']})"
+                                         for i, sp in enumerate(spans)),
             f"  KV bytes ({dtype_name}): full cache {full.total:,} ({full.full_layer:,} per layer); "
             f"ISPA {ispa.total:,} (F {ispa.by_mode()['F']:,} + L {ispa.by_mode()['L']:,}); "
             f"removed {1 - ispa.total / full.total:.2%}",
             f"  text cross-attention K/V (fixed per prompt): {full.cross:,} bytes"]
-    return {"config": cfg.to_dict(), "modes": modes, "parameters": params, "dtype": dtype_name,
+    return {"config": cfg.to_dict(), "modes": modes, "spans": spans, "parameters": params, "dtype": dtype_name,
             "kv_bytes_full": full.total, "kv_bytes_ispa": ispa.total, "kv_bytes_per_layer": ispa.per_layer,
             "kv_reduction": 1 - ispa.total / full.total, "cross_kv_bytes": full.cross, "text": text}
 

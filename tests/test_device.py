@@ -167,3 +167,21 @@ def test_host_buffers_frame_copies_match_slicing():
     buf.copy_frame("other", 2, 1, "kv", 0, 4, p)
     assert np.array_equal(buf["other"][2, :, :, p:2 * p], want[0, :, :, 4 * p:5 * p])
     assert np.count_nonzero(buf["other"]) == np.count_nonzero(want[0, :, :, 4 * p:5 * p])
+
+
+def test_a_span_search_that_cannot_fit_is_refused_before_the_warmup(monkeypatch):
+    from ispa_export import ispa
+    from ispa_export.errors import UserError
+    from ispa_export.monitor import statistics_bytes
+
+    # At Wan 1.3B the 8 candidate spans need ~118 GiB of float64 statistics, one span ~15 GiB.
+    big = preset("wan2.1-t2v-1.3b")
+    assert statistics_bytes(big.dim, big.num_layers, 8, 5, 1) > 100 * 2**30 > 10 * 2**30 > \
+        statistics_bytes(big.dim, big.num_layers, 1, 5, 1) / 2
+    torch.manual_seed(0)
+    model = WanModel(CFG).eval()
+    need = statistics_bytes(CFG.dim, CFG.num_layers, len(IspaOptions().spans(CFG)), 5, 1)
+    monkeypatch.setattr(ispa, "available_bytes", lambda device: need // 2)
+    with pytest.raises(UserError, match=r"warmup monitor: \d+ candidate spans x 4 layers at dim 64 need up to .* GiB "
+                                        r".*; measure one span with --window W \[--sink S\]$"):
+        transition(model, torch.randn(1, 5, CFG.text_dim), 0, IspaOptions(warmup_chunks=6))

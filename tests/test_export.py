@@ -29,7 +29,9 @@ def baked(cfg_changes=None, seed=0, **opts):
     cfg = preset("tiny").replace(**({"max_frames": 8} | (cfg_changes or {})))
     model = WanModel(cfg).eval()
     ctx = torch.randn(1, 5, cfg.text_dim)
-    o = IspaOptions(**({"kv_reduction": 0.3, "window": 2, "sink": 1, "warmup_chunks": 6} | opts))
+    # gate off: every L-layer carries a correction, which is what the export must carry (on random
+    # weights the gate would often keep it out)
+    o = IspaOptions(**({"kv_reduction": 0.3, "window": 2, "sink": 1, "warmup_chunks": 6, "gate": False} | opts))
     stream, monitor, tr = transition(model, ctx, seed, o)
     return model, stream, report(model, monitor, tr, o)
 
@@ -191,3 +193,15 @@ def test_large_graphs_keep_weights_in_external_data(tiny, artifacts, tmp_path, m
     inline = (artifacts["baked"] / "model.onnx").stat().st_size
     assert (tmp_path / "ext" / "model.onnx").stat().st_size < inline / 2
     assert main([str(tmp_path / "ext"), "--chunks", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+
+
+def test_inspect_artifact_shows_each_layers_span(tiny, artifacts):
+    from ispa_export.pipeline import inspect
+
+    model, stream, rep = tiny
+    info = inspect(str(artifacts["baked"]), 0.5, None, 0, "fp32")
+    span = {"sink": stream.geo.local_sink, "window": stream.geo.local_capacity - stream.geo.local_sink}
+    assert info["spans"] == [span if m == "L" else None for m in model.modes]
+    assert info["spans"] == [l["span"] for l in rep["layers"]]
+    line = next(t for t in info["text"] if t.strip().startswith("layer spans:"))
+    assert all(f"{i}:L(sink {span['sink']} + window {span['window']})" in line for i in rep["selected_layers"])

@@ -1,9 +1,11 @@
-"""Warmup monitor, policy and bake on the tiny model (DESIGN.md sections 3-4).
+"""Warmup monitor, transition and bake on the tiny model (DESIGN.md sections 3-4).
 
 What is shown: the streamed float64 statistics are the batch statistics of the tensors the monitor
-saw; the corrected discrepancy is held out; the bake folds exactly what the solver returned; the
-correction generalises on a video that is correlated in time; the KV bytes after the transition are
-the accounted ones and meet the target; degenerate inputs fail cleanly; the transition rule.
+saw; the corrected discrepancy is held out, and so is every rho's score; several spans measured in
+one warmup equal one warmup per span; the bake folds exactly what the solver returned, only where
+the gate keeps it; the correction generalises on a video that is correlated in time; the KV bytes
+after the transition are the accounted ones and meet the target; degenerate inputs fail cleanly;
+the transition rule. (The allocation itself: tests/test_policy.py.)
 """
 import json
 import math
@@ -14,13 +16,14 @@ import pytest
 import torch
 
 import ispa_export.ispa as ispa
+import ispa_export.monitor as monitor_mod
 from graphs.config import preset
 from graphs.masks import retained
 from graphs.wan import FULL, LOCAL, WanModel
 from ispa_export.errors import UserError
 from ispa_export.ispa import IspaOptions, decide, report, transition
 from ispa_export.kv import kv_bytes, layers_for_target
-from ispa_export.monitor import WarmupMonitor
+from ispa_export.monitor import LocalSpan, SpanMonitors, WarmupMonitor
 from ispa_export.torch_runner import torch_stream
 from ispa_export.solver import AbsorptionStats, corrected_residual, discrepancy, solve
 
@@ -64,12 +67,12 @@ class RecordingMonitor(WarmupMonitor):
 
     records: list = field(default_factory=list)
 
-    def record(self, layer, x_in, a_global, a_local, w_o):
-        kept = self.stream.groups[FULL].frames[self.local_mask.numpy()]
+    def record(self, layer, x_in, a_global, a_locals, w_o):
+        kept = self.stream.groups[FULL].frames[self.local_masks[0].numpy()]
         self.records.append(dict(layer=layer, chunk=self._info.chunk, kind=self._info.pass_kind,
                                  start=self._info.start, kept=sorted(int(f) for f in kept if f >= 0),
-                                 x_in=x_in.clone(), a_g=a_global.clone(), a_l=a_local.clone(), w_o=w_o.clone()))
-        super().record(layer, x_in, a_global, a_local, w_o)
+                                 x_in=x_in.clone(), a_g=a_global.clone(), a_l=a_locals[0].clone(), w_o=w_o.clone()))
+        super().record(layer, x_in, a_global, a_locals, w_o)
 
     def select(self, layer, kind=None, chunks=None):
         return [r for r in self.records if r["layer"] == layer and (kind is None or r["kind"] == kind)
@@ -77,15 +80,17 @@ class RecordingMonitor(WarmupMonitor):
 
 
 def run(opts: IspaOptions, cfg=CFG, video=None, seed=0, prepare=None):
-    """transition() with the recording monitor; also returns the weights before the bake."""
+    """transition() with recording monitors; also returns the weights before the bake. The monitor
+    returned is the L-layers' span's (the only one when opts fixes the span)."""
     model, ctx = build(cfg, seed)
     if prepare is not None:
         prepare(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ispa, "WarmupMonitor", RecordingMonitor)
-        stream, monitor, tr = transition(model, ctx, 0, opts, video=video)
-    return model, stream, monitor, tr, before
+        mp.setattr(monitor_mod, "WarmupMonitor", RecordingMonitor)
+        stream, monitors, tr = transition(model, ctx, 0, opts, video=video)
+    model.monitors = monitors
+    return model, stream, monitors[tr.span], tr, before
 
 
 def flat(t):
@@ -110,7 +115,7 @@ def rel(a, b):
 # -- 1. streaming statistics == batch statistics; d* is held out ---------------------------------
 
 def test_streaming_statistics_equal_batch_statistics():
-    opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=6, tol=0.0, site="adapter")
+    opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=6, tol=0.0, site="adapter", holdout_gap=1)
     model, stream, mon, tr, _ = run(opts, video=moving_video())
     span, f = opts.sink + opts.window, CFG.chunk_frames
     # Monitored: exactly the passes whose history is longer than the local span, every pass kind.
@@ -147,6 +152,25 @@ def test_streaming_statistics_equal_batch_statistics():
                                                            flat(r["a_g"]) @ w.T)
                 got = mon.curves[layer][c][r["kind"]]
                 assert math.isclose(got[0], raw, rel_tol=1e-10) and math.isclose(got[1], corr, rel_tol=1e-9)
+            # every rho of the grid, scored on the chunk (all pass kinds) under the fit of the earlier
+            # ones, minus the newest `holdout_gap` of them (a staler fit)
+            gap = opts.holdout_gap
+            fit = None
+            if i > gap:
+                past = AbsorptionStats()
+                past.update(*(torch.cat(t) for t in zip(*[
+                    (flat(r["a_l"]), (flat(r["a_g"]) - flat(r["a_l"])) @ r["w_o"].to(F64).T, flat(r["x_in"]))
+                    for r in mon.select(layer, chunks=mon.monitored_chunks[:i - gap])])))
+            recs = mon.select(layer, chunks=[c])
+            z = torch.cat([flat(r["x_in"]) for r in recs])
+            res = torch.cat([(flat(r["a_g"]) - flat(r["a_l"])) @ r["w_o"].to(F64).T for r in recs])
+            y = torch.cat([flat(r["a_g"]) @ r["w_o"].to(F64).T for r in recs])
+            entry = mon.heldout[layer][c]
+            assert math.isclose(entry["raw"], discrepancy(res, y), rel_tol=1e-10)
+            assert sorted(entry["rho"]) == ([] if i <= gap else sorted(monitor_mod.RHO_GRID))
+            for rho, got in entry["rho"].items():
+                want = discrepancy(corrected_residual(solve(past, rho=rho, site="adapter"), z, res), y)
+                assert math.isclose(got, want, rel_tol=1e-7, abs_tol=1e-12), (layer, c, rho)
 
 
 # -- 2. the bake folds exactly the solution ---------------------------------------------------------
@@ -154,17 +178,28 @@ def test_streaming_statistics_equal_batch_statistics():
 @pytest.mark.parametrize("variant,site", [("full", "wo"), ("per_pass", "wo"), ("bias", "wo"), ("full", "adapter"),
                                           ("per_pass", "adapter")])
 def test_bake_output_equals_original_plus_correction(variant, site):
-    opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=5, tol=0.0, variant=variant, site=site)
+    # calibrate off: no output gate, so each layer's own held-out gate decides (tested here)
+    opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=5, tol=0.0, variant=variant, site=site,
+                       calibrate=False)
     model, stream, mon, tr, before = run(opts, video=moving_video())
     kinds = mon.kinds()
     assert len(tr.layers) == 2 and model.modes == [LOCAL if i in tr.layers else FULL for i in range(4)]
+    gated = []
     for layer in tr.layers:
         attn = model.blocks[layer].self_attn
         w0, b0 = (before[f"blocks.{layer}.self_attn.o.{n}"].to(F64) for n in ("weight", "bias"))
+        corr = tr.losses[tr.span].corrections[layer]
+        if not corr.kept:  # the gate: a correction that does not lower the held-out d stays out
+            assert corr.corrected >= corr.raw
+            assert attn.ispa_bias is None and attn.ispa_weight is None
+            assert torch.equal(attn.o.weight, before[f"blocks.{layer}.self_attn.o.weight"])
+            gated.append(layer)
+            continue
+        assert corr.corrected < corr.raw and corr.corrected == min(corr.scores.values())
         if variant == "per_pass":
-            sols = [mon.solution(layer, k, variant="full") for k in kinds]
+            sols = [mon.solution(layer, k, variant="full", rho=corr.rho) for k in kinds]
         else:
-            sols = [mon.solution(layer, variant=variant)]
+            sols = [mon.solution(layer, variant=variant, rho=corr.rho)]
         # Where the correction lives: folded into W_o only for one 'wo' weight; W_o untouched otherwise.
         folded = variant == "full" and site == "wo"
         assert (attn.ispa_weight is None) == (folded or variant == "bias")
@@ -181,6 +216,7 @@ def test_bake_output_equals_original_plus_correction(variant, site):
             with torch.no_grad():
                 got = attn.output(r["a_l"], r["x_in"], torch.tensor(r["kind"]))
             assert rel(flat(got), want) < 1e-5
+    assert len(gated) < len(tr.layers)  # the moving pattern is predictable: some correction pays
     # The baked stream goes on and stays finite; the runner hands the scalars over as 0-d tensors
     # (a [1]-shaped pass_kind would pick a [1, D, D] slice of the per-pass corrections).
     shapes = {}
@@ -192,8 +228,9 @@ def test_bake_output_equals_original_plus_correction(variant, site):
 
     model.forward = spy
     assert np.isfinite(stream.step()).all()
+    per_pass = variant == "per_pass" and len(gated) < len(tr.layers)
     rope = {"rope_frame": (2, CFG.chunk_frames, model.rope_pairs)}
-    assert shapes == (rope | {"pass_kind": ()} if variant == "per_pass" else rope)
+    assert shapes == (rope | {"pass_kind": ()} if per_pass else rope)
 
 
 # -- 3. the correction generalises on a video correlated in time -------------------------------------
@@ -203,7 +240,7 @@ def test_held_out_corrected_below_raw_on_moving_pattern(variant, site):
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=8, tol=0.0, variant=variant, site=site)
     model, stream, mon, tr, _ = run(opts, video=moving_video())
     last = mon.monitored_chunks[-1]
-    raw, corr = np.array([mon.chunk_discrepancy(l, last) for l in tr.layers]).T
+    raw, corr = np.array([mon.chunk_discrepancy(l, last) for l in range(CFG.num_layers)]).T
     assert corr.mean() < raw.mean(), (raw, corr)
     # the warmup really was teacher-forced: the stored latents are the video's
     np.testing.assert_array_equal(np.concatenate(stream.latents, axis=2), moving_video()[:, :, :16])
@@ -219,7 +256,7 @@ def test_steady_state_kv_bytes_meet_target(target):
     n = layers_for_target(CFG, target, window, sink)
     assert model.modes.count(LOCAL) == len(tr.layers) == n
     want = kv_bytes(CFG, model.modes, window, sink)
-    rep = report(model, mon, tr, opts)
+    rep = report(model, model.monitors, tr, opts)
     for _ in range(3):  # at the transition and at steady state: the buffers have fixed sizes
         assert sum(g.nbytes for g in stream.groups.values()) == want.total
         assert rep["kv_reduction"] >= target
@@ -250,7 +287,7 @@ def test_warmup_ends_before_the_sink_is_evicted():
         run(IspaOptions(kv_reduction=0.25, window=2, sink=2, warmup_chunks=8), cfg=CFG_ROLL)
     # the monitor itself refuses to produce a_l without the sink
     model, ctx = build(CFG_ROLL)
-    mon = WarmupMonitor(ispa.LocalSpan(1, 2), None)
+    mon = WarmupMonitor(LocalSpan(1, 2), None)
     mon.stream = torch_stream(model, ctx, 0, before_pass=mon.before_pass)
     with pytest.raises(UserError, match=r"no longer holds sink frames \[0\]"):
         mon.stream.run(6)
@@ -274,13 +311,15 @@ def test_zero_discrepancy_layer_gets_exact_zero_correction():
 
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=6, tol=0.0)
     model, stream, mon, tr, _ = run(opts, prepare=zero_wo)
-    assert tr.ranking[0] == 1 and 1 in tr.layers
-    rep = report(model, mon, tr, opts)
+    assert 1 in tr.layers and tr.losses[tr.span].loss[1] == 0.0
+    rep = report(model, model.monitors, tr, opts)
     assert rep["layers"][1]["raw_discrepancy"] == rep["layers"][1]["corrected_discrepancy"] == 0.0
     sol = mon.solution(1)
     assert torch.count_nonzero(sol.weight_delta) == 0 and torch.count_nonzero(sol.bias_delta) == 0
+    # nothing to correct: the gate keeps the (zero) correction out
+    assert rep["layers"][1]["correction"]["kept"] is False
     attn = model.blocks[1].self_attn
-    assert torch.count_nonzero(attn.o.weight) == 0 and torch.count_nonzero(attn.ispa_bias) == 0
+    assert torch.count_nonzero(attn.o.weight) == 0 and attn.ispa_bias is None
     assert np.isfinite(stream.step()).all()
 
 
@@ -295,7 +334,7 @@ def test_singular_gram_gives_finite_correction_and_reports_method(rho, method):
             v.bias[:half].zero_()
 
     opts = IspaOptions(layers=[2], kv_reduction=None, window=2, sink=1, warmup_chunks=5, tol=0.0, rho=rho,
-                       variant="per_pass")
+                       variant="per_pass", gate=False)
     model, stream, mon, tr, _ = run(opts, prepare=rank_deficient)
     sols = tr.absorption[2]["solutions"]
     assert len(sols) == len(mon.kinds()) and all(s["method"] == method for s in sols)
@@ -303,7 +342,7 @@ def test_singular_gram_gives_finite_correction_and_reports_method(rho, method):
         assert all(s["n_floored"] >= half for s in sols)
     attn = model.blocks[2].self_attn
     assert torch.isfinite(attn.ispa_weight).all() and torch.isfinite(attn.ispa_bias).all()
-    rep = json.loads(json.dumps(report(model, mon, tr, opts), allow_nan=False))  # as report.json is written
+    rep = json.loads(json.dumps(report(model, model.monitors, tr, opts), allow_nan=False))  # as report.json is written
     assert rep["layers"][2]["absorption"]["solutions"][0]["method"] == method
     assert all(math.isfinite(l["corrected_discrepancy"]) for l in rep["layers"])
     assert np.isfinite(stream.step()).all()
@@ -327,7 +366,7 @@ def test_explicit_layers_are_honoured():
     model, stream, mon, tr, _ = run(opts)
     assert tr.layers == [0, 3] and model.modes == [LOCAL, FULL, FULL, LOCAL]
     assert stream.groups[LOCAL].layers == 2 and stream.groups[FULL].layers == 2
-    assert report(model, mon, tr, opts)["selected_layers"] == [0, 3]
+    assert report(model, model.monitors, tr, opts)["selected_layers"] == [0, 3]
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -366,46 +405,47 @@ def test_transition_at_earliest_eligible_chunk_when_tol_is_large(window, sink, c
     model, stream, mon, tr, _ = run(opts, cfg=cfg)
     span = window + sink
     first = span // chunk + 1  # the first chunk that starts after more than `span` frames of history
-    assert mon.monitored_chunks == [first, first + 1, first + 2]
-    assert tr.chunk == stream.chunk == first + 3 and tr.reason.startswith("converged")
+    # two held-out chunks, the first of them scored under a fit `holdout_gap` chunks older
+    held = 3 + opts.holdout_gap
+    assert mon.monitored_chunks == [first + i for i in range(held)]
+    assert tr.chunk == stream.chunk == first + held and tr.reason.startswith("converged")
     assert tr.chunk * chunk >= span + chunk  # not before the history exceeds the span by a chunk
 
 
-def convergence_changes(mon, n_local, select_by="corrected"):
-    """chunk -> max relative change of d* of the layers the rule would select at that chunk."""
-    out = {}
-    chunks = mon.monitored_chunks
-    for i in range(2, len(chunks)):
-        c, prev = chunks[i], chunks[i - 1]
-        d = [mon.chunk_discrepancy(l, c)[0 if select_by == "raw" else 1] for l in range(CFG.num_layers)]
-        layers = sorted(np.argsort(d, kind="stable")[:n_local])
-        now = np.array([mon.chunk_discrepancy(l, c)[1] for l in layers])
-        before = np.array([mon.chunk_discrepancy(l, prev)[1] for l in layers])
-        out[c] = float(np.max(np.abs(now - before) / before))
+def convergence_change(tr, monitors):
+    """The rule's number at the decision: max relative change of the L-layers' held-out d between
+    their span's last two held-out chunks (the chosen rho's d* where the gate keeps it)."""
+    out = 0.0
+    for layer in tr.layers:
+        mon, corr = monitors[tr.span], tr.losses[tr.span].corrections[layer]
+        now, before = (mon.heldout[layer][c] for c in mon.heldout_chunks(layer)[-2:][::-1])
+        pick = (lambda e: e["rho"][corr.rho]) if corr.kept else (lambda e: e["raw"])
+        out = max(out, abs(pick(now) - pick(before)) / pick(before))
     return out
 
 
 def test_transition_at_first_converged_chunk_or_at_maximum_warmup():
-    base = dict(kv_reduction=0.25, window=2, sink=1, warmup_chunks=9)
+    # calibrate off: the rule decides on uncalibrated losses, so the final allocation is the rule's
+    base = dict(kv_reduction=0.25, window=2, sink=1, warmup_chunks=9, calibrate=False)
     model, stream, mon, tr, _ = run(IspaOptions(**base, tol=0.0), video=moving_video(frames=18))
     assert tr.chunk == 9 and tr.reason == "maximum warmup of 9 chunks reached"
-    changes = convergence_changes(mon, 2)
-    assert sorted(changes) == list(range(4, 9))
-    # a tolerance that the first eligible chunk misses and a later one meets
-    order = [changes[c] for c in sorted(changes)]
-    later = next(i for i in range(1, len(order)) if order[i] < min(order[:i]))
-    tol = (order[later] + min(order[:later])) / 2
-    want = sorted(changes)[later]
-    model2, stream2, mon2, tr2, _ = run(IspaOptions(**base, tol=tol), video=moving_video(frames=18))
-    assert tr2.chunk == want + 1 and tr2.reason.startswith("converged")
-    # the decision at the transition is the one the curves imply, and the curves are the same run's
-    for c in mon2.monitored_chunks:
-        assert mon2.curves[0][c] == mon.curves[0][c]
+    assert mon.monitored_chunks == list(range(2, 9))
+    # a tolerance just above the change at some chunk: the warmup stops there, not later
+    for stop in range(5, 9):
+        m2, s2, mon2, tr2, _ = run(IspaOptions(**dict(base, warmup_chunks=stop + 1), tol=0.0),
+                                   video=moving_video(frames=18))
+        change = convergence_change(tr2, m2.monitors)
+        m3, s3, mon3, tr3, _ = run(IspaOptions(**base, tol=change * 1.0001), video=moving_video(frames=18))
+        assert tr3.chunk <= stop + 1 and tr3.reason.startswith("converged")
+        assert convergence_change(tr3, m3.monitors) < change * 1.0001
+        # the curves are the same run's whatever the tolerance
+        for c in mon3.monitored_chunks:
+            assert mon3.curves[0][c] == mon.curves[0][c]
 
 
 def test_decide_waits_for_history_and_two_monitored_chunks():
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=8, tol=10.0)
-    mon = RecordingMonitor(ispa.LocalSpan(1, 2), None)
+    mon = RecordingMonitor(LocalSpan(1, 2), None)
     assert decide(mon, 4, 1, opts, chunk=1, history=4, chunk_frames=2, last=False) is None
     mon.monitored_chunks = [2]
     assert decide(mon, 4, 1, opts, chunk=2, history=6, chunk_frames=2, last=False) is None
@@ -416,25 +456,33 @@ def test_decide_waits_for_history_and_two_monitored_chunks():
 def test_report_fields_are_present_and_consistent():
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=6, tol=0.0)
     model, stream, mon, tr, _ = run(opts, video=moving_video())
-    rep = json.loads(json.dumps(report(model, mon, tr, opts), allow_nan=False))
+    rep = json.loads(json.dumps(report(model, model.monitors, tr, opts), allow_nan=False))
     assert rep["transition_chunk"] == tr.chunk == stream.chunk == 6
-    assert rep["selected_layers"] == tr.layers and sorted(rep["ranking"]) == [0, 1, 2, 3]
+    assert rep["selected_layers"] == tr.layers and rep["span"] == {"sink": 1, "window": 2}
     assert rep["kv_bytes_before"] == kv_bytes(CFG).total
     assert rep["kv_bytes_after"] == sum(g.nbytes for g in stream.groups.values())
     assert math.isclose(rep["kv_reduction"], 1 - rep["kv_bytes_after"] / rep["kv_bytes_before"])
     assert rep["kv_reduction"] >= 0.25
     assert rep["monitored_chunks"] == mon.monitored_chunks
+    assert rep["allocation"]["local_layers"] == tr.layers
+    assert rep["allocation"]["bytes"] <= rep["allocation"]["budget_bytes"]
+    cal = rep["calibration"]
+    assert cal["span"] == {"sink": 1, "window": 2} and len(cal["weight"]) == CFG.num_layers
     last = mon.monitored_chunks[-1]
-    d_last = []
     for l, entry in enumerate(rep["layers"]):
         assert entry["index"] == l and entry["mode"] == (LOCAL if l in tr.layers else FULL)
+        assert entry["span"] == ({"sink": 1, "window": 2} if l in tr.layers else None)
         raw, corr = mon.chunk_discrepancy(l, last)
-        assert entry["raw_discrepancy"] == raw and entry["corrected_discrepancy"] == corr
-        assert raw > 0 and math.isfinite(corr)
+        assert math.isclose(entry["raw_discrepancy"], raw, rel_tol=1e-9)  # the held-out chunk's d
+        c = entry["correction"]
+        assert c["heldout_chunk"] == last and c["corrected"] == min(c["by_rho"].values())
+        assert c["kept"] == (c["corrected"] < c["raw"]) and entry["corrected_discrepancy"] == c["corrected"]
+        assert entry["effective_discrepancy"] == (c["corrected"] if c["kept"] else c["raw"])
+        assert math.isclose(entry["predicted_loss"], entry["weight"] * entry["effective_discrepancy"], rel_tol=1e-12)
+        assert math.isclose(entry["weight"], cal["effect"][l] / cal["discrepancy"][l], rel_tol=1e-9)
         assert sorted(map(int, entry["curve"])) == mon.monitored_chunks
-        assert entry["curve"][str(last)]["0"]["raw"] == mon.curves[l][last][0][0]
         assert (entry["absorption"] is not None) == (l in tr.layers)
-        d_last.append(corr)
-    # the selected layers are the lowest held-out d* at the transition
-    assert tr.layers == sorted(np.argsort(d_last, kind="stable")[:2].tolist())
+    # the L-layers are the lowest predicted losses (one span: the DP takes the n cheapest)
+    loss = [e["predicted_loss"] for e in rep["layers"]]
+    assert tr.layers == sorted(np.argsort(loss, kind="stable")[:2].tolist())
     assert rep["options"]["kv_reduction"] == 0.25

@@ -32,20 +32,11 @@ HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (tensorrt cannot be imported)")
 no_trt = pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is missing")
 # 2 of 4 layers local: the graph has both caches (kv_full and kv_local, one sink frame pinned).
-TINY = ["--model", "tiny", "--kv-reduction", "0.25", "--warmup-chunks", "4", "--seed", "0"]
+# The gate off: a 4-chunk warmup gives the held-out gate no evidence, and the refit tests need corrections.
+TINY = ["--model", "tiny", "--kv-reduction", "0.25", "--window", "2", "--sink", "1", "--warmup-chunks", "4",
+        "--no-gate", "--seed", "0"]
 MEDIUM = preset("tiny").replace(dim=128, num_heads=4, ffn_dim=256, num_layers=4, latent_height=8, latent_width=8,
                                 max_frames=8)
-
-
-def _ensure_golden(directory: Path, model, stream, modulation="baked", dtype="fp32") -> None:
-    """Golden I/O for an artifact whose export did not write it (before write_artifact calls save_golden)."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    if GOLDEN in manifest["files"]:
-        return
-    torch_dtype, np_dtype, _ = DTYPES[dtype]
-    graph_model = copy.deepcopy(model).cast(torch_dtype)
-    feeds = golden_feeds(stream, graph_feeds(stream, stream.state_arrays(), graph_model, modulation, np_dtype))
-    assert add_golden(directory, graph_model, feeds) == [GOLDEN]
 
 
 def _export_pieces(out: Path, model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions) -> Path:
@@ -53,7 +44,6 @@ def _export_pieces(out: Path, model: WanModel, context: torch.Tensor, seed: int,
     rep = report(model, monitor, tr, opts)
     rep["model"], rep["context"] = "test", "random embeddings"
     write_artifact(out, model, stream, rep, preset="tiny", progress=lambda s: None)
-    _ensure_golden(out, model, stream)
     return out
 
 
@@ -74,7 +64,6 @@ def tiny(tmp_path_factory):
         assert cli.main(["export", *TINY, "--out", str(out)]) == 0
     finally:
         mp.undo()
-    _ensure_golden(out, captured["model"], captured["stream"])
     return out
 
 
@@ -86,7 +75,7 @@ def video_b(tmp_path_factory, tiny):
     name, model = load_model("tiny", seed=0)
     ctx, _ = load_context(None, name, model.cfg, seed=1)
     opts = IspaOptions(kv_reduction=None, layers=manifest["absorption"]["layers"], sink=geo["local_sink"],
-                       window=geo["local_capacity"] - geo["local_sink"], warmup_chunks=4)
+                       window=geo["local_capacity"] - geo["local_sink"], warmup_chunks=4, gate=False)
     return _export_pieces(tmp_path_factory.mktemp("b") / "art", model, ctx, 1, opts)
 
 
@@ -96,7 +85,7 @@ def medium(tmp_path_factory):
     torch.manual_seed(0)
     model = WanModel(MEDIUM).eval()
     ctx = torch.randn(1, 8, MEDIUM.text_dim, generator=torch.Generator().manual_seed(0))
-    opts = IspaOptions(kv_reduction=0.3, window=MEDIUM.chunk_frames, sink=1, warmup_chunks=4)
+    opts = IspaOptions(kv_reduction=0.3, window=MEDIUM.chunk_frames, sink=1, warmup_chunks=4, gate=False)
     return _export_pieces(tmp_path_factory.mktemp("medium") / "art", model, ctx, 0, opts)
 
 

@@ -1,0 +1,388 @@
+"""Allocation policy (DESIGN.md section 4): which layers go local, with which span, and whether each
+layer's correction is kept. Every input is a warmup measurement; nothing here sees evaluation data.
+
+Predicted loss of layer l at span s:
+
+    loss(l, s) = weight_l * d_eff(l, s)
+
+- d_eff is the held-out corrected discrepancy d* (ridge rho chosen per layer on the latest warmup
+  chunk, fit on the earlier ones) where the correction lowers it (the gate), else the raw d;
+- weight_l converts a layer's discrepancy at its attention output into its effect on the model's
+  final prediction (calibration.py measures it on the warmup frames; 1 without calibration).
+Losses add over layers: the first-order view in which small, independent perturbations of
+different layers add their squared effects on the output.
+
+What a short warmup cannot see: a span is measured only once the history is longer than it, and
+the warmup ends when the rolling full cache would evict the sink frames, so long windows may never
+(or only once) be measured. Their raw d is extrapolated over distance (`extrapolate`): per layer
+and sink, a power law d ~ window^b fitted to the measured windows (b <= 0: keeping more frames
+never loses more), never above the d of the longest measured window. Such spans carry no statistics, so they go local uncorrected.
+
+The allocation is an exact dynamic program over layers (`dp`): options per layer are F or a span,
+costs are KV frames (the steady-state bytes of a layer are its frames times kv.frame_bytes, so
+frames measure bytes exactly), the budget is what the KV target leaves. Today's static graph has
+one local cache group, so all L-layers share one span: `allocate` solves the program once per
+candidate span (options F or that span) and keeps the best; with `per_layer_spans` it solves the
+general program (every span an option for every layer), for a graph with one cache group per span.
+A uniform window on every layer and "n layers at one window" are both points of the search.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphs.config import WanConfig
+
+from .errors import UserError
+from .monitor import LocalSpan, SpanMonitors, WarmupMonitor
+
+
+def candidate_spans(cfg: WanConfig, sinks: tuple[int, ...] = (0, 1),
+                    reductions: tuple[float, ...] = ()) -> list[LocalSpan]:
+    """Spans of one chunk up to half the full capacity (whole chunks, and exactly half), plus the
+    uniform span of each KV target in `reductions` (every layer local with the frames the target
+    leaves), with each sink; a sink span keeps the same total frames as the plain one (equal bytes).
+    So the uniform layout of the target is always a point of the search."""
+    f, half = cfg.chunk_frames, cfg.max_frames // 2
+    totals = {t for t in range(f, half + 1, f)} | ({half} if half >= 1 else set())
+    totals |= {budget_frames(cfg, r) // cfg.num_layers for r in reductions}
+    totals = sorted(t for t in totals if t >= 1)
+    out = []
+    for sink in sinks:
+        for t in totals:
+            if t - sink >= 1 and t < cfg.max_frames:
+                out.append(LocalSpan(sink, t - sink))
+    return out
+
+
+def budget_frames(cfg: WanConfig, reduction: float) -> int:
+    """Most cached frames (summed over layers) that remove at least `reduction` of the full bytes."""
+    total = cfg.num_layers * cfg.max_frames
+    return math.floor((1 - reduction) * total + 1e-9)
+
+
+# -- the correction: ridge and gate ------------------------------------------------------------
+@dataclass
+class Correction:
+    """The held-out evidence for one layer's correction at one span."""
+
+    rho: float | None  # the ridge with the lowest held-out d* (None: nothing held out)
+    kept: bool  # the gate: the correction lowers the held-out discrepancy
+    raw: float  # d of the held-out chunk, uncorrected
+    corrected: float  # its d* under the chosen rho (raw when nothing was held out)
+    scores: dict[float, float] = field(default_factory=dict)  # rho -> held-out d*
+    chunk: int | None = None  # the held-out chunk
+
+    @property
+    def effective(self) -> float:
+        return self.corrected if self.kept else self.raw
+
+
+def choose_correction(monitor: WarmupMonitor, layer: int, gate: bool = True) -> Correction | None:
+    """Ridge from the grid on the latest held-out chunk; kept only where it beats no correction.
+    None when the span was never monitored."""
+    if not monitor.heldout.get(layer):
+        return None
+    chunks = monitor.heldout_chunks(layer)
+    if not chunks:  # no fit was scored (too few monitored chunks): no evidence, so no correction
+        last = max(monitor.heldout[layer])  # unless the gate is off: then the monitor's own rho
+        raw = monitor.heldout[layer][last]["raw"]
+        return Correction(None, not gate, raw, raw, {}, last)
+    latest = chunks[-1]
+    entry = monitor.heldout[layer][latest]
+    rho = min(entry["rho"], key=lambda r: (entry["rho"][r], -r))  # ties: the stronger ridge
+    corrected = entry["rho"][rho]
+    kept = corrected < entry["raw"] if gate else True
+    return Correction(rho, kept, entry["raw"], corrected, dict(entry["rho"]), latest)
+
+
+# -- predicted loss ----------------------------------------------------------------------------
+@dataclass
+class SpanLoss:
+    """Per layer, at one span: the discrepancies and the predicted loss the allocation weighs."""
+
+    span: LocalSpan
+    raw: np.ndarray  # [L]
+    effective: np.ndarray  # [L] d_eff: corrected where the gate keeps the correction, else raw
+    loss: np.ndarray  # [L] weight * d_eff (inf: cannot be chosen)
+    corrections: list[Correction | None]
+    source: str  # 'measured' | 'raw only' (one monitored chunk) | 'extrapolated'
+    monitored_chunks: list[int]
+
+
+def extrapolate(windows: list[int], d: list[float], window: int) -> float:
+    """d at `window` from the d measured at shorter `windows` of the same sink: a power law
+    d = A * w^b (least squares in log-log), never above the longest measured window's d (which is
+    also the answer when the fit has b >= 0 or fewer than two points)."""
+    pts = [(w, v) for w, v in zip(windows, d) if math.isfinite(v)]
+    if not pts:
+        return math.inf
+    longest = max(pts)[1]
+    pos = [(w, v) for w, v in pts if v > 0]
+    if len(pos) < 2:
+        return longest
+    x, y = np.log([w for w, _ in pos]), np.log([v for _, v in pos])
+    b, a = np.polyfit(x, y, 1)
+    if b >= 0:  # d does not fall with the window here: keep the longest window's d
+        return longest
+    return float(min(math.exp(a + b * math.log(window)), longest))
+
+
+def span_losses(monitors: SpanMonitors, num_layers: int, weights: np.ndarray | None = None,
+                correct: bool = True, gate: bool = True,
+                allowed: set[LocalSpan] | None = None) -> dict[LocalSpan, SpanLoss]:
+    """Predicted loss of every (layer, candidate span). `correct=False` weighs raw d only (the
+    allocation of an uncorrected run); spans outside `allowed` get infinite loss."""
+    weights = np.ones(num_layers) if weights is None else np.asarray(weights, dtype=float)
+    out: dict[LocalSpan, SpanLoss] = {}
+    for span in monitors.spans:
+        mon = monitors[span]
+        corr = [choose_correction(mon, l, gate) for l in range(num_layers)]
+        if all(c is None for c in corr):
+            continue
+        raw = np.array([c.raw if c else math.inf for c in corr])
+        eff = np.array([(c.effective if correct else c.raw) if c else math.inf for c in corr])
+        source = "measured" if any(c and c.rho is not None for c in corr) else "raw only"
+        out[span] = SpanLoss(span, raw, eff, weights * eff, corr, source, list(mon.monitored_chunks))
+    for span in monitors.spans:
+        if span in out:
+            continue
+        same = sorted((s.window, s) for s in out if s.sink == span.sink and s.window < span.window)
+        if not same:  # no shorter window of this sink was measured: the other sink's, same total frames
+            same = sorted((s.frames, s) for s in out if s.frames < span.frames)
+        raw = np.array([extrapolate([k for k, _ in same], [out[s].raw[l] for _, s in same],
+                                    span.window if same and same[0][1].sink == span.sink else span.frames)
+                        for l in range(num_layers)])
+        out[span] = SpanLoss(span, raw, raw.copy(), weights * raw, [None] * num_layers, "extrapolated", [])
+    if allowed is not None:
+        for span, sl in out.items():
+            if span not in allowed:
+                sl.loss = np.full(num_layers, math.inf)
+    return dict(sorted(out.items()))
+
+
+# -- the dynamic program -----------------------------------------------------------------------
+@dataclass
+class Allocation:
+    spans: list[LocalSpan | None]  # per layer; None = full attention
+    loss: float  # predicted
+    frames: int  # cached frames summed over layers
+    budget: int
+
+    @property
+    def local_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.spans) if s is not None]
+
+    @property
+    def distinct_spans(self) -> list[LocalSpan]:
+        return sorted({s for s in self.spans if s is not None})
+
+    def modes(self) -> list[str]:
+        return ["F" if s is None else "L" for s in self.spans]
+
+    def to_dict(self) -> dict:
+        return {"spans": [None if s is None else [s.sink, s.window] for s in self.spans],
+                "local_layers": self.local_layers, "predicted_loss": self.loss, "frames": self.frames,
+                "budget_frames": self.budget}
+
+
+def dp(options: list[list[tuple[int, float, LocalSpan | None]]], budget: int) -> Allocation | None:
+    """Exact minimum of the summed loss over one option (frames, loss, span) per layer with total
+    frames <= budget. State: frames used so far; among equal losses, fewer frames win. None when no
+    choice fits the budget."""
+    best: dict[int, tuple[float, tuple]] = {0: (0.0, ())}
+    for opts in options:
+        nxt: dict[int, tuple[float, tuple]] = {}
+        for used, (loss, chosen) in best.items():
+            for frames, cost, span in opts:
+                total = used + frames
+                if total > budget or not math.isfinite(cost):
+                    continue
+                cand = (loss + cost, chosen + (span,))
+                if total not in nxt or cand[0] < nxt[total][0]:
+                    nxt[total] = cand
+        best = nxt
+        if not best:
+            return None
+    frames, (loss, chosen) = min(best.items(), key=lambda kv: (kv[1][0], kv[0]))
+    return Allocation(list(chosen), loss, frames, budget)
+
+
+def allocate(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float | None,
+             layers: list[int] | None = None, per_layer_spans: bool = False
+             ) -> tuple[Allocation, dict[LocalSpan, Allocation | None]]:
+    """The allocation with the lowest predicted loss, and the best one per shared span.
+
+    With `layers` the L-layers are given: only their shared span is chosen (no budget)."""
+    n, full = cfg.num_layers, cfg.max_frames
+    per_span: dict[LocalSpan, Allocation | None] = {}
+    if layers is not None:
+        for span, sl in losses.items():
+            spans = [span if i in layers else None for i in range(n)]
+            loss = float(sum(sl.loss[i] for i in layers))
+            frames = sum(full if s is None else s.frames for s in spans)
+            per_span[span] = Allocation(spans, loss, frames, frames) if math.isfinite(loss) else None
+    else:
+        budget = budget_frames(cfg, reduction)
+        for span, sl in losses.items():
+            per_span[span] = dp([[(full, 0.0, None), (span.frames, float(sl.loss[l]), span)] for l in range(n)],
+                                budget)
+    found = [(a.loss, a.frames, s, a) for s, a in per_span.items() if a is not None]
+    if per_layer_spans and layers is None:
+        general = dp([[(full, 0.0, None)] + [(s.frames, float(sl.loss[l]), s) for s, sl in losses.items()]
+                      for l in range(n)], budget_frames(cfg, reduction))
+        if general is not None:
+            return general, per_span
+    if not found:
+        raise UserError(f"--kv-reduction {reduction}: no candidate span reaches it "
+                        f"({', '.join(str(s) for s in losses)}, full cache {full} frames)")
+    return min(found, key=lambda t: (t[0], t[1], t[2]))[3], per_span
+
+
+def allocate_measured(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float,
+                      measure) -> tuple[Allocation, dict[LocalSpan, Allocation | None], dict[LocalSpan, float]]:
+    """The additive prediction ranks layers within a span (the DP per shared span); between spans,
+    `measure(spans per layer) -> error` judges each span's best allocation as a whole and the lowest
+    error wins. Ties (typically several layouts that drop nothing the warmup's scored chunks could
+    see, error 0) go to the longest span: the extrapolation over distance assumes a layer loses
+    less the more recent frames it keeps, so the layout that drops only the oldest frames is the
+    safe one; then the lower predicted loss. Also returns every span's allocation and error."""
+    _, per_span = allocate(losses, cfg, reduction)
+    errors = {s: measure(a.spans) for s, a in per_span.items() if a is not None}
+    if not errors:
+        raise UserError(f"--kv-reduction {reduction}: no candidate span reaches it")
+    best = min(errors, key=lambda s: (errors[s], -s.frames, per_span[s].loss, s))
+    return per_span[best], per_span, errors
+
+
+# -- the transition rule -----------------------------------------------------------------------
+def sink_horizon(cfg_full_capacity: int, full_sink: int, sink: int) -> int | None:
+    """The most frames of history at which the full cache still holds frames < sink (None: always).
+
+    Past it the rolling full cache has evicted them: neither the monitor's a_l nor the caches cut at
+    the transition could hold them, so the warmup must end by then."""
+    if sink <= full_sink:
+        return None
+    return cfg_full_capacity - full_sink + sink - 1
+
+
+def eligible_spans(spans: list[LocalSpan], history: int, full_capacity: int, full_sink: int) -> list[LocalSpan]:
+    """The spans whose sink frames the full cache still holds after `history` frames: the ones the
+    transition can still cut the caches to."""
+    out = []
+    for s in spans:
+        h = sink_horizon(full_capacity, full_sink, s.sink)
+        if h is None or history <= h:
+            out.append(s)
+    return out
+
+
+@dataclass
+class Decision:
+    reason: str
+    eligible: list[LocalSpan]  # spans the allocation may choose (sink frames still cached)
+
+
+def ready(monitors: SpanMonitors, chunk: int, history: int, chunk_frames: int, full_capacity: int,
+          full_sink: int, warmup_chunks: int, tol: float, current: Allocation | None,
+          losses: dict[LocalSpan, SpanLoss] | None, beyond_sink_horizon: bool = False) -> Decision | None:
+    """Whether the warmup ends after `chunk` (history frames written), DESIGN.md section 4.
+
+    Not before every candidate span that the warmup can still reach has two monitored chunks (one
+    held out); then when the d_eff of `current`'s L-layers changed by less than `tol` (relative)
+    between their span's last two held-out chunks, or at the maximum warmup. When the next chunk
+    would evict some candidates' sink frames from the full cache, the warmup ends there; with
+    `beyond_sink_horizon` only if `current` uses one of them (or nothing else is left), otherwise
+    they drop out and the warmup goes on, so that the other spans are measured on a longer history
+    (in the rolling regime: past the point where the reference cache itself starts to evict)."""
+    spans = monitors.spans
+    last = chunk + 1 == warmup_chunks
+    horizons = {s: sink_horizon(full_capacity, full_sink, s.sink) for s in spans}
+    eligible = eligible_spans(spans, history, full_capacity, full_sink)
+    closing = [s for s in eligible if horizons[s] is not None and history + chunk_frames > horizons[s]]
+    remaining = [s for s in eligible if s not in closing]
+    capped = bool(closing) and (not beyond_sink_horizon or not remaining or current is None
+                                or any(s in closing for s in current.distinct_spans))
+    counts = {s: len(monitors[s].monitored_chunks) for s in spans}
+    if not any(counts[s] >= 2 for s in eligible):
+        if capped or last:
+            small = min(spans, key=lambda s: (s.frames, s))
+            if capped:
+                raise UserError(f"--sink {small.sink}/--window {small.window}: the full cache of {full_capacity} "
+                                f"frames evicts the L-layers' sink frames after {horizons[small]} frames of history, "
+                                f"before the warmup has two chunks whose history exceeds the local span of "
+                                f"{small.frames} frames; lower --window or --sink")
+            raise UserError(f"--warmup-chunks {warmup_chunks}: the warmup ended with {history} frames of history, "
+                            f"too short to fit a correction for a local span of {small.frames} frames (needs two "
+                            f"chunks whose history exceeds the span: at least {small.frames // chunk_frames + 3} "
+                            f"chunks); lengthen the warmup")
+        return None
+    if last:
+        return Decision(f"maximum warmup of {warmup_chunks} chunks reached", eligible)
+    if capped:
+        sink = max(s.sink for s in closing)
+        return Decision(f"warmup ended at {history} frames: the next chunk would evict the L-layers' "
+                        f"{sink} sink frames from the full cache", eligible)
+    # the next chunk monitors a span whose history is longer than it: wait for its second chunk
+    if any(counts[s] < 2 and history > s.frames for s in remaining):
+        return None
+    if current is None or losses is None or not current.local_layers:
+        return None
+    change = 0.0
+    for layer in current.local_layers:
+        span = current.spans[layer]
+        mon = monitors[span]
+        held = mon.heldout_chunks(layer)
+        if len(held) < 2:
+            return None
+        corr = losses[span].corrections[layer]
+        now, before = (mon.heldout[layer][c] for c in held[-2:][::-1])
+        d_now = now["rho"][corr.rho] if corr.kept else now["raw"]
+        d_before = before["rho"][corr.rho] if corr.kept else before["raw"]
+        change = max(change, abs(d_now - d_before) / max(d_before, 1e-12))
+    if change < tol:
+        return Decision(f"converged: max relative change of the L-layers' held-out d {change:.3g} < {tol}", eligible)
+    return None
+
+
+def decide_fixed(monitor: WarmupMonitor, num_layers: int, n_local: int, chunk: int, history: int,
+                 chunk_frames: int, warmup_chunks: int, tol: float, last: bool,
+                 select_by: str = "corrected") -> tuple[list[int], list[int], str] | None:
+    """The rule of one fixed span and n layers (the evaluation's shared transition point): the n
+    layers with the lowest d (held-out corrected or raw, default rho) at the latest chunk; the same
+    waiting, convergence and sink rules as `ready`."""
+    span = monitor.span
+    geo = None if monitor.stream is None else monitor.stream.geo
+    horizon = None if geo is None else sink_horizon(geo.full_capacity, geo.full_sink, span.sink)
+    chunks = monitor.monitored_chunks
+    capped = horizon is not None and history + chunk_frames > horizon
+    if history < span.frames + chunk_frames or len(chunks) < 2 or chunks[-1] != chunk:
+        if capped:
+            raise UserError(f"--sink {span.sink}/--window {span.window}: the full cache of {geo.full_capacity} "
+                            f"frames evicts the L-layers' sink frames after {horizon} frames of history, before the "
+                            f"warmup has two chunks whose history exceeds the local span of {span.frames} frames; "
+                            f"lower --window or --sink")
+        if last:
+            raise UserError(f"--warmup-chunks {warmup_chunks}: the warmup ended with {history} frames of history, "
+                            f"too short to fit a correction for a local span of {span.frames} frames (needs two "
+                            f"chunks whose history exceeds the span: at least {span.frames // chunk_frames + 3} "
+                            f"chunks); lengthen the warmup")
+        return None
+    idx = 0 if select_by == "raw" else 1
+    d = np.array([monitor.chunk_discrepancy(l, chunk)[idx] for l in range(num_layers)])
+    ranking = [int(i) for i in np.argsort(d, kind="stable")]
+    layers = sorted(ranking[:n_local])
+    if len(chunks) >= 3:
+        now = np.array([monitor.chunk_discrepancy(l, chunk)[1] for l in layers])
+        before = np.array([monitor.chunk_discrepancy(l, chunks[-2])[1] for l in layers])
+        change = np.abs(now - before) / np.maximum(before, 1e-12)
+        if change.max() < tol:
+            return layers, ranking, f"converged: max relative change of d* {change.max():.3g} < {tol}"
+    if last:
+        return layers, ranking, f"maximum warmup of {warmup_chunks} chunks reached"
+    if capped:
+        return layers, ranking, (f"warmup ended at {history} frames: the next chunk would evict the L-layers' "
+                                 f"{span.sink} sink frames from the full cache")
+    return None

@@ -1,0 +1,277 @@
+"""The allocation policy (DESIGN.md section 4): exact DP, the search space, the ridge and the gate,
+the extrapolation over distance, and the multi-span monitor that feeds it.
+
+What is shown: the dynamic program returns the brute-force optimum under the byte budget, shared
+span or per-layer spans; a uniform window on every layer and "n layers at one window" are reached
+when they are best; the gate keeps a correction exactly where it lowers the held-out d; several
+spans measured in one warmup give each span the numbers of its own single-span warmup.
+"""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from graphs.config import preset
+from graphs.wan import LOCAL, WanModel
+from ispa_export.errors import UserError
+from ispa_export.ispa import IspaOptions, report, transition
+from ispa_export.monitor import LocalSpan, SpanMonitors
+from ispa_export.policy import (Allocation, SpanLoss, allocate, budget_frames, candidate_spans, choose_correction,
+                                dp, extrapolate)
+from ispa_export.torch_runner import torch_stream
+
+CFG = preset("tiny").replace(max_frames=8, full_sink=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def losses_of(table: dict[LocalSpan, list[float]]) -> dict[LocalSpan, SpanLoss]:
+    out = {}
+    for span, loss in table.items():
+        arr = np.array(loss, dtype=float)
+        out[span] = SpanLoss(span, arr, arr, arr, [None] * len(arr), "measured", [])
+    return out
+
+
+def brute(table, cfg, reduction, shared):
+    budget = budget_frames(cfg, reduction)
+    spans = list(table)
+    best = None
+    for choice in itertools.product([None] + spans, repeat=cfg.num_layers):
+        used = {s for s in choice if s is not None}
+        if shared and len(used) > 1:
+            continue
+        frames = sum(cfg.max_frames if s is None else s.frames for s in choice)
+        if frames > budget:
+            continue
+        loss = sum(table[s][i] for i, s in enumerate(choice) if s is not None)
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, frames, choice)
+    return best
+
+
+@pytest.mark.parametrize("reduction", [0.25, 0.5, 0.7])
+@pytest.mark.parametrize("shared", [True, False])
+def test_dp_equals_brute_force(reduction, shared):
+    cfg = CFG.replace(num_layers=5)
+    rng = np.random.default_rng(int(reduction * 100) + shared)
+    spans = [LocalSpan(0, 1), LocalSpan(0, 2), LocalSpan(1, 1), LocalSpan(0, 4)]
+    for _ in range(20):
+        # losses fall with the window, as they do in practice, but not in the same way per layer
+        table = {s: (rng.gamma(1.0, size=5) / s.frames ** rng.uniform(0, 2)).tolist() for s in spans}
+        want = brute(table, cfg, reduction, shared)
+        got, per_span = allocate(losses_of(table), cfg, reduction, per_layer_spans=not shared)
+        assert math.isclose(got.loss, want[0], rel_tol=1e-9, abs_tol=1e-12)
+        assert got.frames <= budget_frames(cfg, reduction)
+        assert got.frames == sum(cfg.max_frames if s is None else s.frames for s in got.spans)
+        assert math.isclose(got.loss, sum(table[s][i] for i, s in enumerate(got.spans) if s is not None))
+        if shared:
+            assert len(got.distinct_spans) <= 1
+            # and per shared span, the best of that span alone
+            for span, alloc in per_span.items():
+                one = brute({span: table[span]}, cfg, reduction, True)
+                assert (alloc is None) == (one is None)
+                if alloc is not None:
+                    assert math.isclose(alloc.loss, one[0], rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_uniform_and_some_layers_at_one_window_are_in_the_search_space():
+    cfg = CFG.replace(num_layers=4)  # M = 8; 50% leaves 16 frames
+    short, half = LocalSpan(0, 1), LocalSpan(0, 4)
+    # every layer loses little at half the cache, a lot at one frame: a uniform window of 4 frames
+    got, _ = allocate(losses_of({short: [1.0] * 4, half: [0.1] * 4}), cfg, 0.5)
+    assert got.spans == [half] * 4 and got.frames == 16
+    # two layers lose nothing, the others a lot anywhere: those two local, at the cheaper window
+    got, _ = allocate(losses_of({short: [0.0, 5.0, 0.0, 5.0], half: [0.0, 5.0, 0.0, 5.0]}), cfg, 0.25)
+    assert got.spans == [short, None, short, None]
+    # the per-layer program mixes them where that is better; the shared one cannot
+    table = {short: [0.01, 9.0, 9.0, 9.0], half: [9.0, 0.5, 0.5, 0.5]}
+    mixed, _ = allocate(losses_of(table), cfg, 0.25, per_layer_spans=True)
+    shared, _ = allocate(losses_of(table), cfg, 0.25)
+    assert mixed.spans == [short, half, None, None] or mixed.loss <= shared.loss
+    assert mixed.loss < shared.loss and len(shared.distinct_spans) == 1
+
+
+def test_dp_out_of_budget_and_infinite_losses():
+    cfg = CFG.replace(num_layers=3)
+    assert dp([[(8, 0.0, None)]] * 3, budget=23) is None
+    span = LocalSpan(0, 2)
+    got = dp([[(8, 0.0, None), (2, math.inf, span)], [(8, 0.0, None), (2, 1.0, span)], [(8, 0.0, None)]], 18)
+    assert got.spans == [None, span, None] and got.loss == 1.0
+    with pytest.raises(UserError, match="no candidate span reaches it"):
+        allocate(losses_of({span: [math.inf] * 3}), cfg, 0.5)
+
+
+def test_candidate_spans_of_the_demo():
+    spans = candidate_spans(preset("demo"))  # chunk 2, M = 12: one chunk up to half the cache
+    assert spans == [LocalSpan(0, 2), LocalSpan(0, 4), LocalSpan(0, 6), LocalSpan(1, 1), LocalSpan(1, 3),
+                     LocalSpan(1, 5)]
+    assert all(s.frames <= 6 for s in spans)
+    assert budget_frames(preset("demo"), 0.5) == 36 and budget_frames(preset("demo"), 0.25) == 54
+
+
+def test_extrapolation_over_distance():
+    # an exact power law is continued; never above the longest measured window; b > 0 is clamped
+    assert math.isclose(extrapolate([2, 4], [0.4, 0.1], 8), 0.025, rel_tol=1e-9)
+    assert extrapolate([2, 4], [0.1, 0.2], 8) == 0.2
+    assert extrapolate([2], [0.3], 6) == 0.3
+    assert extrapolate([], [], 6) == math.inf
+
+
+class FakeMonitor:
+    def __init__(self, heldout):
+        self.heldout = heldout
+
+    def heldout_chunks(self, layer):
+        return [c for c, e in sorted(self.heldout[layer].items()) if e["rho"]]
+
+
+def test_gate_and_ridge_choice():
+    mon = FakeMonitor({0: {3: {"raw": 0.5, "rho": {}}, 4: {"raw": 0.4, "rho": {0.1: 0.3, 10.0: 0.2, 100.0: 0.25}}},
+                       1: {4: {"raw": 0.2, "rho": {0.1: 0.5, 10.0: 0.21}}},
+                       2: {4: {"raw": 0.2, "rho": {}}}})
+    c = choose_correction(mon, 0)
+    assert (c.rho, c.kept, c.raw, c.corrected, c.chunk) == (10.0, True, 0.4, 0.2, 4) and c.effective == 0.2
+    c = choose_correction(mon, 1)  # the best ridge still loses to no correction: stays out
+    assert (c.rho, c.kept, c.effective) == (10.0, False, 0.2)
+    assert choose_correction(mon, 1, gate=False).kept
+    c = choose_correction(mon, 2)  # one monitored chunk: nothing held out, nothing kept
+    assert c.rho is None and not c.kept and c.effective == 0.2
+    assert choose_correction(FakeMonitor({3: {}}), 3) is None
+
+
+def build(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    return WanModel(cfg).eval(), torch.randn(1, 5, cfg.text_dim)
+
+
+def test_several_spans_in_one_warmup_equal_one_warmup_per_span():
+    model, ctx = build()
+    spans = [LocalSpan(0, 2), LocalSpan(1, 1), LocalSpan(0, 4)]
+
+    def warm(span_list):
+        mons = SpanMonitors.build(span_list, None)
+        stream = torch_stream(model, ctx, 0, before_pass=mons.before_pass)
+        mons.stream = stream
+        for _ in range(6):
+            stream.step()
+            mons.finish()
+        return mons
+
+    together = warm(spans)
+    for span in spans:
+        alone = warm([span])[span]
+        both = together[span]
+        assert both.monitored_chunks == alone.monitored_chunks == [c for c in range(6) if 2 * c > span.frames]
+        for layer in range(CFG.num_layers):
+            for c in alone.monitored_chunks:
+                for k, (raw, corr) in alone.curves[layer][c].items():
+                    got = both.curves[layer][c][k]
+                    assert math.isclose(got[0], raw, rel_tol=1e-6) and math.isclose(got[1], corr, rel_tol=1e-6)
+            assert both.heldout[layer].keys() == alone.heldout[layer].keys()
+            for key, s in alone.stats.items():
+                torch.testing.assert_close(both.stats[key].G, s.G, rtol=1e-6, atol=1e-9)
+
+
+def test_transition_allocates_over_candidate_spans_and_meets_the_target():
+    model, ctx = build()
+    opts = IspaOptions(kv_reduction=0.5, warmup_chunks=8)
+    stream, mons, tr = transition(model, ctx, 0, opts)
+    assert set(mons.spans) == set(candidate_spans(CFG))
+    rep = report(model, mons, tr, opts)
+    assert rep["kv_reduction"] >= 0.5
+    assert rep["kv_bytes_after"] == sum(g.nbytes for g in stream.groups.values())
+    # the chosen allocation is the best of one span's (the DP's), the one whose whole layout
+    # measured the lowest error on the warmup; the general DP predicts no more than any of them
+    joint = rep["calibration"]["joint"]
+    assert joint.keys() == {k for k, a in rep["allocations_by_span"].items() if a is not None}
+    best = min(joint, key=lambda k: joint[k]["error"])
+    assert rep["allocation"]["local_layers"] == joint[best]["layers"] == rep["selected_layers"]
+    assert rep["span"] == {"sink": tr.span.sink, "window": tr.span.window} and best == f"s{tr.span.sink}w{tr.span.window}"
+    assert rep["general_allocation"]["predicted_loss"] <= min(
+        a["predicted_loss"] for a in rep["allocations_by_span"].values() if a is not None) + 1e-15
+    assert [l["span"] is not None for l in rep["layers"]] == [m == LOCAL for m in model.modes]
+    assert stream.groups[LOCAL].capacity == tr.span.frames and stream.groups[LOCAL].sink == tr.span.sink
+    assert np.isfinite(stream.step()).all()
+
+
+def test_per_layer_spans_refused_when_the_graph_cannot_hold_them(monkeypatch):
+    import ispa_export.ispa as ispa
+
+    def mixed(losses, cfg, reduction, layers=None, per_layer_spans=False):
+        spans = list(losses)
+        alloc = Allocation([spans[0], spans[1]] + [None] * (cfg.num_layers - 2), 0.0, 0, 0)
+        return alloc, {s: alloc for s in spans}
+
+    monkeypatch.setattr(ispa, "allocate", mixed)
+    model, ctx = build()
+    with pytest.raises(UserError, match="--per-layer-spans: the best allocation gives layers 2 different spans"):
+        transition(model, ctx, 0, IspaOptions(kv_reduction=0.5, per_layer_spans=True))
+
+
+def test_calibration_chain_reproduces_the_teacher_forced_stream():
+    from ispa_export.calibration import Chain
+
+    model, ctx = build()
+    rng = np.random.default_rng(0)
+    video = rng.standard_normal((1, CFG.in_dim, 10, CFG.latent_height, CFG.latent_width)).astype(np.float32)
+    stream = torch_stream(model, ctx, 7)
+    samples = []
+    for c in range(5):
+        stream.step(video[:, :, 2 * c:2 * c + 2])
+        samples.append(stream.sample)
+    chain = Chain(model, model.cross_kv(ctx), video, 7, stream.geo.timesteps, score_chunks=2)
+    np.testing.assert_allclose(chain.reference.numpy(), np.concatenate(samples, axis=2), rtol=1e-4, atol=1e-4)
+    assert chain.scored == [6, 7, 8, 9] and chain.error([None] * CFG.num_layers) == 0.0
+    # a local layer changes the samples exactly where its span drops history
+    span = LocalSpan(0, 2)
+    out = chain.sample([span] + [None] * (CFG.num_layers - 1))
+    np.testing.assert_allclose(out[:, :, :4].numpy(), chain.reference[:, :, :4].numpy(), rtol=1e-5, atol=1e-5)
+    assert chain.error([span] + [None] * (CFG.num_layers - 1)) > 0
+
+
+@pytest.mark.parametrize("reduction", [0.25, 0.5, 0.75])
+def test_compared_layouts_stay_within_the_byte_budget(reduction):
+    from types import SimpleNamespace
+
+    from ispa_export.regimes import layouts
+
+    cfg = preset("demo")
+    rng = np.random.default_rng(1)
+    table = {s: (rng.gamma(1.0, size=6) / s.frames).tolist() for s in candidate_spans(cfg)}
+    got = {lay.name: lay for lay in layouts(SimpleNamespace(losses=losses_of(table), chain=None), cfg, reduction)}
+    assert set(got) == {"ispa", "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink"}
+    budget = budget_frames(cfg, reduction)
+    for lay in got.values():
+        assert sum(cfg.max_frames if s is None else s.frames for s in lay.spans) <= budget, lay.name
+        assert len({s for s in lay.spans if s is not None}) == 1  # one local cache group
+    assert got["ispa"].spans == got["ispa-nocorr"].spans == allocate(losses_of(table), cfg, reduction)[0].spans
+    per_layer = budget // cfg.num_layers
+    assert got["uniform-nosink"].spans == [LocalSpan(0, per_layer)] * 6
+    assert got["uniform"].spans == [LocalSpan(1, per_layer - 1)] * 6
+    # drop: the fewest one-chunk layers that reach the budget, the lowest raw d
+    k = len(got["drop"].layers)
+    assert (6 - k) * 12 + 2 * k <= budget < (7 - k) * 12 + 2 * (k - 1)
+    assert got["drop"].layers == sorted(np.argsort(table[LocalSpan(0, 2)], kind="stable")[:k].tolist())
+
+
+def test_output_gate_keeps_corrections_only_if_they_lower_the_held_out_sample_error():
+    model, ctx = build()
+    opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8, tol=0.0)
+    stream, mons, tr = transition(model, ctx, 0, opts)
+    og = tr.calibration["output_gate"]
+    corr = tr.losses[tr.span].corrections
+    kept = [l for l in tr.layers if corr[l].kept]
+    if og["layers"]:
+        assert og["kept"] == (og["error_corrected"] < og["error_uncorrected"])
+        assert kept == (og["layers"] if og["kept"] else [])
+    # what is baked is what the gates kept
+    assert [l for l in tr.layers if model.blocks[l].self_attn.ispa_bias is not None] == kept
