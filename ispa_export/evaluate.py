@@ -294,15 +294,20 @@ def rollout(w: Warmup, method: Method | None, chunks: int,
         opts = IspaOptions(kv_reduction=None, layers=list(method.layers), window=method.window, sink=method.sink,
                            variant=method.variant, site=method.site, rank=method.rank, rho=method.rho)
         bake(model, stream, monitor, list(method.layers), opts)
-    held = sum(g.nbytes for g in stream.groups.values())
+    return continue_stream(stream, chunks, video), sum(g.nbytes for g in stream.groups.values())
+
+
+def continue_stream(stream: Stream, chunks: int, video: np.ndarray | None = None) -> np.ndarray:
+    """`chunks` more chunks: free-running, or teacher-forced by `video` frames [F, C, H, W] (the whole
+    video from frame 0), returning each chunk's own sample, not the true frames it then stores."""
     if video is None:
-        return stream.run(chunks), held
+        return stream.run(chunks)
     f = stream.geo.chunk_frames
     samples = []
-    for c in range(w.chunk, w.chunk + chunks):
+    for c in range(stream.chunk, stream.chunk + chunks):
         stream.step(_chunk_of(video, c, f))
-        samples.append(stream.sample)  # the chunk's own sample, not the true frames it then stores
-    return np.concatenate(samples, axis=2), held
+        samples.append(stream.sample)
+    return np.concatenate(samples, axis=2)
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -121,15 +121,9 @@ def continue_run(model: WanModel, stream: Stream, monitors, layout: Layout | Non
         span = next(x for x in layout.spans if x is not None)
         bake(m, s, monitors[span] if span in monitors.monitors else None, layout.layers, IspaOptions(), span,
              layout.corrections)
-    held = sum(g.nbytes for g in s.groups.values())
-    if video is None:
-        return s.run(chunks), held
-    f = s.geo.chunk_frames
-    samples = []
-    for c in range(s.chunk, s.chunk + chunks):
-        s.step(np.ascontiguousarray(video[c * f:(c + 1) * f].transpose(1, 0, 2, 3)[None]))
-        samples.append(s.sample)
-    return np.concatenate(samples, axis=2), held
+    from .evaluate import continue_stream
+
+    return continue_stream(s, chunks, video), sum(g.nbytes for g in s.groups.values())
 
 
 def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettings, log=lambda m: None) -> list[dict]:
