@@ -33,13 +33,13 @@ verify: $(VENV)/.installed
 
 # Reproduces ispa_export/data/demo.safetensors in one run (44 min on 2 CPU cores, 2 threads).
 train: $(VENV)/.installed
-	$(PY) -m ispa_export.train --out artifacts/train/demo.safetensors --seed 0 --steps 3900 --frames 24 --eval
+	$(PY) -m ispa_export.lab.train --out artifacts/train/demo.safetensors --seed 0 --steps 3900 --frames 24 --eval
 
 # The real-size job on a lent GPU with the machine's own python3 (torch with CUDA, numpy, safetensors,
 # cuda-python): no venv, nothing installed. `make gpu-check GPU_ARGS="--device cpu --model tiny"` on a CPU.
 GPU_OUT ?= artifacts/gpu_check
 gpu-check:
-	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m ispa_export.gpu_check --out $(GPU_OUT) $(GPU_ARGS)
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m ispa_export.lab.gpu_check --out $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -90,7 +90,7 @@ PRESETS: dict[str, WanConfig] = {
     "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     # Wan2.1 T2V 14B.
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    # Trained on procedural videos (ispa_export/train.py), ships in the package: 3x32x32 pixel frames
+    # Trained on procedural videos (ispa_export/lab/train.py), ships in the package: 3x32x32 pixel frames
     # (no VAE), 64 tokens per frame, a 12-frame cache, chunks of 2 frames.
     "demo": WanConfig(
         dim=128, ffn_dim=384, num_heads=4, num_layers=6, in_dim=3, out_dim=3, patch_size=(1, 4, 4),

@@ -6,60 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .args import eval_arguments, fraction, layers
 from .errors import UserError
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return v
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
-
-
-def eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `ispa eval` (also `python -m ispa_export.evaluate`)."""
-    p.add_argument("--model", default="demo")
-    p.add_argument("--quick", action="store_true", help="main methods on one short seed")
-    p.add_argument("--out", default="artifacts/eval")
-    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default 1000..1005)")
-    p.add_argument("--checkpoint", help="weights of the --model preset instead of the shipped ones")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights (development only)")
-    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run the ISPA variants at 50%% (default: on for the full run)")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=None,
-                   help="also sweep other sink/window spans at 50%% (default: on for the full run)")
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite EVAL.md and the plot of --out from its eval.json")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--jobs", type=int, help="seeds evaluated in parallel processes (default: one per core)")
-    p.add_argument("--device", help="cpu | cuda | cuda:N: where the model runs, one seed at a time on a GPU "
-                   "(default: cuda when PyTorch sees one)")
-    p.add_argument("--regime", choices=("whole", "rolling"), help="the policy's layout against every drop "
-                   "baseline in one regime (ispa_export/regimes.py); writes OUT/results.jsonl")
-    p.add_argument("--reductions", type=_reductions, help="comma-separated KV reductions for --regime "
-                   "(default 0.25,0.5,0.75; --quick: 0.5)")
-    return p
-
-
-def _reductions(text: str) -> tuple[float, ...]:
-    return tuple(_fraction(t) for t in text.split(","))
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds, got {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,8 +20,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="weights (.safetensors, sharded index, .pt/.pth) for the preset named by --config")
     e.add_argument("--config", help="preset whose architecture the checkpoint has")
     e.add_argument("--context", help="text embeddings: safetensors file with tensor 'context' [B, tokens, text_dim]")
-    e.add_argument("--kv-reduction", type=_fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
-    e.add_argument("--layers", type=_layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
+    e.add_argument("--kv-reduction", type=fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
+    e.add_argument("--layers", type=layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
     e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: the policy picks the span "
                    "from one chunk up to half the full cache)")
     e.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: the policy "
@@ -114,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes")
     i.add_argument("target", metavar="PRESET|DIR")
     i.add_argument("--json", action="store_true")
-    i.add_argument("--kv-reduction", type=_fraction, default=0.5)
+    i.add_argument("--kv-reduction", type=fraction, default=0.5)
     i.add_argument("--window", type=int)
     i.add_argument("--sink", type=int, default=0)
     i.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
@@ -128,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
                    "PyTorch sees one)")
     b.add_argument("--stream", metavar="DIR", default=None,
                    help="instead: resident memory of a 10,000-chunk ONNX Runtime stream of the artifact DIR "
-                        "(python -m ispa_export.bench_stream; its section goes into --out/BENCHMARKS.md)")
+                        "(python -m ispa_export.lab.bench_stream; its section goes into --out/BENCHMARKS.md)")
 
     g = sub.add_parser("engine", help="build a TensorRT engine beside the ONNX")
     g.add_argument("artifact", metavar="DIR")
@@ -180,7 +128,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import main as eval_main
+    from .lab.evaluate import main as eval_main
     return eval_main(args)
 
 
@@ -189,9 +137,9 @@ def cmd_bench(args) -> int:
         import subprocess
         # A process of its own: the RSS it reports is the runtime's, not this one's PyTorch.
         out = Path(args.out)
-        return subprocess.call([sys.executable, "-m", "ispa_export.bench_stream", "--artifact", args.stream,
+        return subprocess.call([sys.executable, "-m", "ispa_export.lab.bench_stream", "--artifact", args.stream,
                                 "--out", str(out / "stream"), "--markdown", str(out / "BENCHMARKS.md")])
-    from .bench import main as bench_main
+    from .lab.bench import main as bench_main
     return bench_main(args)
 
 

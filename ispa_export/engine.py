@@ -264,7 +264,7 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     from runtimes.artifact import load_artifact
 
     from .trt_support import check_onnx_for_tensorrt
-    from .verify import update_manifest_files
+    from .manifest import update_manifest_files
 
     directory = Path(directory)
     art = load_artifact(directory)
@@ -399,7 +399,7 @@ def refit_for_artifact(directory: str | os.PathLike, engine_artifact: str | os.P
 
     from runtimes.artifact import load_artifact
 
-    from .verify import update_manifest_files
+    from .manifest import update_manifest_files
 
     directory = Path(directory)
     weights = refit_plan(engine_artifact, directory)

@@ -63,7 +63,7 @@ def load_context(path: str | None, name: str, cfg: WanConfig, seed: int) -> tupl
                             f"[B, <= {cfg.text_len}, {cfg.text_dim}]")
         return ctx.float(), path
     if name == "demo":
-        from .train import demo_context
+        from .demo import demo_context
         return demo_context(), "demo prompt (fixed)"
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, min(cfg.text_len, 16), cfg.text_dim, generator=g), f"random embeddings (seed {seed})"

@@ -32,13 +32,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtimes.files import atomic_path, file_record, write_json_atomic
+from runtimes.files import atomic_path
 
 from .errors import UserError
+from .manifest import update_manifest_files
 
 if TYPE_CHECKING:  # torch and the model stay lazy imports: `ispa verify` does not need them
     from graphs.wan import WanModel
@@ -48,7 +49,6 @@ GOLDEN = "golden.safetensors"
 GOLDEN_FORMAT = "ispa-golden"
 GOLDEN_VERSION = "1"
 GOLDEN_RUNNER = "pytorch"
-MANIFEST = "manifest.json"
 # Output order of WanModel.forward; absent groups come back as None and are not graph outputs.
 OUTPUT_NAMES = ("prediction", "new_kv_full", "new_kv_local")
 # Graph inputs that state.safetensors holds (the caches, text K/V, modulation "input" constants):
@@ -181,28 +181,6 @@ def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray]
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return [GOLDEN]
-
-
-def update_manifest_files(directory: Path, names: list[str], fields: dict[str, Any] | None = None) -> dict:
-    """Record (or refresh) the sha256/size of `names` in DIR/manifest.json `files`, set top-level
-    `fields`, and rewrite the manifest atomically. Returns the new manifest."""
-    import json
-
-    path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; expected an ispa-export artifact directory") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise UserError(f"{path}: files: expected an object of file records")
-    for name in names:
-        manifest["files"][name] = file_record(Path(directory) / name)
-    manifest["files"] = dict(sorted(manifest["files"].items()))
-    manifest.update(fields or {})
-    write_json_atomic(path, manifest)
-    return manifest
 
 
 def add_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray], *,

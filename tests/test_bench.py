@@ -15,10 +15,10 @@ import torch
 
 from graphs.config import preset
 from graphs.wan import FULL, LOCAL, WanModel
-from ispa_export import bench
 from ispa_export.cli import main
 from ispa_export.kv import kv_bytes
 from ispa_export.flops import step_flops
+from ispa_export.lab import bench
 from ispa_export.torch_runner import torch_stream
 
 

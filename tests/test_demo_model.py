@@ -6,11 +6,11 @@ import torch
 from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export.checkpoint import load_into
-from ispa_export.train import (DEFAULT_WEIGHTS, HELDOUT_LIMIT, HELDOUT_SEEDS, TeacherForcing, chunk_sigmas,
+from ispa_export.lab.train import (DEFAULT_WEIGHTS, HELDOUT_LIMIT, HELDOUT_SEEDS, TeacherForcing, chunk_sigmas,
                                clean_latents, demo_context, flow_inputs, heldout_x0_error, load_demo_model,
                                recall_comparison, return_crops, rollout, teacher_forced_samples,
                                training_forward, uncovered_x0_error)
-from ispa_export.videos import make_video
+from ispa_export.lab.videos import make_video
 
 
 @pytest.fixture(scope="module", autouse=True)

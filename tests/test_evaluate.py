@@ -8,11 +8,17 @@ import torch
 from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export import cli
-from ispa_export import evaluate as ev
+from ispa_export.errors import UserError
 from ispa_export.ispa import IspaOptions
 from ispa_export.kv import kv_bytes, layers_for_target
+from ispa_export.lab import evaluate as ev
+from ispa_export.lab.methods import REDUCTIONS, Method, alt_span, methods_for, span_fits
+from ispa_export.lab.metrics import (PSNR_CAP, drift, flicker_energy, frames_of, psnr_frames, recall_of, ssim_frames,
+                                     video_metrics)
+from ispa_export.lab.report import render
+from ispa_export.lab.rollouts import _chunk_of, rollout, warmup
+from ispa_export.lab.videos import make_video
 from ispa_export.torch_runner import torch_stream
-from ispa_export.videos import make_video
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +50,8 @@ def test_psnr_matches_its_definition_and_caps_equal_frames():
     gen = ref.copy()
     gen[1] += 0.1
     gen[2] -= 0.01
-    p = ev.psnr_frames(ref, gen)
-    assert p[0] == ev.PSNR_CAP
+    p = psnr_frames(ref, gen)
+    assert p[0] == PSNR_CAP
     for t, delta in ((1, 0.1), (2, 0.01)):
         mse = np.mean((gen[t].astype(np.float64) - ref[t]) ** 2)
         assert p[t] == pytest.approx(10 * np.log10(2.0**2 / mse), abs=1e-3)
@@ -55,29 +61,29 @@ def test_psnr_matches_its_definition_and_caps_equal_frames():
 def test_ssim_flicker_and_drift():
     rng = np.random.default_rng(1)
     ref = rng.uniform(-1, 1, (4, 3, 16, 16)).astype(np.float32)
-    assert np.allclose(ev.ssim_frames(ref, ref), 1.0)
+    assert np.allclose(ssim_frames(ref, ref), 1.0)
     other = rng.uniform(-1, 1, ref.shape).astype(np.float32)
-    assert np.abs(ev.ssim_frames(ref, other)).max() < 0.1
+    assert np.abs(ssim_frames(ref, other)).max() < 0.1
     still = np.repeat(ref[:1], 4, axis=0)
-    assert ev.flicker_energy(still) == 0.0
-    assert ev.flicker_energy(ref) == pytest.approx(np.mean(np.diff(ref, axis=0) ** 2))
+    assert flicker_energy(still) == 0.0
+    assert flicker_energy(ref) == pytest.approx(np.mean(np.diff(ref, axis=0) ** 2))
     # 8 frames: quarters are 2 frames; drift = mean(last 2) - mean(first 2).
-    assert ev.drift(np.arange(8.0)) == pytest.approx(6.5 - 0.5)
-    m = ev.video_metrics(ref, ref, ev.flicker_energy(ref))
-    assert m["psnr"] == ev.PSNR_CAP and m["flicker"] == pytest.approx(1.0) and m["drift"] == 0.0
+    assert drift(np.arange(8.0)) == pytest.approx(6.5 - 0.5)
+    m = video_metrics(ref, ref, flicker_energy(ref))
+    assert m["psnr"] == PSNR_CAP and m["flicker"] == pytest.approx(1.0) and m["drift"] == 0.0
 
 
 # -- methods at equal KV bytes ------------------------------------------------------------------
 D_KEYS = ("corrected", "raw", "alt_corrected", "alt_raw")
 
 
-@pytest.mark.parametrize("reduction", ev.REDUCTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("sink,window", [(1, 2), (0, 3)])
 def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction, sink, window):
     cfg = preset("demo")
     rng = np.random.default_rng(2)
     d = {k: rng.permutation(cfg.num_layers).astype(float) for k in D_KEYS}
-    methods, notes = ev.methods_for(reduction, cfg, sink, window, d, variants=True, rank=4, rhos=(0.1,))
+    methods, notes = methods_for(reduction, cfg, sink, window, d, variants=True, rank=4, rhos=(0.1,))
     n = layers_for_target(cfg, reduction, window, sink)
     by = {m.name: m for m in methods}
     alt = "ispa-nosink" if sink else "ispa-sink1"
@@ -108,7 +114,7 @@ def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction, 
 def test_uniform_is_rounded_down_and_said_when_its_span_is_not_whole():
     cfg = preset("demo")  # sink 0 + window 2 at 50%: 4 layers local, 2 * 12 + 4 * 2 = 32 frames over 6 layers
     d = dict.fromkeys(D_KEYS, np.arange(6.0))
-    methods, notes = ev.methods_for(0.5, cfg, 0, 2, d)
+    methods, notes = methods_for(0.5, cfg, 0, 2, d)
     by = {m.name: m for m in methods}
     budget = kv_bytes(cfg, by["ispa"].modes(6), 2, 0).total
     assert (by["uniform-nosink"].sink, by["uniform-nosink"].window) == (0, 5)
@@ -117,7 +123,7 @@ def test_uniform_is_rounded_down_and_said_when_its_span_is_not_whole():
         assert kv_bytes(cfg, by[name].modes(6), by[name].window, by[name].sink).total < budget
     assert any("FEWER KV bytes" in n for n in notes)
     # Without the other span's statistics there is no sink-window baseline, and that is said too.
-    methods, notes = ev.methods_for(0.5, cfg, 0, 2, {k: d[k] for k in ("corrected", "raw")})
+    methods, notes = methods_for(0.5, cfg, 0, 2, {k: d[k] for k in ("corrected", "raw")})
     assert "sink-window" not in {m.name for m in methods} and any(n.startswith("sink-window") for n in notes)
 
 
@@ -125,16 +131,16 @@ def test_uniform_is_rounded_down_and_said_when_its_span_is_not_whole():
 def test_runs_continue_the_warmup_with_the_reference_noise():
     model, ctx = tiny()
     opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
-    w = ev.warmup(model, ctx, 7, opts, layers_for_target(model.cfg, 0.5, 2, 1))
-    ref, held = ev.rollout(w, None, 3)
+    w = warmup(model, ctx, 7, opts, layers_for_target(model.cfg, 0.5, 2, 1))
+    ref, held = rollout(w, None, 3)
     # One uninterrupted all-F stream of the same seed: the reference is its continuation, bit for bit.
     direct = torch_stream(model, ctx, 7).run(w.chunk + 3)
     assert np.array_equal(ref, direct[:, :, w.chunk * model.cfg.chunk_frames:])
     assert held == kv_bytes(model.cfg).total
     # The warmup's copy is untouched by the runs made from it.
-    again, _ = ev.rollout(w, ev.Method("x", tuple(range(4)), 1, 2, "full"), 3)
+    again, _ = rollout(w, Method("x", tuple(range(4)), 1, 2, "full"), 3)
     assert not np.allclose(again, ref)
-    assert np.array_equal(ev.rollout(w, None, 3)[0], ref)
+    assert np.array_equal(rollout(w, None, 3)[0], ref)
     assert w.model.modes == ["F"] * 4 and w.model.blocks[0].self_attn.ispa_bias is None
 
 
@@ -142,12 +148,12 @@ def test_default_sink_follows_the_export_and_the_sink_horizon():
     # the fixed-span comparison's plain window (the export's policy picks its own sink per video)
     assert IspaOptions().sink is None and ev.default_sink(preset("demo"), 2) == 0
     for sink, window in ((1, 2), (2, 2), (1, 4), (0, 8), (1, 1)):
-        assert ev.span_fits(preset("demo"), sink, window)
-    assert not ev.span_fits(preset("demo"), 1, 8) and not ev.span_fits(preset("demo"), 0, 12)
+        assert span_fits(preset("demo"), sink, window)
+    assert not span_fits(preset("demo"), 1, 8) and not span_fits(preset("demo"), 0, 12)
     # A 6-frame cache evicts frame 0 before two chunks past a 3-frame span can be monitored.
-    assert not ev.span_fits(preset("tiny").replace(max_frames=6), 1, 2)
-    assert ev.alt_span(preset("demo"), 0, 2) == (1, 1) and ev.alt_span(preset("demo"), 1, 2) == (0, 3)
-    assert ev.alt_span(preset("tiny").replace(max_frames=6), 0, 3) is None
+    assert not span_fits(preset("tiny").replace(max_frames=6), 1, 2)
+    assert alt_span(preset("demo"), 0, 2) == (1, 1) and alt_span(preset("demo"), 1, 2) == (0, 3)
+    assert alt_span(preset("tiny").replace(max_frames=6), 0, 3) is None
     # The full run's sweep starts with one frame more without a sink (exact 50% bytes) and ISPA on
     # the uniform plain-window layout (every layer 6 of 12 frames), both with the variants.
     spans = ev.settings_for(preset("demo"), quick=False).spans
@@ -156,9 +162,9 @@ def test_default_sink_follows_the_export_and_the_sink_horizon():
     # Where the sweep runs a span, the warmup indeed reaches a decision.
     model, ctx = tiny(max_frames=6)
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=0, warmup_chunks=8)
-    assert ev.warmup(model, ctx, 1, opts, 1, adapter=False).chunk <= 8
-    with pytest.raises(ev.UserError, match="sink"):
-        ev.warmup(model, ctx, 1, IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=8), 1)
+    assert warmup(model, ctx, 1, opts, 1, adapter=False).chunk <= 8
+    with pytest.raises(UserError, match="sink"):
+        warmup(model, ctx, 1, IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=8), 1)
 
 
 def test_warmup_is_teacher_forced_by_the_procedural_video():
@@ -167,8 +173,8 @@ def test_warmup_is_teacher_forced_by_the_procedural_video():
     sample = ev._video_for(cfg, 3, 40, teacher_force=True)
     assert sample is not None and sample.frames.shape == (40, 3, 16, 16)
     opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
-    w = ev.warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
-    got = ev.frames_of(np.concatenate(w.stream.latents, axis=2))
+    w = warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
+    got = frames_of(np.concatenate(w.stream.latents, axis=2))
     assert np.array_equal(got, sample.frames[:w.chunk * cfg.chunk_frames])
     # A model drawing latents that are not 3-channel pictures gets no video.
     assert ev._video_for(preset("tiny"), 3, 40, teacher_force=True) is None
@@ -179,19 +185,19 @@ def test_teacher_forced_runs_score_each_chunks_sample_on_the_true_history():
     cfg = model.cfg
     sample = ev._video_for(cfg, 3, 40, teacher_force=True)
     opts = IspaOptions(kv_reduction=0.5, window=2, sink=1, warmup_chunks=8)
-    w = ev.warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
-    ref, _ = ev.rollout(w, None, 4, sample.frames)
+    w = warmup(model, ctx, 3, opts, 1, sample.frames, adapter=False)
+    ref, _ = rollout(w, None, 4, sample.frames)
     # The same thing by hand: an all-F stream fed the whole video; each chunk's last denoising step.
     stream = torch_stream(model, ctx, 3)
     f = cfg.chunk_frames
     samples = []
     for c in range(w.chunk + 4):
-        stream.step(ev._chunk_of(sample.frames, c, f))
+        stream.step(_chunk_of(sample.frames, c, f))
         samples.append(stream.sample)
     assert np.array_equal(ref, np.concatenate(samples[w.chunk:], axis=2))
     # Samples, not the given frames: they differ from the video, and a free run differs from both.
     assert not np.allclose(ref, sample.frames[w.chunk * f:(w.chunk + 4) * f].transpose(1, 0, 2, 3)[None])
-    free, _ = ev.rollout(w, None, 4)
+    free, _ = rollout(w, None, 4)
     assert not np.allclose(ref[:, :, f:], free[:, :, f:])
     # The first chunk after the transition has the same history in both protocols.
     assert np.array_equal(ref[:, :, :f], free[:, :, :f])
@@ -199,7 +205,7 @@ def test_teacher_forced_runs_score_each_chunks_sample_on_the_true_history():
 
 def test_recall_of_the_ground_truth_is_one():
     sample = make_video(11, 60, 32)
-    assert ev.recall_of(sample.frames, sample, 0) == pytest.approx(1.0)
+    assert recall_of(sample.frames, sample, 0) == pytest.approx(1.0)
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
                 assert rows[n]["kv_bytes"] < red["kv_bytes"] and any("FEWER" in x for x in red["notes"])
         assert red["kv_bytes"] <= (1 - float(r)) * full
         for row in rows.values():
-            assert 0 < row["psnr"] <= ev.PSNR_CAP and -1 <= row["ssim"] <= 1 and row["flicker"] > 0
+            assert 0 < row["psnr"] <= PSNR_CAP and -1 <= row["ssim"] <= 1 and row["flicker"] > 0
             assert len(row["psnr_per_frame"]) == seed["frames_after_transition"]
         if rows["ispa-nocorr"]["layers"] == rows["drop"]["layers"]:
             # The same configuration (sink 0 + window 2, no correction) is one run, under both names.
@@ -242,11 +248,11 @@ def test_eval_command_quick_on_tiny(tmp_path, capsys):
     assert summary["key_lines"]["free"] in md and "| 50% (" in md and "| ispa |" in md
     # The report can be rebuilt from eval.json alone, to the byte.
     (out / "EVAL.md").unlink()
-    assert ev.render(out)["key_lines"] == summary["key_lines"]
+    assert render(out)["key_lines"] == summary["key_lines"]
     assert (out / "EVAL.md").read_text() == md
-    with pytest.raises(ev.UserError, match="eval.json: missing"):
-        ev.render(tmp_path)
-    # --render through `ispa eval` too: the command has every option of python -m ispa_export.evaluate.
+    with pytest.raises(UserError, match="eval.json: missing"):
+        render(tmp_path)
+    # --render through `ispa eval` too: the command has every option of python -m ispa_export.lab.evaluate.
     assert cli.main(["eval", "--render", "--out", str(out)]) == 0
     assert (out / "EVAL.md").read_text() == md
 

@@ -11,7 +11,7 @@ KEYS = ("device", "warmup_seconds", "plain_warmup_seconds", "chunk_seconds", "gr
 
 
 def test_gpu_check_on_cpu_tiny(tmp_path):
-    cmd = [sys.executable, "-m", "ispa_export.gpu_check", "--device", "cpu", "--model", "tiny", "--chunks", "4",
+    cmd = [sys.executable, "-m", "ispa_export.lab.gpu_check", "--device", "cpu", "--model", "tiny", "--chunks", "4",
            "--reps", "2", "--parity-chunks", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -242,7 +242,7 @@ def test_calibration_chain_reproduces_the_teacher_forced_stream():
 def test_compared_layouts_stay_within_the_byte_budget(reduction):
     from types import SimpleNamespace
 
-    from ispa_export.regimes import layouts
+    from ispa_export.lab.regimes import layouts
 
     cfg = preset("demo")
     rng = np.random.default_rng(1)

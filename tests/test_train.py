@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from ispa_export.errors import UserError
-from ispa_export.train import main, sha256
+from ispa_export.lab.train import main, sha256
 
 
 def _run(out, *extra):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ispa_export.errors import UserError
-from ispa_export.videos import batch, identity_recall, make_video, save_preview
+from ispa_export.lab.videos import batch, identity_recall, make_video, save_preview
 
 SEEDS = range(30)
 FRAMES = 48  # ~11 of them dark (shutter): the scene runs ~37

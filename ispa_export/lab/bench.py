@@ -35,16 +35,16 @@ from runtimes.driver import Stream
 from runtimes.files import write_json_atomic
 from runtimes.schedule import ring_slot
 
+from ..export import export_onnx, graph_feeds, write_artifact
+from ..flops import step_flops
+from ..errors import UserError
+from ..ispa import IspaOptions, report, transition
+from ..kv import frame_bytes, kv_bytes, layers_for_target
+from ..monitor import LocalSpan, WarmupMonitor
+from ..pipeline import resolve_device
+from ..solver import solve_timing
+from ..torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
 from .bench_report import markdown, plots
-from .export import export_onnx, graph_feeds, write_artifact
-from .flops import step_flops
-from .errors import UserError
-from .ispa import IspaOptions, report, transition
-from .kv import frame_bytes, kv_bytes, layers_for_target
-from .monitor import LocalSpan, WarmupMonitor
-from .pipeline import resolve_device
-from .solver import solve_timing
-from .torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
 
 SINK, TARGET = 1, 0.5  # the CLI's defaults; the window is one chunk (pipeline.default_window)
 REAL = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
@@ -441,7 +441,7 @@ def real_export(name: str, out: Path, dtype: str = "float16") -> dict:
     what a CPU export box must have."""
     path = out / "onnx" / f"{name}-{dtype}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    code = ("import json, sys; from pathlib import Path; from ispa_export.bench import export_real_child; "
+    code = ("import json, sys; from pathlib import Path; from ispa_export.lab.bench import export_real_child; "
             f"print(json.dumps(export_real_child({name!r}, Path({str(path)!r}), {dtype!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:

@@ -1,7 +1,7 @@
 """`make gpu-check`: the real-size job on one GPU, as one prepared command (DESIGN.md section 9).
 
-    python3 -m ispa_export.gpu_check --out artifacts/gpu_check                      # cuda, wan2.1-t2v-1.3b
-    python3 -m ispa_export.gpu_check --device cpu --model tiny --out /tmp/check     # the same code on a CPU
+    python3 -m ispa_export.lab.gpu_check --out artifacts/gpu_check                      # cuda, wan2.1-t2v-1.3b
+    python3 -m ispa_export.lab.gpu_check --device cpu --model tiny --out /tmp/check     # the same code on a CPU
 
 Random weights of the preset in the warmup's dtype (bf16 on a GPU): the warmup with monitor, solve
 and bake on the device, and the same warmup without the monitor; chunks streamed with the caches on
@@ -31,9 +31,9 @@ from runtimes.buffers import HostBuffers
 from runtimes.driver import Stream
 from runtimes.files import write_bytes_atomic, write_json_atomic
 
-from .flops import step_flops
-from .ispa import IspaOptions, transition
-from .torch_runner import TorchRunner, geometry, to_numpy, torch_stream
+from ..flops import step_flops
+from ..ispa import IspaOptions, transition
+from ..torch_runner import TorchRunner, geometry, to_numpy, torch_stream
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -245,8 +245,8 @@ def cuda_copy_check(device: torch.device) -> dict:
 def parity(device: torch.device, chunks: int) -> dict:
     """The demo model's handoff stream continued on the device and on the CPU (fp32, TF32 off): max
     relative difference of the latents."""
-    from .pipeline import load_model
-    from .train import demo_context
+    from ..demo import demo_context
+    from ..pipeline import load_model
 
     _, model = load_model("demo")
     stream, _, _ = transition(model, demo_context(), 0, IspaOptions())
@@ -304,7 +304,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ispa_export.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ispa_export.lab.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="wan2.1-t2v-1.3b")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")

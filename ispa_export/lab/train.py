@@ -1,8 +1,8 @@
 """Train the `demo` model: chunk-wise flow matching with teacher forcing on procedural videos.
 
-    python -m ispa_export.train --out ispa_export/data/demo.safetensors --seed 0 --steps 3900 [--eval]
+    python -m ispa_export.lab.train --out ispa_export/data/demo.safetensors --seed 0 --steps 3900 [--eval]
 
-One training step samples B videos of T frames (ispa_export.videos), keeps the clean frames as
+One training step samples B videos of T frames (ispa_export.lab.videos), keeps the clean frames as
 latents x in [-1, 1] ([B, 3, T, 32, 32], no VAE), draws one noise level sigma per chunk (mostly the
 four sigmas the few-step sampler visits, t/1000 of runtimes.schedule.warped_timesteps(), the rest
 uniform), and runs ONE forward over [clean; noisy] frames under the teacher-forcing mask
@@ -43,7 +43,7 @@ from pathlib import Path
 
 # Threads that sleep instead of spinning at OpenMP barriers: on a shared 2-core machine spinning
 # threads wait on each other (measured 10x more CPU time per step under load). Only effective when
-# this module is what first imports torch (python -m ispa_export.train).
+# this module is what first imports torch (python -m ispa_export.lab.train).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -54,17 +54,16 @@ from graphs.config import WanConfig, preset
 from graphs.masks import teacher_forcing
 from graphs.wan import FULL, LOCAL, WanModel, gate, mask_to_bias, modulate
 from ispa_export.checkpoint import load_into, save_state_dict
+from ispa_export.demo import CONTEXT_SEED, demo_context
 from ispa_export.errors import UserError
+from ispa_export.lab.videos import batch as video_batch
+from ispa_export.lab.videos import identity_recall, make_video
 from ispa_export.torch_runner import torch_stream
-from ispa_export.videos import batch as video_batch
-from ispa_export.videos import identity_recall, make_video
 from runtimes.files import atomic_path
 from runtimes.schedule import chunk_noise, warped_timesteps
 
 PRESET = "demo"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "demo.safetensors"
-# Fixed seed of the text embedding: a constant "prompt" shared by training, CLI, eval and tests.
-CONTEXT_SEED = 20260711
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "demo.safetensors"
 # Video seeds of training runs start at (seed + 1) * TRAIN_SEED_STRIDE; held-out evaluation uses
 # seeds below HELDOUT_LIMIT, so no held-out video is ever trained on.
 TRAIN_SEED_STRIDE = 10_000_000
@@ -75,15 +74,6 @@ HELDOUT_SEEDS = tuple(range(500_000, 500_064))
 def schedule_sigmas() -> list[float]:
     """The noise levels the few-step sampler visits: 1.0, 0.9375, 0.8333, 0.625."""
     return [t / 1000.0 for t in warped_timesteps()]
-
-
-def demo_context(batch: int = 1) -> torch.Tensor:
-    """The fixed text embedding of the demo model: [batch, text_len=4, text_dim=16], a seeded
-    standard normal draw (torch CPU generator, seed CONTEXT_SEED), identical on every platform."""
-    cfg = preset(PRESET)
-    g = torch.Generator().manual_seed(CONTEXT_SEED)
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-    return ctx.expand(batch, -1, -1).contiguous()
 
 
 def load_demo_model(path: str | os.PathLike = DEFAULT_WEIGHTS) -> WanModel:
@@ -377,7 +367,7 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     meta = {"step": str(step), "seed": str(cfg.seed), "preset": PRESET}
     save_weights(ema, out, meta)
     log = {
-        "command": " ".join([Path(sys.executable).name, "-m", "ispa_export.train"] + sys.argv[1:]),
+        "command": " ".join([Path(sys.executable).name, "-m", "ispa_export.lab.train"] + sys.argv[1:]),
         "preset": PRESET, "model_config": model_cfg.to_dict(),
         "train_config": {**cfg.__dict__, "steps": step}, "stopped_early": stopped_early,
         "init_sha256": sha256(Path(cfg.init)) if cfg.init else None,
@@ -669,7 +659,7 @@ def evaluate(model: WanModel, quick: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ispa_export.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ispa_export.lab.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--log", type=Path, default=None, help="training log JSON (default: <out>_training.json)")
     ap.add_argument("--seed", type=int, default=0)

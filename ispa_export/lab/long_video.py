@@ -2,7 +2,7 @@
 procedural video, PSNR of each chunk's sample against the true frames, over a window of chunks
 before and after frame 1,024 (issue: streams of any length).
 
-    python -m ispa_export.long_video [--seed 5000] [--chunks 600] [--out docs/eval/long_video.json]
+    python -m ispa_export.lab.long_video [--seed 5000] [--chunks 600] [--out docs/eval/long_video.json]
 
 Teacher-forced (every cache pass stores the true frames) so that the score measures the model at
 those positions, not the drift of a free run. Both the full cache and the export's ISPA layout.
@@ -19,10 +19,10 @@ import torch
 
 from runtimes.files import write_json_atomic
 
-from .ispa import IspaOptions, transition
-from .pipeline import load_model
-from .torch_runner import torch_stream
-from .train import demo_context
+from ..demo import demo_context
+from ..ispa import IspaOptions, transition
+from ..pipeline import load_model
+from ..torch_runner import torch_stream
 from .videos import make_video
 
 WINDOWS = ((450, 500), (550, 600))  # chunks; frames 900-1000 and 1100-1200 at 2 frames a chunk
@@ -58,14 +58,14 @@ def teacher_forced(layout: str, seed: int, chunks: int, log) -> list[float | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ispa_export.long_video", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ispa_export.lab.long_video", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=5000)
     p.add_argument("--chunks", type=int, default=600)
     p.add_argument("--out", default="artifacts/long_video.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     log = lambda m: print(f"long-video: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    result = {"command": "python -m ispa_export.long_video " + " ".join(argv or sys.argv[1:]),
+    result = {"command": "python -m ispa_export.lab.long_video " + " ".join(argv or sys.argv[1:]),
               "seed": args.seed, "chunks": args.chunks, "model": "demo", "windows": WINDOWS, "layouts": {}}
     for layout in ("full", "ispa"):
         scores = teacher_forced(layout, args.seed, args.chunks, log)

@@ -32,11 +32,14 @@ import torch
 from graphs.wan import WanModel
 from runtimes.driver import Stream
 
-from .errors import UserError
-from .ispa import IspaOptions, bake, output_gate, plan
-from .kv import frame_bytes
-from .monitor import LocalSpan
-from .policy import Correction, allocate, allocate_measured, budget_frames
+from ..errors import UserError
+from ..ispa import IspaOptions, bake, output_gate, plan
+from ..kv import frame_bytes
+from ..monitor import LocalSpan
+from ..policy import Correction, allocate, allocate_measured, budget_frames
+from .metrics import frames_of, psnr_frames, ssim_frames
+from .rollouts import continue_stream
+from .videos import make_video
 
 REGIMES = ("rolling", "whole")
 METHODS = ("ispa", "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink")
@@ -121,15 +124,10 @@ def continue_run(model: WanModel, stream: Stream, monitors, layout: Layout | Non
         span = next(x for x in layout.spans if x is not None)
         bake(m, s, monitors[span] if span in monitors.monitors else None, layout.layers, IspaOptions(), span,
              layout.corrections)
-    from .evaluate import continue_stream
-
     return continue_stream(s, chunks, video), sum(g.nbytes for g in s.groups.values())
 
 
 def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettings, log=lambda m: None) -> list[dict]:
-    from .evaluate import frames_of, psnr_frames, ssim_frames
-    from .videos import make_video
-
     f = model.cfg.chunk_frames
     total = st.total_chunks * f
     model = regime_model(model, st.regime, total)

@@ -1,4 +1,4 @@
-"""`python -m ispa_export.bench_stream`: resident memory of one long ONNX Runtime stream (issue 14).
+"""`python -m ispa_export.lab.bench_stream`: resident memory of one long ONNX Runtime stream (issue 14).
 
 Runs runtimes.run.generate on an artifact in this process and reads VmRSS from /proc/self/status
 at chunks 1, 100, 500, 1,000, 10,000 (those the run reaches) and at its last chunk. Imports nothing but
@@ -116,7 +116,7 @@ def upsert_section(path: Path, section: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ispa_export.bench_stream", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ispa_export.lab.bench_stream", description=__doc__.splitlines()[0])
     p.add_argument("--artifact", default="artifacts/demo", help="export directory (make export)")
     p.add_argument("--chunks", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --chunks: expected an integer >= 1, found {args.chunks}", file=sys.stderr)
         return 2
     res = measure(artifact, args.chunks, out, args.threads)
-    command = "python -m ispa_export.bench_stream " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m ispa_export.lab.bench_stream " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = command.strip()
     write_json_atomic(out / "stream_memory.json", res)
     if args.markdown:
