@@ -133,14 +133,22 @@ class Buffers:
 
     def store_frames(self, name: str, src: Any, src_shape: tuple[int, ...], slots: list[int],
                      tokens_per_frame: int) -> None:
-        """Frame i of a chunk's K/V `src` [L, 2, B, f*P, n, d] (a buffer of this device) into ring slot slots[i]."""
+        """Frame i of a chunk's K/V `src` [L, 2, B, f*P, n, d] (a buffer of this device) into ring slot slots[i].
+
+        Frames whose slots follow each other (the usual case: the ring wraps once per capacity) go in
+        one copy, so a chunk costs one copy, or two where it straddles the ring's end."""
         rows, width, pitch = self._frame_geometry(name, tokens_per_frame)
         layers = self.shapes[name][0]
         src_pitch = math.prod(src_shape[3:])
         itemsize = host_dtype(self.dtypes[name]).itemsize
-        for i, slot in enumerate(slots):
-            self._copy2d(self._bufs[name], slot * width, pitch, src, i * width, src_pitch, width, layers * rows)
-            self.traffic.d2d += width * layers * rows * itemsize
+        start = 0
+        for i in range(1, len(slots) + 1):
+            if i == len(slots) or slots[i] != slots[i - 1] + 1:
+                run = (i - start) * width
+                self._copy2d(self._bufs[name], slots[start] * width, pitch, src, start * width, src_pitch, run,
+                             layers * rows)
+                self.traffic.d2d += run * layers * rows * itemsize
+                start = i
 
     def copy_frame(self, dst: str, dst_layer: int, dst_slot: int, src: str, src_layer: int, src_slot: int,
                    tokens_per_frame: int) -> None:

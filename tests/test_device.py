@@ -163,6 +163,9 @@ def test_host_buffers_frame_copies_match_slicing():
     want[:, :, :, 4 * p:5 * p] = new[:, :, :, :p]
     want[:, :, :, 0:p] = new[:, :, :, p:]
     assert np.array_equal(buf["kv"], want)
+    buf.store_frames("kv", new, new.shape, [2, 3], p)  # consecutive slots: one copy of both frames
+    want[:, :, :, 2 * p:4 * p] = new
+    assert np.array_equal(buf["kv"], want)
     buf.allocate("other", shape, "float32")
     buf.copy_frame("other", 2, 1, "kv", 0, 4, p)
     assert np.array_equal(buf["other"][2, :, :, p:2 * p], want[0, :, :, 4 * p:5 * p])
