@@ -25,7 +25,7 @@ from .monitor import RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available
 from .policy import (Allocation, Correction, SpanLoss, allocate, allocate_measured, candidate_spans, decide_fixed,
                      eligible_spans, ready, span_losses)
 from .solver import SITES
-from .torch_runner import to_torch, torch_stream
+from .torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
 # 'bias' (mean residual only), 'none' (plain drop).
@@ -185,8 +185,7 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
         if not measured:
             raise UserError("no candidate span has been measured yet")
         ref = min(measured, key=lambda s: (s.frames, s))
-        chain = Chain(model, to_torch(stream.cross_kv, next(model.parameters()).device),
-                      np.concatenate(stream.latents, axis=2), seed,
+        chain = Chain(model, stream.buffers["cross_kv"], np.concatenate(stream.latents, axis=2), seed,
                       stream.geo.timesteps, score_chunks=opts.calibration_chunks)
         sens = sensitivity(chain, ref, losses[ref].raw)
         calibration = sens.to_dict()

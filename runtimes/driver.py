@@ -141,6 +141,7 @@ class Stream:
         self.keep_latents = keep_latents
         self.latents: list[np.ndarray] = []
         self.sample: np.ndarray | None = None
+        self._rope_cache: tuple[int, np.ndarray | None] = (-1, None)
         self.static_inputs = ["cross_kv"]
         self._upload("cross_kv", cross_kv)
         for name, value in (constants or {}).items():  # e.g. ispa_weight/ispa_bias when modulation is an input
@@ -173,7 +174,7 @@ class Stream:
         feeds = {
             "latents": x,
             "timestep": np.full((self.geo.batch,), t, dtype=np.float32),
-            "rope_frame": frame_rope(self.frame_index, self.geo.chunk_frames, self.geo.rope_pairs, self.geo.rope_theta),
+            "rope_frame": self._rope(),
             "pass_kind": np.array(pass_kind, dtype=np.int64),
         }
         for group in self.groups.values():
@@ -181,6 +182,13 @@ class Stream:
                 feeds[group.name + "_mask"] = group.mask
         names = set(self.runner.input_names)
         return {k: v for k, v in feeds.items() if k in names}
+
+    def _rope(self) -> np.ndarray:
+        # The same for the chunk's 4 denoising passes and its cache pass: computed once per chunk.
+        if self._rope_cache[0] != self.frame_index:
+            self._rope_cache = (self.frame_index, frame_rope(self.frame_index, self.geo.chunk_frames,
+                                                             self.geo.rope_pairs, self.geo.rope_theta))
+        return self._rope_cache[1]
 
     def _run(self, x: np.ndarray, t: float, pass_kind: int) -> dict:
         info = PassInfo(self.chunk, self.frame_index, pass_kind)

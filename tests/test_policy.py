@@ -25,14 +25,6 @@ from ispa_export.torch_runner import torch_stream
 CFG = preset("tiny").replace(max_frames=8, full_sink=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def losses_of(table: dict[LocalSpan, list[float]]) -> dict[LocalSpan, SpanLoss]:
     out = {}
     for span, loss in table.items():

@@ -29,6 +29,7 @@ from graphs.wan import LOCAL, WanModel
 from runtimes.buffers import HostBuffers
 from runtimes.driver import Stream
 from runtimes.files import write_bytes_atomic, write_json_atomic
+from runtimes.schedule import warped_timesteps
 
 from ..flops import step_flops
 from ..ispa import IspaOptions, transition
@@ -203,12 +204,8 @@ def step_latency(model: WanModel, local_layers: list[int], capacity: int, reps: 
             {k: times.pop(k + "_first_seconds") for k in ("full", "ispa")}, "step_ms_full": 1e3 * times["full"], "step_ms_ispa": 1e3 * times["ispa"],
             "step_ratio": times["ispa"] / times["full"], "flop_ratio": flops["predicted_ratio"],
             "tflops_full": flops["full"] / times["full"] / 1e12, "tflops_ispa": flops["ispa"] / times["ispa"] / 1e12,
-            "ispa_video_fps": 4 * cfg.chunk_frames / ((len(preset_steps()) + 1) * times["ispa"])}
+            "ispa_video_fps": 4 * cfg.chunk_frames / ((len(warped_timesteps()) + 1) * times["ispa"])}
 
-
-def preset_steps() -> list[float]:
-    from runtimes.schedule import warped_timesteps
-    return warped_timesteps()
 
 
 def cuda_copy_check(device: torch.device) -> dict:
