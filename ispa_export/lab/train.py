@@ -266,6 +266,10 @@ class TrainConfig:
     threads: int = 2
     # Weights to start from instead of Wan's init (a second stage: fresh optimizer, warmup and EMA).
     init: str | None = None
+    # Cache capacities (frames) of the teacher-forcing mask, one drawn per step. None: the preset's
+    # max_frames. (12, 24) puts both of ispa eval's regimes in the training distribution: a rolling
+    # 12-frame cache and a cache holding the whole 24-frame video.
+    capacities: tuple[int, ...] | None = None
 
 
 def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
@@ -280,7 +284,7 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     ema = WanModel(model_cfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    tf = TeacherForcing(model_cfg, cfg.frames)
+    layouts = [TeacherForcing(model_cfg, cfg.frames, capacity=c) for c in (cfg.capacities or (model_cfg.max_frames,))]
     chunks = cfg.frames // model_cfg.chunk_frames
     rng = np.random.default_rng([cfg.seed, 1])
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -323,6 +327,7 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         clean = torch.from_numpy(np.stack([v.frames for v in samples]).transpose(0, 2, 1, 3, 4).copy())
         sig_chunks = torch.from_numpy(chunk_sigmas(rng, cfg.batch, chunks, cfg.p_schedule)).float()
         noise = torch.randn(clean.shape, generator=noise_gen)
+        tf = layouts[int(rng.integers(len(layouts)))] if len(layouts) > 1 else layouts[0]
         pred, target, sig, _ = tf.predict(model, clean, sig_chunks, noise, model.cross_kv(context))
         weight = torch.from_numpy(memory_weights(samples, cfg.memory_weight))  # [B, 1, T, S, S]
         sq = (pred - target) ** 2
@@ -375,9 +380,10 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
         "wall_time_s": round(wall, 1), "steps_per_s": round(step / wall, 4),
         "weights": "ema", "context": f"demo_context(): torch.randn(1, 4, 16) with generator seed {CONTEXT_SEED}",
         "objective": ("flow matching, v = noise - x, per-chunk sigma (p=%.2f one of %s, else U(0,1]), teacher-forcing "
-                      "forward over [clean; noisy], mask teacher_forcing(T, 2, 12, 0) on every layer; loss = MSE "
-                      "of v, pixels just uncovered by the curtain or shutter (memory_pixels(2)) weighted %g"
-                      % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()], cfg.memory_weight)),
+                      "forward over [clean; noisy], mask teacher_forcing(T, 2, C, 0) on every layer, C drawn from %s "
+                      "per step; loss = MSE of v, pixels just uncovered by the curtain or shutter (memory_pixels(2)) "
+                      "weighted %g" % (cfg.p_schedule, [round(s, 4) for s in schedule_sigmas()],
+                                       list(cfg.capacities or (model_cfg.max_frames,)), cfg.memory_weight)),
         "train_video_seeds": f"{base_seed} + step * batch + b",
         "history": history,
         "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
@@ -386,6 +392,20 @@ def train(cfg: TrainConfig, out: Path, log_path: Path) -> dict:
     }
     write_json(log_path, log)
     return log
+
+
+def _capacities(text: str | None, frames: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        caps = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        caps = ()
+    cfg = preset(PRESET)
+    if not caps or any(c < cfg.chunk_frames or c % cfg.chunk_frames or c > frames for c in caps):
+        raise UserError(f"train: --capacities expects comma-separated multiples of {cfg.chunk_frames} up to "
+                        f"--frames={frames}, found {text!r}")
+    return caps
 
 
 def _init_log(init: str | None) -> dict | None:
@@ -673,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="loss weight of pixels just uncovered by the curtain or shutter (only older frames show them)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (1 is faster on a busy CPU)")
     ap.add_argument("--init", type=Path, help="start from these demo weights (a later training stage)")
+    ap.add_argument("--capacities", default=None,
+                    help="comma-separated cache capacities in frames, one drawn per step (default: the preset's)")
     ap.add_argument("--eval", action="store_true", help="after training, run the full checks into the log")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, update the log")
     args = ap.parse_args(argv)
@@ -695,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, frames=args.frames, batch=args.batch,
                       lr=args.lr, warmup=args.warmup, threads=args.threads,
                       init=str(args.init) if args.init else None,
-                      memory_weight=args.memory_weight)
+                      memory_weight=args.memory_weight, capacities=_capacities(args.capacities, args.frames))
     log = train(cfg, args.out, log_path)
     print(f"[train] wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {log['wall_time_s']:.0f}s")
     if args.eval:
