@@ -87,12 +87,17 @@ class Chain:
                     x = (1.0 - nxt) * x0 + nxt * self.noise[k + 1]
         return x0
 
-    def error(self, spans: list[LocalSpan | None], model: WanModel | None = None, last_chunks: int | None = None) -> float:
-        """Mean squared difference of the scored frames' samples (or of the last `last_chunks`
-        chunks') from the full-cache ones."""
+    def frame_errors(self, spans: list[LocalSpan | None], model: WanModel | None = None,
+                     last_chunks: int | None = None) -> np.ndarray:
+        """Per scored frame (or per frame of the last `last_chunks` chunks), the mean squared
+        difference of its sample from the full-cache one."""
         frames = self.scored if last_chunks is None else list(range(max(self.t - last_chunks * self.f, 0), self.t))
         diff = (self.sample(spans, model) - self.reference)[:, :, frames].double()
-        return float(diff.square().mean())
+        return diff.square().mean(dim=(0, 1, 3, 4)).cpu().numpy()
+
+    def error(self, spans: list[LocalSpan | None], model: WanModel | None = None, last_chunks: int | None = None) -> float:
+        """Mean of `frame_errors`."""
+        return float(self.frame_errors(spans, model, last_chunks).mean())
 
 
 @dataclass

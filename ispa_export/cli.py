@@ -24,8 +24,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", type=layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
     e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: the policy picks the span "
                    "from one chunk up to half the full cache)")
-    e.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: the policy "
-                   "picks 0 or 1; with --window alone, 0)")
+    e.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: 1 where the "
+                   "full cache keeps frame 0 for the whole stream, else 0; with --window alone, 0)")
+    e.add_argument("--stream-frames", type=int, help="frames the deployment generates (default: unbounded); at most "
+                   "the full cache's capacity means nothing is ever evicted, so L-layers may keep a sink frame")
     e.add_argument("--per-layer-spans", action="store_true", help="allocate a span per layer (refused when the "
                    "result needs more than the graph's one local cache group)")
     e.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "

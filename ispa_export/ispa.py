@@ -22,8 +22,9 @@ from runtimes.schedule import warped_timesteps
 from .errors import UserError
 from .kv import frame_bytes, kv_bytes
 from .monitor import RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
-from .policy import (Allocation, Correction, SpanLoss, allocate, allocate_measured, candidate_spans, decide_fixed,
-                     eligible_spans, ready, span_losses)
+from .policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
+                     eligible_spans, paired_gain, ready, reference_keeps_sink, select,
+                     span_losses, GATE_Z)
 from .solver import SITES
 from .torch_runner import torch_stream
 
@@ -64,13 +65,23 @@ class IspaOptions:
     # steady state, but the allocation chosen on its last chunks lost 4-5 dB at 25% and 50% on two
     # of three seeds against the one chosen at the horizon (docs/eval/EVAL.md).
     beyond_sink_horizon: bool = False
+    # Frames the deployment streams (None: unbounded). Within the full cache's capacity nothing is
+    # ever evicted (the whole-video setting), so local sink spans become candidates
+    # (policy.reference_keeps_sink).
+    stream_frames: int | None = None
 
     def spans(self, cfg) -> list[LocalSpan]:
         if self.window is not None:
             return [LocalSpan(self.sink or 0, self.window)]
         targets = self.uniform_for + ((self.kv_reduction,) if self.kv_reduction is not None else ())
-        spans = candidate_spans(cfg, reductions=targets)
+        spans = candidate_spans(cfg, sinks=self.sinks(cfg), reductions=targets)
         return spans if self.sink is None else [s for s in spans if s.sink == self.sink]
+
+    def sinks(self, cfg) -> tuple[int, ...]:
+        """The local sinks the policy may choose: 0, and 1 where the reference keeps that frame."""
+        if self.sink is not None:
+            return (self.sink,)
+        return tuple(k for k in (0, 1) if reference_keeps_sink(k, cfg.max_frames, cfg.full_sink, self.stream_frames))
 
     def check(self, num_layers: int) -> None:
         if self.variant not in VARIANTS:
@@ -87,6 +98,8 @@ class IspaOptions:
             raise UserError(f"tol: expected a relative change >= 0, got {self.tol}")
         if self.calibration_chunks < 1:
             raise UserError(f"calibration_chunks: expected at least 1 chunk, got {self.calibration_chunks}")
+        if self.stream_frames is not None and self.stream_frames < 1:
+            raise UserError(f"--stream-frames: expected at least 1 frame, got {self.stream_frames}")
         if self.holdout_gap < 0:
             raise UserError(f"--holdout-gap: expected chunks >= 0, got {self.holdout_gap}")
         if self.layers is not None:
@@ -198,11 +211,9 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
     if chain is not None and opts.layers is None:
         # Between spans, each span's best allocation is measured whole on the warmup's last chunks
         # (uncorrected: the corrections were fit on these frames, so they would score in-sample).
-        alloc, per_span, joint = allocate_measured(
-            {s: l for s, l in losses.items() if s in allowed}, cfg, opts.kv_reduction, chain.error)
-        calibration["joint"] = {f"s{s.sink}w{s.window}": {"layers": per_span[s].local_layers, "error": e,
-                                                          "predicted_loss": per_span[s].loss}
-                                for s, e in joint.items()}
+        alloc, calibration["selection"] = select({s: l for s, l in losses.items() if s in allowed}, cfg,
+                                                 opts.kv_reduction, chain.frame_errors, list(opts.sinks(cfg)),
+                                                 opts.per_layer_spans)
     if chain is not None and opts.gate and opts.variant in ("full", "bias"):
         calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
         if not calibration["output_gate"]["kept"]:
@@ -239,10 +250,13 @@ def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocatio
         sol = mon._solve(stats, corr.rho)
         w = None if opts.variant == "bias" else sol.weight_delta[None]
         trial.blocks[l].self_attn.absorb(Absorption(opts.site, w, sol.bias_delta[None]))
-    plain = chain.error(alloc.spans, last_chunks=1)
-    corrected = chain.error(alloc.spans, model=trial, last_chunks=1)
-    kept = corrected < plain
-    return {"layers": layers, "kept": bool(kept), "error_uncorrected": plain, "error_corrected": corrected}
+    plain = chain.frame_errors(alloc.spans, last_chunks=1)
+    corrected = chain.frame_errors(alloc.spans, model=trial, last_chunks=1)
+    gain, se = paired_gain(plain, corrected)
+    kept = gain > GATE_Z * se
+    return {"layers": layers, "kept": bool(kept), "error_uncorrected": float(plain.mean()),
+            "error_corrected": float(corrected.mean()), "gain": gain, "se": se,
+            "frames_uncorrected": plain.tolist(), "frames_corrected": corrected.tolist()}
 
 
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
@@ -332,11 +346,11 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     alloc, per_span, losses, calibration, chain = _decide(model, stream, monitors, set(decision.eligible), opts, seed,
                                                           correct)
     general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
-    if opts.per_layer_spans and general is not None:
-        if len(general.distinct_spans) > 1:
-            raise UserError(f"--per-layer-spans: the best allocation gives layers {len(general.distinct_spans)} "
-                            f"different spans, and the static graph has one local cache group")
-        alloc = general
+    if opts.per_layer_spans and general is not None and chain is None:
+        alloc = general  # uncalibrated: the predicted loss is all there is
+    if len(alloc.distinct_spans) > 1:
+        raise UserError(f"--per-layer-spans: the best allocation gives layers {len(alloc.distinct_spans)} "
+                        f"different spans, and the static graph has one local cache group")
     layers = alloc.local_layers
     span = alloc.distinct_spans[0] if layers else spans[0]
     return stream, monitors, Transition(stream.chunk, layers, span, decision.reason, alloc, per_span, losses,

@@ -153,7 +153,8 @@ def export_pipeline(args) -> dict:
                        tol=args.tol, rho=args.rho, variant=args.variant, site=args.site, rank=args.rank,
                        gate=getattr(args, "gate", True), calibrate=getattr(args, "calibrate", True),
                        per_layer_spans=getattr(args, "per_layer_spans", False),
-                       holdout_gap=getattr(args, "holdout_gap", 1))
+                       holdout_gap=getattr(args, "holdout_gap", 1),
+                       stream_frames=getattr(args, "stream_frames", None))
     if args.warmup_chunks < 1:
         raise UserError(f"--warmup-chunks: expected >= 1, got {args.warmup_chunks}")
     bar = Progress(args.warmup_chunks, "warmup (chunks)")

@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..ispa import IspaOptions, bake, output_gate, plan
 from ..kv import frame_bytes
 from ..monitor import LocalSpan
-from ..policy import Correction, allocate, allocate_measured, budget_frames
+from ..policy import Correction, allocate, budget_frames, select
 from .metrics import frames_of, psnr_frames, ssim_frames
 from .rollouts import continue_stream
 from .videos import make_video
@@ -84,28 +84,32 @@ def regime_model(model: WanModel, regime: str, total_frames: int) -> WanModel:
     return out
 
 
-def layouts(tr, cfg, reduction: float, monitors=None) -> list[Layout]:
+def layouts(tr, cfg, reduction: float, opts: IspaOptions, monitors=None) -> list[Layout]:
     """The compared layouts at one reduction, from the warmup measurements in `tr`."""
     n, f = cfg.num_layers, cfg.chunk_frames
     if tr.chain is not None:
-        alloc = allocate_measured(tr.losses, cfg, reduction, tr.chain.error)[0]
+        alloc = select(tr.losses, cfg, reduction, tr.chain.frame_errors, list(opts.sinks(cfg)),
+                       opts.per_layer_spans)[0]
     else:
         alloc = allocate(tr.losses, cfg, reduction)[0]
-    span = alloc.distinct_spans[0]
-    corr = {l: tr.losses[span].corrections[l] for l in alloc.local_layers}
+    corr = {l: tr.losses[alloc.spans[l]].corrections[l] for l in alloc.local_layers}
     if tr.chain is not None and monitors is not None:  # the output gate, for this reduction's layout
         verdict = output_gate(tr.chain.model, monitors, tr.chain, alloc, tr.losses, IspaOptions())
         if not verdict["kept"]:
             corr = {l: None if l in verdict["layers"] else c for l, c in corr.items()}
     out = [Layout("ispa", alloc.spans, corr), Layout("ispa-nocorr", alloc.spans, {l: None for l in corr})]
     budget = budget_frames(cfg, reduction)
-    for name, span in (("drop", LocalSpan(0, f)), ("sink-window", LocalSpan(1, f - 1))):
-        if span not in tr.losses or span.window < 1:
+    drop = LocalSpan(0, f)
+    for name, span in (("drop", drop), ("sink-window", LocalSpan(1, f - 1))):
+        # Where the policy did not monitor sink spans (the reference evicts the sink frames), the
+        # sink-window baseline takes the drop baseline's layers.
+        ranked = span if span in tr.losses else drop
+        if ranked not in tr.losses or span.window < 1:
             continue
         k = math.ceil((n * cfg.max_frames - budget) / (cfg.max_frames - span.frames))
         if k > n:
             continue
-        lowest = sorted(np.argsort(tr.losses[span].raw, kind="stable")[:k].tolist())
+        lowest = sorted(np.argsort(tr.losses[ranked].raw, kind="stable")[:k].tolist())
         out.append(Layout(name, [span if i in lowest else None for i in range(n)], {l: None for l in lowest}))
     per_layer = budget // n
     for name, span in (("uniform", LocalSpan(1, per_layer - 1)), ("uniform-nosink", LocalSpan(0, per_layer))):
@@ -135,13 +139,17 @@ def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettin
     video = make_video(seed, total, cfg.latent_height).frames
     warm = np.ascontiguousarray(video.transpose(1, 0, 2, 3)[None])
     opts = IspaOptions(kv_reduction=st.headline, warmup_chunks=st.warmup_chunks, uniform_for=tuple(st.reductions),
-                       **st.opts)
+                       stream_frames=total if st.regime == "whole" else None, **st.opts)
     base = copy.deepcopy(model)
     stream, monitors, tr = plan(base, context, seed, opts, video=warm)
     stream.runner.before_pass = None
     rest = st.total_chunks - tr.chunk
     log(f"[{st.regime} seed {seed}] transition at chunk {tr.chunk} ({tr.reason}); span {tr.span}, "
         f"L-layers {tr.layers}; {rest} chunks scored")
+    if tr.calibration and "selection" in tr.calibration:
+        sel = tr.calibration["selection"]
+        log(f"  selection: {sel['chosen']} {sel['prior']['spans'][0]}; "
+            + "; ".join(f"{c['spans']} gain {c['gain']:.3g} se {c['se']:.3g}" for c in sel["challengers"]))
     rows = []
     for proto in st.protocols:
         given = video if proto == "teacher" else None
@@ -149,7 +157,7 @@ def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettin
         ref = frames_of(ref)
         for r in st.reductions:
             try:
-                lays = layouts(tr, cfg, r, monitors)
+                lays = layouts(tr, cfg, r, opts, monitors)
             except UserError as e:
                 log(f"  {r:.0%}: {e}")
                 continue
