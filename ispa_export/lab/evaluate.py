@@ -407,7 +407,7 @@ def _evaluate(args) -> int:
 def _evaluate_regime(args) -> int:
     """`ispa eval --regime R`: regimes.run_seed for every seed, rows to OUT/results.jsonl, and the
     mean teacher-forced PSNR per reduction and method on stdout."""
-    from .regimes import RegimeSettings, run_seed, write_results
+    from .regimes import RegimeSettings, plot_summary, run_seed, summary, summary_markdown, write_results
 
     quick = bool(getattr(args, "quick", False))
     model, ctx, name, _ = load(args.model, bool(getattr(args, "random_weights", False)),
@@ -426,13 +426,12 @@ def _evaluate_regime(args) -> int:
     finally:
         torch.set_num_threads(before)
     path = write_results(rows, Path(args.out))
-    for proto in st.protocols:
-        for r in reductions:
-            sel = [x for x in rows if x["protocol"] == proto and x["reduction"] == r]
-            means = {m: np.mean([x["psnr"] for x in sel if x["method"] == m]) for m in dict.fromkeys(x["method"] for x in sel)}
-            print(f"{args.regime} {proto} {r:.0%}: " + ", ".join(f"{m} {v:.2f}" for m, v in means.items())
-                  + f" dB PSNR (mean of {len(seeds)} seeds)")
-    print(f"wrote {path}")
+    entries = summary(rows)
+    table = summary_markdown(entries)
+    (Path(args.out) / "results.md").write_text(table + "\n")
+    plot_summary(entries, Path(args.out) / "quality_vs_memory.png")
+    print(table)
+    print(f"wrote {path}, results.md and quality_vs_memory.png beside it")
     return 0
 
 

@@ -184,3 +184,83 @@ def write_results(rows: list[dict], out: Path) -> Path:
     tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     tmp.replace(path)
     return path
+
+
+BASELINES = ("drop", "sink-window", "uniform", "uniform-nosink")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (regime, protocol, reduction): each method's mean PSNR/SSIM and bytes, the best drop
+    baseline by mean PSNR, and ispa's paired margins (per seed) against it and against ispa-nocorr."""
+    out = []
+    keys = dict.fromkeys((r["regime"], r["protocol"], r["reduction"]) for r in rows)
+    for regime, proto, red in keys:
+        sel = [r for r in rows if (r["regime"], r["protocol"], r["reduction"]) == (regime, proto, red)]
+        by = {m: {r["seed"]: r for r in sel if r["method"] == m} for m in dict.fromkeys(r["method"] for r in sel)}
+        means = {m: {"psnr": float(np.mean([r["psnr"] for r in v.values()])),
+                     "ssim": float(np.mean([r["ssim"] for r in v.values()])),
+                     "kv_bytes": int(np.mean([r["kv_bytes"] for r in v.values()])), "seeds": len(v)}
+                 for m, v in by.items()}
+        entry = {"regime": regime, "protocol": proto, "reduction": red, "methods": means}
+        base = [m for m in BASELINES if m in means]
+        if "ispa" in by and base:
+            best = max(base, key=lambda m: means[m]["psnr"])
+            seeds = sorted(set(by["ispa"]) & set(by[best]))
+            margin = [by["ispa"][s]["psnr"] - by[best][s]["psnr"] for s in seeds]
+            entry.update(best_baseline=best, ispa_minus_best=float(np.mean(margin)),
+                         ispa_wins=sum(m >= -1e-9 for m in margin), paired_seeds=len(seeds))
+            if "ispa-nocorr" in by:
+                nc = [by["ispa"][s]["psnr"] - by["ispa-nocorr"][s]["psnr"] for s in seeds if s in by["ispa-nocorr"]]
+                entry["ispa_minus_nocorr"] = float(np.mean(nc))
+        out.append(entry)
+    return out
+
+
+def summary_markdown(entries: list[dict]) -> str:
+    """One table per regime and protocol: mean PSNR per method and reduction, ispa against the best
+    drop baseline (mean paired margin, seeds where ispa >= it) and against ispa-nocorr."""
+    lines = []
+    for regime, proto in dict.fromkeys((e["regime"], e["protocol"]) for e in entries):
+        sel = [e for e in entries if (e["regime"], e["protocol"]) == (regime, proto)]
+        methods = list(dict.fromkeys(m for e in sel for m in e["methods"]))
+        n = max(v["seeds"] for e in sel for v in e["methods"].values())
+        lines += [f"### {regime}, {'teacher-forced' if proto == 'teacher' else 'free-running'} "
+                  f"(PSNR dB vs the full cache, mean of {n} seeds)", "",
+                  "| reduction | " + " | ".join(methods) + " | ispa - best baseline (seeds ispa >= it) "
+                  "| ispa - ispa-nocorr |",
+                  "|---" * (len(methods) + 3) + "|"]
+        for e in sel:
+            cells = [f"{e['methods'][m]['psnr']:.2f}" if m in e["methods"] else "-" for m in methods]
+            vs = (f"{e['ispa_minus_best']:+.2f} vs {e['best_baseline']} ({e['ispa_wins']}/{e['paired_seeds']})"
+                  if "best_baseline" in e else "-")
+            nc = f"{e['ispa_minus_nocorr']:+.2f}" if "ispa_minus_nocorr" in e else "-"
+            lines.append(f"| {e['reduction']:.0%} | " + " | ".join(cells) + f" | {vs} | {nc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_summary(entries: list[dict], path: Path, full_bytes: dict[str, int] | None = None) -> Path:
+    """Teacher-forced PSNR against KV bytes held, one panel per regime, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = list(dict.fromkeys(e["regime"] for e in entries if e["protocol"] == "teacher"))
+    fig, axes = plt.subplots(1, max(1, len(regimes)), figsize=(5.5 * max(1, len(regimes)), 4), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        sel = sorted((e for e in entries if e["regime"] == regime and e["protocol"] == "teacher"),
+                     key=lambda e: e["reduction"])
+        for m in dict.fromkeys(m for e in sel for m in e["methods"]):
+            pts = [(e["methods"][m]["kv_bytes"], e["methods"][m]["psnr"]) for e in sel if m in e["methods"]]
+            ax.plot([p[0] / 2**20 for p in pts], [p[1] for p in pts], "o-", label=m,
+                    lw=2.5 if m == "ispa" else 1.2)
+        ax.set_title(f"{regime} regime, teacher-forced")
+        ax.set_xlabel("KV cache held (MiB)")
+        ax.set_ylabel("PSNR vs full cache (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
