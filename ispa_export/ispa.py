@@ -21,10 +21,9 @@ from runtimes.schedule import warped_timesteps
 
 from .errors import UserError
 from .kv import frame_bytes, kv_bytes
-from .monitor import RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
+from .monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
 from .policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
-                     eligible_spans, paired_gain, ready, reference_keeps_sink, select,
-                     span_losses, GATE_Z)
+                     eligible_spans, ready, reference_keeps_sink, select, span_losses)
 from .solver import SITES
 from .torch_runner import torch_stream
 
@@ -232,31 +231,42 @@ def _drop_correction(sl: SpanLoss, layer: int) -> None:
 
 def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocation, losses: dict,
                 opts: IspaOptions) -> dict:
-    """The gate on the generated frames: the kept corrections, refit without the warmup's latest
-    chunk, must lower the sample error of that chunk (chain, layout as allocated) or they all stay
-    out. The per-layer gate judges each layer's own output; this one judges what they do together
-    downstream, still held out in time. Returns the verdict; changes nothing."""
+    """The gate on the generated frames: the kept corrections stay only if they lower the sample
+    error (chain, layout as allocated) of each of the warmup's last GATE_CHUNKS chunks, each under
+    a refit on the chunks before it; otherwise all stay out.
+
+    Every chunk, not their mean: on development seed 2000 (rolling, 50%) the corrections cut the
+    error of two chunks around a shutter by 17-70% and doubled it on the chunk before; kept on that
+    evidence they cost 6 dB over the rest of the video. Returns the verdict; changes nothing."""
     import copy
 
     layers = [l for l in alloc.local_layers if (c := losses[alloc.spans[l]].corrections[l]) is not None and c.kept]
     if not layers:
         return {"layers": [], "kept": False, "reason": "no layer's correction passed its own gate"}
-    trial = copy.deepcopy(model)
-    for l in layers:
-        mon, corr = monitors[alloc.spans[l]], losses[alloc.spans[l]].corrections[l]
-        stats = mon.stats_before_last(l)
-        if stats is None:
-            return {"layers": layers, "kept": True, "reason": "no statistics without the latest chunk; not checked"}
-        sol = mon._solve(stats, corr.rho)
-        w = None if opts.variant == "bias" else sol.weight_delta[None]
-        trial.blocks[l].self_attn.absorb(Absorption(opts.site, w, sol.bias_delta[None]))
-    plain = chain.frame_errors(alloc.spans, last_chunks=1)
-    corrected = chain.frame_errors(alloc.spans, model=trial, last_chunks=1)
-    gain, se = paired_gain(plain, corrected)
-    kept = gain > GATE_Z * se
-    return {"layers": layers, "kept": bool(kept), "error_uncorrected": float(plain.mean()),
-            "error_corrected": float(corrected.mean()), "gain": gain, "se": se,
-            "frames_uncorrected": plain.tolist(), "frames_corrected": corrected.tolist()}
+    f = chain.f
+    plain = chain.frame_errors(alloc.spans, last_chunks=GATE_CHUNKS)
+    scored = []
+    for j in range(GATE_CHUNKS):  # j chunks before the latest
+        trial = copy.deepcopy(model)
+        for l in layers:
+            mon, corr = monitors[alloc.spans[l]], losses[alloc.spans[l]].corrections[l]
+            stats = mon.stats_excluding(l, j + 1)
+            if stats is None:
+                break
+            sol = mon._solve(stats, corr.rho)
+            w = None if opts.variant == "bias" else sol.weight_delta[None]
+            trial.blocks[l].self_attn.absorb(Absorption(opts.site, w, sol.bias_delta[None]))
+        else:
+            corrected = chain.frame_errors(alloc.spans, model=trial, last_chunks=j + 1)[:f]
+            before = plain[len(plain) - (j + 1) * f:][:f]
+            scored.append({"chunk": chain.t // f - 1 - j, "error_uncorrected": float(before.mean()),
+                           "error_corrected": float(corrected.mean())})
+            continue
+        break
+    if not scored:
+        return {"layers": layers, "kept": False, "reason": "no warmup chunk left to score a refit on"}
+    kept = all(s["error_corrected"] < s["error_uncorrected"] for s in scored)
+    return {"layers": layers, "kept": kept, "chunks": scored}
 
 
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,

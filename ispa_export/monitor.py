@@ -155,7 +155,7 @@ class WarmupMonitor:
         self.pending = {}
         for layer in touched:
             total = self.layer_stats(layer)
-            self._totals.setdefault(layer, deque(maxlen=self.holdout_gap + 2)).append(total)
+            self._totals.setdefault(layer, deque(maxlen=max(self.holdout_gap, GATE_CHUNKS) + 1)).append(total)
             self.fits[layer] = solve(total, rho=self.rho, variant=self.variant, rank=self.rank, site=self.site)
 
     def _solve(self, stats: AbsorptionStats, rho: float) -> Solution:
@@ -207,12 +207,10 @@ class WarmupMonitor:
         vals = list(self.curves[layer][chunk].values())
         return float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))
 
-    def stats_before_last(self, layer: int) -> AbsorptionStats | None:
-        """The layer's statistics without the latest monitored chunk and the `holdout_gap` chunks
-        before it: a fit as much older than the latest chunk as the per-layer gate's (None: too few
-        chunks)."""
+    def stats_excluding(self, layer: int, back: int) -> AbsorptionStats | None:
+        """The layer's statistics without its latest `back` monitored chunks (None: not kept)."""
         past = self._totals.get(layer, ())
-        return past[-2 - self.holdout_gap] if len(past) >= 2 + self.holdout_gap else None
+        return past[-1 - back] if 0 <= back < len(past) else None
 
     def heldout_chunks(self, layer: int) -> list[int]:
         """Monitored chunks of `layer` scored under a fit of earlier chunks (the held-out ones)."""
@@ -223,13 +221,17 @@ class WarmupMonitor:
         return solve(self.layer_stats(layer, kind), **opts)
 
 
+# Warmup chunks the output gate scores, each under a fit that never saw it (ispa.output_gate).
+GATE_CHUNKS = 3
+
+
 def statistics_bytes(dim: int, layers: int, spans: int, pass_kinds: int, holdout_gap: int) -> int:
     """Upper bound of the float64 statistics the warmup keeps, all spans together: per span and layer,
     G and C ((D+1)^2 each) for every pass kind twice (finished and pending chunk), the running totals
-    the held-out fits and the output gate use (holdout_gap + 2), the chunk's held-out score and the
-    current fit."""
+    the held-out fits and the output gate use (max(holdout_gap, GATE_CHUNKS) + 1), the chunk's
+    held-out score and the current fit."""
     per_matrix = 2 * (dim + 1) ** 2 * 8
-    return spans * layers * per_matrix * (2 * pass_kinds + holdout_gap + 2 + 2)
+    return spans * layers * per_matrix * (2 * pass_kinds + max(holdout_gap, GATE_CHUNKS) + 1 + 2)
 
 
 def available_bytes(device: torch.device) -> int | None:
