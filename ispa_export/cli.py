@@ -26,8 +26,8 @@ def parser() -> argparse.ArgumentParser:
                    "from one chunk up to half the full cache)")
     e.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: the policy "
                    "picks 0 or 1; with --window alone, 0)")
-    e.add_argument("--per-layer-spans", action="store_true", help="allocate a span per layer (refused when the "
-                   "result needs more than the graph's one local cache group)")
+    e.add_argument("--per-layer-spans", action="store_true", help="allocate a span per layer (the graph "
+                   "gets one cache group per distinct span)")
     e.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "
                    "even where it does not lower the held-out discrepancy")
     e.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "

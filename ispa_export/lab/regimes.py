@@ -91,8 +91,7 @@ def layouts(tr, cfg, reduction: float, monitors=None) -> list[Layout]:
         alloc = allocate_measured(tr.losses, cfg, reduction, tr.chain.error)[0]
     else:
         alloc = allocate(tr.losses, cfg, reduction)[0]
-    span = alloc.distinct_spans[0]
-    corr = {l: tr.losses[span].corrections[l] for l in alloc.local_layers}
+    corr = {l: tr.losses[alloc.spans[l]].corrections[l] for l in alloc.local_layers}
     if tr.chain is not None and monitors is not None:  # the output gate, for this reduction's layout
         verdict = output_gate(tr.chain.model, monitors, tr.chain, alloc, tr.losses, IspaOptions())
         if not verdict["kept"]:
@@ -121,9 +120,7 @@ def continue_run(model: WanModel, stream: Stream, monitors, layout: Layout | Non
     m = copy.deepcopy(model)
     s = copy.deepcopy(stream, {id(model): m})  # its runner (and the caches it holds) now run `m`
     if layout is not None:
-        span = next(x for x in layout.spans if x is not None)
-        bake(m, s, monitors[span] if span in monitors.monitors else None, layout.layers, IspaOptions(), span,
-             layout.corrections)
+        bake(m, s, monitors, layout.spans, IspaOptions(), layout.corrections)
     return continue_stream(s, chunks, video), sum(g.nbytes for g in s.groups.values())
 
 
@@ -140,7 +137,8 @@ def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettin
     stream, monitors, tr = plan(base, context, seed, opts, video=warm)
     stream.runner.before_pass = None
     rest = st.total_chunks - tr.chunk
-    log(f"[{st.regime} seed {seed}] transition at chunk {tr.chunk} ({tr.reason}); span {tr.span}, "
+    log(f"[{st.regime} seed {seed}] transition at chunk {tr.chunk} ({tr.reason}); spans "
+        f"{sorted({str(s) for s in tr.spans if s is not None})}, "
         f"L-layers {tr.layers}; {rest} chunks scored")
     rows = []
     for proto in st.protocols:
