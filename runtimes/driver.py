@@ -67,11 +67,6 @@ class CacheGroup:
     def mask(self) -> np.ndarray:
         return self.frames >= 0
 
-    def retains(self, frame: int, start: int) -> bool:
-        """Whether this group still holds `frame` when the chunk starting at frame `start` runs
-        (graphs.masks.retained, the reference the graph is tested against)."""
-        return frame < start and (frame < self.sink or frame >= start - (self.capacity - self.sink))
-
     def slots(self, start: int, count: int) -> list[int]:
         return [ring_slot(start + i, self.capacity, self.sink) for i in range(count)]
 
@@ -266,23 +261,27 @@ class Stream:
         geo = dataclasses.replace(old_geo, layout=layout)
         if len(geo.layout) != len(old_geo.layout):
             raise ValueError(f"expected {len(old_geo.layout)} layer spans, got {len(geo.layout)}")
-        new = self._allocate(geo, suffix=".next")
-        kept: dict[str, tuple[int, list[int]]] = {}  # group -> (first layer, the frames it received)
+        specs = {g.name: g for g in geo.groups}
+        # Planned on the host first: one mask serves a whole group, so every layer moving into it must
+        # bring the same frames (a layer cannot give a frame its old cache no longer holds). Kept: what
+        # graphs.masks.retained says the new span holds when the next chunk runs.
+        moves, brought = [], {}
         for layer, ((was, src_pos), (now, dst_pos)) in enumerate(zip(placement(old_geo.groups),
                                                                      placement(geo.groups))):
-            src, dst = old[was], new[now]
-            frames = []
-            for slot, frame in enumerate(src.frames.tolist()):
-                if frame >= 0 and dst.retains(frame, self.frame_index):
-                    d = ring_slot(frame, dst.capacity, dst.sink)
-                    self.buffers.copy_frame(dst.name, dst_pos, d, src.name, src_pos, slot, dst.tokens_per_frame)
-                    dst.frames[d] = frame
-                    frames.append(frame)
-            # One mask serves a whole group: every layer in it must bring the same frames.
-            first, want = kept.setdefault(now, (layer, sorted(frames)))
-            if sorted(frames) != want:
+            dst = specs[now]
+            frames = [(slot, f) for slot, f in enumerate(old[was].frames.tolist())
+                      if 0 <= f < self.frame_index and (f < dst.sink or f >= self.frame_index - dst.window)]
+            first, want = brought.setdefault(now, (layer, sorted(f for _, f in frames)))
+            if sorted(f for _, f in frames) != want:
                 raise ValueError(f"relayout: layers {first} and {layer} bring different frames into group {now!r} "
-                                 f"({want} and {sorted(frames)}); expected the same history")
+                                 f"({want} and {sorted(f for _, f in frames)}); expected the same history")
+            moves += [(now, dst_pos, was, src_pos, slot, f) for slot, f in frames]
+        new = self._allocate(geo, suffix=".next")
+        for now, dst_pos, was, src_pos, slot, frame in moves:
+            dst = new[now]
+            d = ring_slot(frame, dst.capacity, dst.sink)
+            self.buffers.copy_frame(dst.name, dst_pos, d, old[was].name, src_pos, slot, dst.tokens_per_frame)
+            dst.frames[d] = frame
         for group in old.values():
             self.buffers.free(group.name)
         for name, group in new.items():

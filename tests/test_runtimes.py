@@ -247,6 +247,49 @@ def test_groups_without_layers_are_absent(tmp_path, streams):
     assert sorted(n for n in a.inputs if n.startswith("kv_")) == ["kv_full", "kv_full_mask"]
 
 
+class Idle:
+    """A runner that only holds buffers: enough for the driver's state handling."""
+
+    input_names: list[str] = []
+
+    def __init__(self):
+        self.buffers = HostBuffers()
+
+
+def test_handoff_state_round_trips_every_group(streams, tmp_path):
+    from safetensors.numpy import load_file
+
+    s = streams["mixed"]
+    state = s.state_arrays()
+    groups = ["kv_full", "kv_s0w2", "kv_s1w3"]
+    assert sorted(k for k in state if k.startswith("kv_")) == sorted(groups + [g + "_frames" for g in groups])
+    save_file(state, str(tmp_path / "state.safetensors"))
+    again = Stream(Idle(), s.geo, state["cross_kv"], 0)
+    again.load_state(load_file(str(tmp_path / "state.safetensors")))
+    back = again.state_arrays()
+    assert sorted(back) == sorted(state) and all(np.array_equal(back[k], state[k]) for k in state)
+    assert {n: g.nbytes for n, g in again.groups.items()} == {n: state[n].nbytes for n in groups}
+    partial = {k: v for k, v in state.items() if k != "kv_s1w3"}
+    with pytest.raises(ValueError, match=r"^state field 'kv_s1w3': expected float32\[1, 2, 1, 24, 4, 16\], "
+                                         r"found no such field$"):
+        again.load_state(partial)
+
+
+def test_relayout_refuses_layers_with_different_histories_in_one_group():
+    s = tiny_stream([None] * 4, chunks=3)  # frames 0..5 in every layer
+    s.relayout(MIXED)
+    assert sorted(s.groups["kv_s0w2"].frames) == [4, 5] and sorted(s.groups["kv_s1w3"].frames) == [0, 3, 4, 5]
+    names = sorted(s.buffers.names())
+    # Layer 1 (window 2) no longer holds sink frame 0, layer 2 (sink 1) does: one group cannot serve both.
+    with pytest.raises(ValueError, match=r"relayout: layers 1 and 2 bring different frames into group 'kv_s1w1' "
+                                         r"\(\[5\] and \[0, 5\]\)"):
+        s.relayout([None, Span(1, 1), Span(1, 1), None])
+    assert sorted(s.buffers.names()) == names and s.geo.layout == MIXED  # nothing changed
+    s.relayout([None, Span(0, 1), Span(0, 1), Span(0, 2)])  # every layer holds frame 5: one group can
+    assert s.groups["kv_s0w1"].layers == (1, 2) and s.groups["kv_s0w1"].frames.tolist() == [5]
+    assert s.groups["kv_s0w2"].layers == (3,) and sorted(s.groups["kv_s0w2"].frames) == [4, 5]
+
+
 @pytest.mark.parametrize("case,expect", [
     ("no_manifest", "manifest.json: expected the artifact manifest, found no such file"),
     ("bad_json", "manifest.json: expected valid JSON, found a parse error at line 1"),
