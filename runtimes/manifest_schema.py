@@ -33,6 +33,7 @@ _tensor = {
 # A layer's local span, or null for a full layer.
 _span = {
     "type": ["object", "null"],
+    "expected": "an object {sink, window} or null (a full layer)",
     "required": ["sink", "window"],
     "additionalProperties": False,
     "properties": {"sink": _count, "window": _positive},
@@ -159,7 +160,7 @@ def _explain(e: ValidationError) -> tuple[str, str, str]:
     found = describe(x)
     if "expected" in e.schema:
         return field_path(path), e.schema["expected"], found
-    kind = _TYPE_NAMES.get(e.schema.get("type"), "a value")
+    kind = _TYPE_NAMES.get(e.schema.get("type"), "a value") if isinstance(e.schema.get("type"), str) else "a value"
     phrases = {
         "type": lambda: " or ".join(_TYPE_NAMES.get(t, t) for t in ([want] if isinstance(want, str) else want)),
         "enum": lambda: f"one of {want}",
