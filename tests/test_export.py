@@ -330,3 +330,14 @@ def test_inspect_artifact_shows_each_layers_group(mixed):
     line = next(t for t in info["text"] if t.strip().startswith("layer spans:"))
     assert line.split(": ", 1)[1] == "0:F->kv_full 1:L(sink 0 + window 2)->kv_s0w2 2:L(sink 1 + window 3)->kv_s1w3 " \
                                      "3:L(sink 0 + window 2)->kv_s0w2"
+
+
+def test_mixed_artifact_passes_golden_verify(mixed, capsys):
+    from ispa_export.verify import verify
+
+    _, _, _, _, arts = mixed
+    assert verify(arts["baked"]) == 0
+    out = capsys.readouterr().out
+    for name in ("prediction", "new_kv_full", "new_kv_s0w2", "new_kv_s1w3"):
+        line = next(l for l in out.splitlines() if l.startswith("onnxrt") and f" {name} " in l)
+        assert line.endswith("pass"), line
