@@ -25,6 +25,7 @@ from ispa_export.ispa import IspaOptions, decide, report, transition
 from ispa_export.kv import kv_bytes, layers_for_target
 from ispa_export.monitor import LocalSpan, SpanMonitors, WarmupMonitor
 from ispa_export.torch_runner import torch_stream
+from runtimes.groups import Span
 from ispa_export.solver import AbsorptionStats, corrected_residual, discrepancy, solve
 
 F64 = torch.float64
@@ -256,7 +257,7 @@ def test_steady_state_kv_bytes_meet_target(target):
     n = layers_for_target(CFG, target, window, sink)
     assert model.modes.count(LOCAL) == len(tr.layers) == n
     want = kv_bytes(CFG, model.layout)
-    assert model.layout == [LocalSpan(sink, window) if i in tr.layers else None for i in range(4)]
+    assert model.layout == [Span(sink, window) if i in tr.layers else None for i in range(4)]
     rep = report(model, model.monitors, tr, opts)
     for _ in range(3):  # at the transition and at steady state: the buffers have fixed sizes
         assert sum(g.nbytes for g in stream.groups.values()) == want.total

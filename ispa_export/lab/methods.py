@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphs.config import WanConfig
-from ..kv import layers_for_target, uniform_layout
+from ..kv import layers_for_target
 from ..monitor import LocalSpan
 
 REDUCTIONS = (0.25, 0.5, 0.75)
@@ -42,9 +42,9 @@ class Method:
     def span(self) -> LocalSpan:
         return LocalSpan(self.sink, self.window)
 
-    def spans(self, num_layers: int) -> list:
+    def spans(self, num_layers: int) -> list[LocalSpan | None]:
         """Per layer: the method's span for its layers, None (full) for the others."""
-        return uniform_layout(num_layers, self.layers, self.sink, self.window)
+        return [self.span if i in self.layers else None for i in range(num_layers)]
 
 
 def _lowest(d: np.ndarray, n: int) -> tuple[int, ...]:
