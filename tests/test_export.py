@@ -341,3 +341,12 @@ def test_mixed_artifact_passes_golden_verify(mixed, capsys):
     for name in ("prediction", "new_kv_full", "new_kv_s0w2", "new_kv_s1w3"):
         line = next(l for l in out.splitlines() if l.startswith("onnxrt") and f" {name} " in l)
         assert line.endswith("pass"), line
+
+
+def test_mixed_graph_passes_the_tensorrt_checks(mixed):
+    """Every op and dtype of the three-group graph is in TensorRT's ONNX support, refit names included
+    (the build itself needs TensorRT: tests/test_verify.py)."""
+    from ispa_export.engine import check_artifact
+
+    _, _, _, _, arts = mixed
+    assert check_artifact(arts["baked"]) == []
