@@ -38,7 +38,8 @@ class Runner(Protocol):
 
 @dataclass
 class CacheGroup:
-    """Fixed-size K/V of the layers that share one span: [layers, 2, B, capacity*P, heads, head_dim].
+    """Fixed-size K/V of the layers that share one capacity and sink (the F-layers, or one local span):
+    [layers, 2, B, capacity*P, heads, head_dim].
 
     The data live in the runner's buffers (on its device, in the graph's dtype) under `name`;
     `frames[slot]` is the absolute frame a slot holds (-1: empty), kept on the host. Keys carry their
