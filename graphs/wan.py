@@ -2,8 +2,9 @@
 
 One chunk step is a pure function: it reads the fixed-size caches and returns the chunk's new K/V;
 whoever drives the stream owns the caches (runtimes/driver.py). Every layer is either an F-layer
-(reads the full-capacity cache group) or an L-layer (reads the short sink + window group); the mode
-of each layer is data (`WanModel.modes`), the attention code is the same for both.
+(reads the full-capacity cache group `kv_full`) or an L-layer with its own span, sink + window
+frames (reads the group of that span, e.g. `kv_s1w5`; runtimes/groups.py names and orders them).
+The span of each layer is data (`WanModel.layout`); the attention code is the same for all.
 
 Parameter names are those of the released Wan2.1 checkpoints (wan/modules/model.py).
 """
@@ -16,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from runtimes.groups import GroupSpec, Span, as_layout, cache_groups, placement
 
 from .config import WanConfig
 
@@ -242,7 +245,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self.modes: list[str] = [FULL] * cfg.num_layers
+        self.layout: list[Span | None] = [None] * cfg.num_layers  # per layer: None = full attention
         # RoPE split of Wan: [c - 2*(c//3), c//3, c//3] of c = head_dim/2 rotary pairs (frame, h, w).
         c = cfg.head_dim // 2
         cf, ch = c - 2 * (c // 3), c // 3
@@ -261,20 +264,31 @@ class WanModel(nn.Module):
             p.data = p.data.to(dtype)
         return self
 
-    # -- layer modes -------------------------------------------------------------------------
+    # -- layer layout ------------------------------------------------------------------------
+    def set_layout(self, layout: list) -> None:
+        """Each layer's attention: None (full) or a local span (anything with `sink` and `window`)."""
+        layout = as_layout(layout)
+        if len(layout) != self.cfg.num_layers:
+            raise ValueError(f"layout must have {self.cfg.num_layers} entries (one per layer), got {len(layout)}")
+        self.layout = layout
+
     def set_modes(self, modes: list[str]) -> None:
+        """'F'/'L' per layer, the L-layers at the one span their stream gives them (torch_runner.torch_stream's
+        local_window and local_sink): the uniform layouts lab/train.py streams. Spans: set_layout."""
         if len(modes) != self.cfg.num_layers or set(modes) - {FULL, LOCAL}:
             raise ValueError(f"modes must be {self.cfg.num_layers} entries of 'F'/'L', got {modes}")
-        self.modes = list(modes)
+        self.layout = [None if m == FULL else Span(0, 0) for m in modes]
 
-    def group_index(self) -> list[int]:
-        """Position of each layer inside its cache group (F-layers and L-layers counted apart)."""
-        seen = {FULL: 0, LOCAL: 0}
-        out = []
-        for m in self.modes:
-            out.append(seen[m])
-            seen[m] += 1
-        return out
+    @property
+    def modes(self) -> list[str]:
+        return [FULL if s is None else LOCAL for s in self.layout]
+
+    def cache_groups(self) -> list[GroupSpec]:
+        return cache_groups(self.layout, self.cfg.max_frames, self.cfg.full_sink)
+
+    def group_index(self) -> list[tuple[str, int]]:
+        """Per layer: the name of its cache group and its position in that group."""
+        return placement(self.cache_groups())
 
     def per_pass_kind(self) -> bool:
         """Whether some L-layer selects its correction by pass kind (the graph then takes `pass_kind`)."""
@@ -322,37 +336,42 @@ class WanModel(nn.Module):
 
     # -- the chunk step (the exported graph) ------------------------------------------------
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, rope_frame: torch.Tensor,
-                cross_kv: torch.Tensor, kv_full: torch.Tensor | None = None, kv_full_mask: torch.Tensor | None = None,
-                kv_local: torch.Tensor | None = None, kv_local_mask: torch.Tensor | None = None,
-                pass_kind: torch.Tensor | None = None, ispa_weight: torch.Tensor | None = None,
-                ispa_bias: torch.Tensor | None = None, monitor: Monitor | None = None):
+                cross_kv: torch.Tensor, pass_kind: torch.Tensor | None = None, ispa_weight: torch.Tensor | None = None,
+                ispa_bias: torch.Tensor | None = None, monitor: Monitor | None = None, **caches: torch.Tensor | None):
         """One chunk step: latents [B, C, f, H, W], timestep [B], rope_frame [2, f, pairs] (cos, sin of the
         chunk's frame-axis RoPE angles, runtimes.schedule.frame_rope).
 
-        kv_full [n_F, 2, B, M*P, n, d] with kv_full_mask bool [M]; kv_local likewise with [s+w]. A mask
-        of None means every slot is valid (the PyTorch backend's fast path: attention without a mask).
-        Returns (prediction [B, C, f, H, W], new_kv_full [n_F, 2, B, f*P, n, d], new_kv_local).
+        `caches` holds each cache group of `cache_groups()` by name, [n, 2, B, capacity*P, heads, head_dim],
+        with its validity mask `<name>_mask` bool [capacity]. A mask of None means every slot is valid (the
+        PyTorch backend's fast path: attention without a mask). ispa_weight/ispa_bias (modulation as graph
+        input) stack one W_o'/b_o' per L-layer, in layer order.
+        Returns (prediction [B, C, f, H, W], then each group's new K/V [n, 2, B, f*P, heads, head_dim]).
         """
+        groups = self.cache_groups()
+        known = {n for g in groups for n in (g.name, g.name + "_mask")}
+        if set(caches) - known or {g.name for g in groups} - set(caches):
+            raise TypeError(f"caches: expected {sorted(known)} (masks optional), got {sorted(caches)}")
         f = latents.shape[2]
         x, e, e6 = self.embed(latents, timestep[:, None].expand(-1, f))
         cos, sin = self.rope(rope_frame)
         own = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
         p = self.cfg.tokens_per_frame
-
-        def cache_bias(kv, mask):
-            return None if kv is None or mask is None else mask_to_bias(torch.cat([mask.repeat_interleave(p), own]))
-
-        bias = {FULL: cache_bias(kv_full, kv_full_mask), LOCAL: cache_bias(kv_local, kv_local_mask)}
-        caches = {FULL: kv_full, LOCAL: kv_local}
-        new = {FULL: [], LOCAL: []}
-        for i, (block, mode, g) in enumerate(zip(self.blocks, self.modes, self.group_index())):
-            mod = None if ispa_weight is None or mode == FULL else (ispa_weight[g], ispa_bias[g])
-            x, kv = block(x, e6, cos, sin, cross_kv[i], caches[mode][g], bias[mode], pass_kind, mod,
-                          monitor if mode == FULL else None, i)
-            new[mode].append(kv)
+        bias = {}
+        for g in groups:
+            mask = caches.get(g.name + "_mask")
+            bias[g.name] = None if mask is None else mask_to_bias(torch.cat([mask.repeat_interleave(p), own]))
+        new: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+        local = 0  # the L-layers' running index into ispa_weight/ispa_bias
+        for i, (block, span, (name, j)) in enumerate(zip(self.blocks, self.layout, self.group_index())):
+            mod = None
+            if span is not None:
+                mod = None if ispa_weight is None else (ispa_weight[local], ispa_bias[local])
+                local += 1
+            x, kv = block(x, e6, cos, sin, cross_kv[i], caches[name][j], bias[name], pass_kind, mod,
+                          monitor if span is None else None, i)
+            new[name].append(kv)
         out = self.unpatchify(self.head(x, e), f)
-        stack = lambda kvs: torch.stack(kvs) if kvs else None  # noqa: E731
-        return out, stack(new[FULL]), stack(new[LOCAL])
+        return (out, *(torch.stack(new[g.name]) for g in groups))
 
     # -- the whole sequence at once (reference and training) --------------------------------
     def forward_sequence(self, latents: torch.Tensor, t_frames: torch.Tensor, frame_pos: torch.Tensor,

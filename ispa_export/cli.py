@@ -28,8 +28,8 @@ def parser() -> argparse.ArgumentParser:
                    "full cache keeps frame 0 for the whole stream, else 0; with --window alone, 0)")
     e.add_argument("--stream-frames", type=int, help="frames the deployment generates (default: unbounded); at most "
                    "the full cache's capacity means nothing is ever evicted, so L-layers may keep a sink frame")
-    e.add_argument("--per-layer-spans", action="store_true", help="allocate a span per layer (refused when the "
-                   "result needs more than the graph's one local cache group)")
+    e.add_argument("--per-layer-spans", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the per-layer DP (one cache group per distinct span) challenge the uniform layout")
     e.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "
                    "even where it does not lower the held-out discrepancy")
     e.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "

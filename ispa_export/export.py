@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import platform
 import time
@@ -14,11 +15,12 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
-from graphs.wan import FULL, LOCAL, WanModel
-from runtimes.artifact import FORMAT, ONNX, POSITION_SCHEME, REPORT, SCHEMA_VERSION, STATE
+from graphs.wan import WanModel
+from runtimes.artifact import FORMAT, ONNX, POSITION_SCHEME, REPORT, SCHEMA_VERSION, STATE, cache_records, layer_records
 from runtimes.buffers import host_dtype
 from runtimes.driver import Stream
 from runtimes.files import atomic_directory, file_records, write_json_atomic
+from runtimes.groups import output_names
 
 from .errors import UserError
 from .kv import kv_bytes
@@ -26,7 +28,6 @@ from .torch_runner import to_numpy, to_torch
 from .verify import golden_feeds, save_golden
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
-OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
 FLOATS = ("float32", "float16", "bfloat16")
 EXTERNAL_DATA_BYTES = 1 << 30
 ONNX_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -36,8 +37,8 @@ ONNX_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "floa
 def modulation_constants(model: WanModel) -> dict[str, np.ndarray]:
     """The L-layers' W_o' and b_o' (absorbed bias included), stacked: the inputs of `--modulation input`."""
     weights, biases = [], []
-    for block, mode in zip(model.blocks, model.modes):
-        if mode != LOCAL:
+    for block, span in zip(model.blocks, model.layout):
+        if span is None:
             continue
         attn = block.self_attn
         if attn.ispa_weight is not None:
@@ -53,11 +54,12 @@ def graph_feeds(stream: Stream, state: dict[str, np.ndarray], model: WanModel, m
                 np_dtype) -> dict[str, np.ndarray]:
     """Example inputs in the graph's contract, taken from the live stream (real caches, real masks)."""
     feeds = stream.feeds(np.zeros(stream.geo.chunk_shape, np.float32), 500.0, 0)
-    feeds.update({k: state[k] for k in ("cross_kv", "kv_full", "kv_local")})
-    names = ["latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local", "kv_local_mask"]
+    groups = [g.name for g in stream.geo.groups]
+    feeds.update({k: state[k] for k in ["cross_kv", *groups]})
+    names = ["latents", "timestep", "rope_frame", "cross_kv", *(n for g in groups for n in (g, g + "_mask"))]
     if model.per_pass_kind():
         names.append("pass_kind")
-    out = {k: feeds[k] for k in names if k in feeds and not (k.startswith("kv_") and not feeds[k].shape[0])}
+    out = {k: feeds[k] for k in names}
     if modulation == "input":
         out.update(modulation_constants(model))
     # timestep and rope_frame stay float32 in every graph: fp16 positions would blur the angles.
@@ -91,9 +93,9 @@ def refit_weights(model: WanModel, np_dtype) -> dict[str, np.ndarray]:
     """The per-instance constants of a baked graph, as they appear in ONNX (a single matrix is folded
     transposed by the exporter; per-pass-kind stacks stay as they are, gathered by `pass_kind`)."""
     out = {}
-    for i, (block, mode) in enumerate(zip(model.blocks, model.modes)):
+    for i, (block, span) in enumerate(zip(model.blocks, model.layout)):
         attn = block.self_attn
-        if mode != LOCAL or attn.ispa_bias is None:
+        if span is None or attn.ispa_bias is None:
             continue
         pre = f"blocks.{i}.self_attn."
         weight, bias = attn.ispa_weight, attn.ispa_bias.detach()
@@ -112,8 +114,7 @@ def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit
     kwargs = {k: to_torch(v, torch.device("cpu")) for k, v in feeds.items()}
     if "ispa_weight" in feeds:
         kwargs["ispa_weight"], kwargs["ispa_bias"] = kwargs.pop("ispa_weight"), kwargs.pop("ispa_bias")
-    outputs = [o for o in OUTPUTS if not (o == "new_kv_full" and "kv_full" not in feeds)
-               and not (o == "new_kv_local" and "kv_local" not in feeds)]
+    outputs = output_names(model.cache_groups())
     log = io.StringIO()
     with torch.no_grad(), contextlib.redirect_stdout(log):
         program = torch.onnx.export(model, (), kwargs=kwargs, output_names=outputs, dynamo=True, optimize=True,
@@ -161,9 +162,9 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
     graph_model = copy.deepcopy(model).to("cpu").cast(torch_dtype)
     state = stream.state_arrays()
     feeds = graph_feeds(stream, state, graph_model, modulation, np_dtype)
-    geo = stream.geo
-    geometry = {k: getattr(geo, k) for k in geo.__dataclass_fields__}
-    geometry["dtype"] = dtype_name
+    geo = dataclasses.replace(stream.geo, dtype=dtype_name)
+    if geo.layout != model.layout:
+        raise ValueError(f"the stream's layout {geo.layout} is not the model's {model.layout}")
     with atomic_directory(out) as tmp:
         t0 = time.perf_counter()
         progress(f"export: tracing the chunk step to ONNX ({dtype}, modulation {modulation})")
@@ -171,25 +172,25 @@ def write_artifact(out: Path, model: WanModel, stream: Stream, report: dict, *, 
         export_seconds = time.perf_counter() - t0
         progress(f"export: ONNX written in {export_seconds:.1f} s")
         save_golden(tmp, graph_model, golden_feeds(stream, feeds))
-        for k in ("kv_full", "kv_local", "cross_kv") + (("ispa_weight", "ispa_bias") if modulation == "input" else ()):
+        groups = geo.groups
+        for k in [g.name for g in groups] + ["cross_kv"] + (["ispa_weight", "ispa_bias"] if modulation == "input" else []):
             src = feeds[k] if k in feeds else state[k]
             state[k] = np.ascontiguousarray(src.astype(np_dtype))
         save_file(state, str(tmp / STATE))
         report = dict(report, export_seconds=export_seconds)
         write_json_atomic(tmp / REPORT, report)
         inputs, outputs = io_specs(tmp / ONNX)
-        kv = kv_bytes(cfg, model.modes, geo.local_capacity - geo.local_sink, geo.local_sink, dtype=dtype_name)
-        caches = {}
-        for key, mode, cap, sink in (("full", FULL, geo.full_capacity, geo.full_sink),
-                                     ("local", LOCAL, geo.local_capacity, geo.local_sink)):
-            arr = state["kv_" + key]
-            caches[key] = {"layers": model.modes.count(mode), "capacity_frames": cap, "sink_frames": sink,
-                           "shape": list(arr.shape), "dtype": dtype_name, "bytes": int(arr.nbytes)}
+        caches = cache_records(geo)
+        kv = kv_bytes(cfg, model.layout, dtype=dtype_name, batch=geo.batch)
+        held = [int(state[g.name].nbytes) for g in groups]
+        if kv.total != sum(held) or held != [c["bytes"] for c in caches]:  # what a deployment allocates
+            raise RuntimeError(f"cache bytes disagree: kv_bytes {kv.total}, manifest {[c['bytes'] for c in caches]}, "
+                               f"handoff state {held}")
         manifest = {
             "schema_version": SCHEMA_VERSION, "format": FORMAT,
             "model": {"preset": preset, "config": cfg.to_dict()},
-            "layers": [{"index": i, "mode": m} for i, m in enumerate(model.modes)],
-            "geometry": geometry, "caches": caches, "kv_bytes": {"total": kv.total, "per_layer": kv.per_layer},
+            "layers": layer_records(geo), "geometry": geo.to_dict(), "caches": caches,
+            "kv_bytes": {"total": kv.total, "per_layer": kv.per_layer},
             "modulation": modulation, "dtype": dtype_name, "inputs": inputs, "outputs": outputs,
             "absorption": {"variant": report["options"]["variant"], "site": report["options"]["site"],
                            "layers": report["selected_layers"], "transition_chunk": report["transition_chunk"],

@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from graphs.wan import FULL, LOCAL, Absorption, WanModel
+from graphs.wan import Absorption, WanModel
 from runtimes.driver import Stream
+from runtimes.groups import group_name
 from runtimes.schedule import warped_timesteps
 
 from .errors import UserError
@@ -49,7 +50,7 @@ class IspaOptions:
     select_by: str = "corrected"  # predicted loss from the gated 'corrected' d or the 'raw' d
     gate: bool = True  # keep a layer's correction only where it lowers the held-out discrepancy
     calibrate: bool = True  # weigh each layer's d by its measured effect on the prediction
-    per_layer_spans: bool = False  # the general allocation (needs one cache group per span)
+    per_layer_spans: bool = True  # the per-layer DP among the challengers (the graph gets a cache group per span)
     # Chunks between the fit and the chunk that scores it. 1: the gate judges a fit one chunk older
     # than the chunk it is scored on, as a correction is older than the frames it serves after the
     # transition (rolling regime); a span with fewer than three monitored chunks then has no
@@ -112,8 +113,8 @@ class IspaOptions:
 @dataclass
 class Transition:
     chunk: int  # index of the first chunk generated with L-layers
-    layers: list[int]
-    span: LocalSpan  # the L-layers' span (one local cache group)
+    spans: list[LocalSpan | None]  # per layer: its local span, None = full attention
+    span: LocalSpan  # the reference span: report.json gives the F-layers' numbers at it (the shortest allocated)
     reason: str
     allocation: Allocation
     per_span: dict  # span -> best allocation at that shared span (None: out of reach)
@@ -122,6 +123,10 @@ class Transition:
     general: Allocation | None = None  # the per-layer-span optimum, for comparison
     absorption: dict = field(default_factory=dict)  # layer -> solution report
     chain: object = None  # calibration.Chain of the warmup (None without calibration), to re-allocate
+
+    @property
+    def layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.spans) if s is not None]
 
 
 def decide(monitor: WarmupMonitor, num_layers: int, n_local: int, opts: IspaOptions, chunk: int,
@@ -153,25 +158,28 @@ def absorption_for(monitor: WarmupMonitor, layer: int, opts: IspaOptions,
     return Absorption(opts.site, weight, bias), {"variant": opts.variant, "solutions": report}
 
 
-def bake(model: WanModel, stream: Stream, monitor: WarmupMonitor, layers: list[int], opts: IspaOptions,
-         span: LocalSpan | None = None, corrections: dict[int, Correction | None] | None = None) -> dict:
-    """Fold the corrections into the L-layers, switch their mode, cut their caches to the span.
+def bake(model: WanModel, stream: Stream, monitors, spans: list[LocalSpan | None], opts: IspaOptions,
+         corrections: dict[int, Correction | None] | None = None) -> dict:
+    """Fold the corrections into the local layers (spans[l] not None), give every layer its span and
+    cut its cache to it (one cache group per distinct span).
 
-    Without `corrections` every L-layer is corrected with the monitor's rho; with them, only the
-    layers whose gate kept the correction, each with its chosen rho (the others go local as they are)."""
-    span = span or LocalSpan(opts.sink or 0, opts.window)
+    `monitors[span]` holds the statistics of the layers at `span` (monitor.SpanMonitors, or a dict of
+    WarmupMonitors). Without `corrections` every local layer is corrected with its monitor's rho;
+    with them, only the layers whose gate kept the correction, each with its chosen rho (the others
+    go local as they are, and need no monitor)."""
     report = {}
-    for layer in layers:
+    for layer, span in enumerate(spans):
+        if span is None:
+            continue
         corr = None if corrections is None else corrections.get(layer)
         if corrections is not None and (corr is None or not corr.kept):
             report[layer] = {"variant": "none", "gated_off": opts.variant != "none"}
             continue
-        absorption, report[layer] = absorption_for(monitor, layer, opts, None if corr is None else corr.rho)
+        absorption, report[layer] = absorption_for(monitors[span], layer, opts, None if corr is None else corr.rho)
         if absorption is not None:
             model.blocks[layer].self_attn.absorb(absorption)
-    modes = [LOCAL if i in layers else FULL for i in range(model.cfg.num_layers)]
-    model.set_modes(modes)
-    stream.relayout(modes, span.frames, span.sink)
+    model.set_layout(spans)
+    stream.relayout(model.layout)
     return report
 
 
@@ -279,8 +287,8 @@ def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOpti
     the video's frames instead of the sample (teacher forcing), so the monitor sees a known video.
     """
     stream, monitors, tr = plan(model, context, seed, opts, progress, video)
-    corrections = {l: tr.losses[tr.span].corrections[l] for l in tr.layers}
-    tr.absorption = bake(model, stream, monitors[tr.span], tr.layers, opts, tr.span,
+    corrections = {l: tr.losses[tr.spans[l]].corrections[l] for l in tr.layers}
+    tr.absorption = bake(model, stream, monitors, tr.spans, opts,
                          corrections if opts.gate or opts.rho is None else None)
     return stream, monitors, tr
 
@@ -321,7 +329,7 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
         raise UserError(f"warmup monitor: {len(spans)} candidate spans x {cfg.num_layers} layers at dim {cfg.dim} "
                         f"need up to {need / 2**30:.1f} GiB of float64 statistics, {free / 2**30:.1f} GiB is free "
                         f"on {next(model.parameters()).device}; measure one span with --window W [--sink S]")
-    model.set_modes([FULL] * cfg.num_layers)
+    model.set_layout([None] * cfg.num_layers)
     monitors = SpanMonitors.build(spans, opts.rho, "full" if opts.variant in ("per_pass", "none") else opts.variant,
                                   opts.site, opts.rank, RHO_GRID if opts.rho is None else (opts.rho,),
                                   opts.holdout_gap)
@@ -358,13 +366,9 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
     if opts.per_layer_spans and general is not None and chain is None:
         alloc = general  # uncalibrated: the predicted loss is all there is
-    if len(alloc.distinct_spans) > 1:
-        raise UserError(f"--per-layer-spans: the best allocation gives layers {len(alloc.distinct_spans)} "
-                        f"different spans, and the static graph has one local cache group")
-    layers = alloc.local_layers
-    span = alloc.distinct_spans[0] if layers else spans[0]
-    return stream, monitors, Transition(stream.chunk, layers, span, decision.reason, alloc, per_span, losses,
-                                        calibration, general, chain=chain)
+    span = alloc.distinct_spans[0] if alloc.local_layers else spans[0]
+    return stream, monitors, Transition(stream.chunk, list(alloc.spans), span, decision.reason, alloc, per_span,
+                                        losses, calibration, general, chain=chain)
 
 
 def _finite(x):
@@ -387,18 +391,19 @@ def _span_dict(span: LocalSpan | None) -> dict | None:
 def report(model: WanModel, monitors: SpanMonitors, tr: Transition, opts: IspaOptions, dtype: str = "float32") -> dict:
     """Every number behind the decision (report.json)."""
     cfg = model.cfg
-    before = kv_bytes(cfg, [FULL] * cfg.num_layers, dtype=dtype)
-    after = kv_bytes(cfg, model.modes, tr.span.window, tr.span.sink, dtype=dtype)
+    before = kv_bytes(cfg, dtype=dtype)
+    after = kv_bytes(cfg, model.layout, dtype=dtype)
     layers = []
     for l in range(cfg.num_layers):
-        local = l in tr.layers
-        sl = tr.losses[tr.span]
+        # A local layer's numbers at its own span; a full layer's at the reference span.
+        span = tr.spans[l] if tr.spans[l] is not None else tr.span
+        sl = tr.losses[span]
         corr = sl.corrections[l]
-        mon = monitors[tr.span]
+        mon = monitors[span]
         chunks = sorted(mon.curves[l])
         layers.append({
-            "index": l, "mode": model.modes[l], "span": _span_dict(tr.span if local else None),
-            # at the L-layers' span: the held-out chunk's raw d and d* (chosen rho; raw if none held out)
+            "index": l, "mode": model.modes[l], "span": _span_dict(tr.spans[l]), "group": group_name(tr.spans[l]),
+            # at the layer's span: the held-out chunk's raw d and d* (chosen rho; raw if none held out)
             "raw_discrepancy": float(sl.raw[l]), "corrected_discrepancy": corr.corrected if corr else float(sl.raw[l]),
             "effective_discrepancy": float(sl.effective[l]), "predicted_loss": float(sl.loss[l]),
             "weight": None if tr.calibration is None else tr.calibration["weight"][l],
@@ -420,7 +425,11 @@ def report(model: WanModel, monitors: SpanMonitors, tr: Transition, opts: IspaOp
         "kv_bytes_before": before.total, "kv_bytes_after": after.total,
         "kv_bytes_per_layer_after": after.per_layer,
         "transition_chunk": tr.chunk, "transition_reason": tr.reason,
-        "selected_layers": tr.layers, "span": _span_dict(tr.span),
+        "selected_layers": tr.layers,
+        # The local layers' span where they share one (None where the allocation gives several); the
+        # span full layers are measured at.
+        "span": _span_dict(tr.span) if len(set(tr.spans) - {None}) <= 1 else None,
+        "reference_span": _span_dict(tr.span),
         "monitored_chunks": monitors[tr.span].monitored_chunks,
         "allocation": dict(tr.allocation.to_dict(), bytes=tr.allocation.frames * fb,
                            budget_bytes=tr.allocation.budget * fb),

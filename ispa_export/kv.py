@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphs.config import WanConfig
+from runtimes.groups import Span, as_layout, group_name
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -11,19 +12,19 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 @dataclass(frozen=True)
 class KVBytes:
     per_layer: list[int]  # steady-state self-attention cache of each layer (K and V)
-    modes: list[str]
+    layout: list[Span | None]  # per layer: None = full, else its local span
     full_layer: int  # bytes of one F-layer's cache
-    local_layer: int  # bytes of one L-layer's cache
     cross: int  # text cross-attention K/V of all layers (fixed, one prompt)
 
     @property
     def total(self) -> int:
         return sum(self.per_layer)
 
-    def by_mode(self) -> dict[str, int]:
-        out = {"F": 0, "L": 0}
-        for m, b in zip(self.modes, self.per_layer):
-            out[m] += b
+    def by_group(self) -> dict[str, int]:
+        """Bytes of each cache group (runtimes.groups naming), summed over its layers."""
+        out: dict[str, int] = {}
+        for span, b in zip(self.layout, self.per_layer):
+            out[group_name(span)] = out.get(group_name(span), 0) + b
         return out
 
 
@@ -36,14 +37,19 @@ def frame_bytes(cfg: WanConfig, dtype: str = "float32", batch: int = 1) -> int:
     return 2 * batch * cfg.tokens_per_frame * cfg.dim * item
 
 
-def kv_bytes(cfg: WanConfig, modes: list[str] | None = None, window: int = 0, sink: int = 0,
-             dtype: str = "float32", batch: int = 1) -> KVBytes:
-    """F-layers hold `max_frames` frames, L-layers `sink + window`, at steady state."""
-    modes = list(modes) if modes is not None else ["F"] * cfg.num_layers
+def kv_bytes(cfg: WanConfig, layout: list | None = None, dtype: str = "float32", batch: int = 1) -> KVBytes:
+    """F-layers (None) hold `max_frames` frames, a local layer its span's sink + window, at steady state."""
+    layout = as_layout(layout) if layout is not None else [None] * cfg.num_layers
     fb = frame_bytes(cfg, dtype, batch)
-    full, local = cfg.max_frames * fb, (sink + window) * fb
+    full = cfg.max_frames * fb
     cross = cfg.num_layers * 2 * batch * cfg.text_len * cfg.dim * DTYPE_BYTES[dtype]
-    return KVBytes([full if m == "F" else local for m in modes], modes, full, local, cross)
+    return KVBytes([full if s is None else s.frames * fb for s in layout], layout, full, cross)
+
+
+def uniform_layout(num_layers: int, local_layers, sink: int, window: int) -> list[Span | None]:
+    """`local_layers` at one span (sink + window), the others full."""
+    local = set(local_layers)
+    return [Span(sink, window) if i in local else None for i in range(num_layers)]
 
 
 def layers_for_target(cfg: WanConfig, reduction: float, window: int, sink: int) -> int:

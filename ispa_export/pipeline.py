@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from graphs.config import WanConfig, preset
 from graphs.wan import Absorption, WanModel, parameter_count
+from runtimes.groups import Span, cache_groups, group_name
 
 from .errors import UserError
 from .ispa import IspaOptions, report, transition
-from .kv import kv_bytes, layers_for_target
+from .kv import kv_bytes, layers_for_target, uniform_layout
 from .torch_runner import TORCH_DTYPES
 
 DATA = Path(__file__).parent / "data"
@@ -72,7 +73,7 @@ def load_context(path: str | None, name: str, cfg: WanConfig, seed: int) -> tupl
 def save_baked(model: WanModel, path: Path) -> None:
     """The baked PyTorch weights (absorbed corrections included), for `ispa run --backend torch`."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"modes": ",".join(model.modes),
+    meta = {"layout": json.dumps([None if s is None else s._asdict() for s in model.layout]),
             "sites": ",".join(b.self_attn.ispa_site for b in model.blocks)}
     save_file(sd, str(path), metadata=meta)
 
@@ -82,11 +83,12 @@ def load_baked(cfg: WanConfig, path: Path) -> WanModel:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    if "modes" not in meta:
-        raise UserError(f"{path}: metadata field 'modes' missing; not a baked ispa-export model")
+    if "layout" not in meta:
+        raise UserError(f"{path}: metadata field 'layout' missing; expected a baked ispa-export model "
+                        "(an older one: re-export it)")
     sd = load_file(str(path))
     model = WanModel(cfg).eval()
-    model.set_modes(meta["modes"].split(","))
+    model.set_layout([None if s is None else Span(**s) for s in json.loads(meta["layout"])])
     for i, (block, site) in enumerate(zip(model.blocks, meta["sites"].split(","))):
         pre = f"blocks.{i}.self_attn."
         if pre + "ispa_bias" in sd:
@@ -152,7 +154,7 @@ def export_pipeline(args) -> dict:
                        window=args.window, sink=args.sink, warmup_chunks=args.warmup_chunks,
                        tol=args.tol, rho=args.rho, variant=args.variant, site=args.site, rank=args.rank,
                        gate=getattr(args, "gate", True), calibrate=getattr(args, "calibrate", True),
-                       per_layer_spans=getattr(args, "per_layer_spans", False),
+                       per_layer_spans=getattr(args, "per_layer_spans", True),
                        holdout_gap=getattr(args, "holdout_gap", 1),
                        stream_frames=getattr(args, "stream_frames", None))
     if args.warmup_chunks < 1:
@@ -166,7 +168,8 @@ def export_pipeline(args) -> dict:
     extras = {"discrepancy.png": lambda p: plot_discrepancy(rep, p), BAKED: lambda p: save_baked(model, p)}
     manifest = write_artifact(out, model, stream, rep, preset=name, modulation=args.modulation, dtype=args.dtype,
                               progress=lambda s: print(s, file=sys.stderr), extras=extras)
-    print(f"exported {out}: {len(tr.layers)}/{cfg.num_layers} layers local {tr.layers} ({tr.span}), transition at chunk "
+    spans = ", ".join(f"{g.name} {list(g.layers)}" for g in model.cache_groups())
+    print(f"exported {out}: {len(tr.layers)}/{cfg.num_layers} layers local (cache groups {spans}), transition at chunk "
           f"{tr.chunk} ({tr.reason}), KV bytes {rep['kv_bytes_before']} -> {rep['kv_bytes_after']} "
           f"({rep['kv_reduction']:.1%} removed)")
     return manifest
@@ -208,12 +211,10 @@ def inspect(target: str, reduction: float, window: int | None, sink: int, dtype:
     if path.is_dir():
         from runtimes.artifact import load_artifact
 
-        man = load_artifact(path, verify_checksums=False, check_onnx=False).manifest
+        art = load_artifact(path, verify_checksums=False, check_onnx=False)
+        man = art.manifest
         cfg = WanConfig.from_dict(man["model"]["config"])
-        modes = [l["mode"] for l in man["layers"]]
-        geo = man["geometry"]
-        window, sink = geo["local_capacity"] - geo["local_sink"], geo["local_sink"]
-        spans = [None if m == "F" else {"sink": sink, "window": window} for m in modes]
+        layout, batch = art.geometry.layout, art.geometry.batch
         dtype_name = man["dtype"]
         title = f"artifact {path} ({man['model']['preset']})"
     else:
@@ -223,25 +224,32 @@ def inspect(target: str, reduction: float, window: int | None, sink: int, dtype:
             n = layers_for_target(cfg, reduction, window, sink)
         except ValueError as e:
             raise UserError(f"--kv-reduction/--window/--sink: {e}") from None
-        modes = ["F"] * (cfg.num_layers - n) + ["L"] * n  # which layers is decided per video at export
-        spans = [None if m == "F" else {"sink": sink, "window": window} for m in modes]
+        # Which layers go local is decided per video at export; the bytes are not.
+        layout, batch = uniform_layout(cfg.num_layers, range(cfg.num_layers - n, cfg.num_layers), sink, window), 1
         dtype_name = names[dtype]
         title = f"preset {target} at {reduction:.0%} KV reduction (window {window}, sink {sink})"
-    full = kv_bytes(cfg, None, dtype=dtype_name)
-    ispa = kv_bytes(cfg, modes, window, sink, dtype=dtype_name)
+    modes = ["F" if s is None else "L" for s in layout]
+    spans = [None if s is None else s._asdict() for s in layout]
+    full = kv_bytes(cfg, None, dtype=dtype_name, batch=batch)
+    ispa = kv_bytes(cfg, layout, dtype=dtype_name, batch=batch)
+    groups = [{"name": g.name, "layers": list(g.layers), "capacity_frames": g.capacity, "sink_frames": g.sink,
+               "bytes": ispa.by_group()[g.name]} for g in cache_groups(layout, cfg.max_frames, cfg.full_sink)]
     params = _meta_params(cfg)
     text = [title,
             f"  dim {cfg.dim}, ffn {cfg.ffn_dim}, heads {cfg.num_heads} x {cfg.head_dim}, layers {cfg.num_layers}, "
             f"{params:,} parameters",
             f"  {cfg.tokens_per_frame} tokens/frame, chunk {cfg.chunk_frames} frames, full cache {cfg.max_frames} frames",
             f"  layer modes: {''.join(modes)}",
-            "  layer spans: " + " ".join(f"{i}:F" if sp is None else f"{i}:L(sink {sp['sink']} + window {sp['window']})"
-                                         for i, sp in enumerate(spans)),
+            "  layer spans: " + " ".join(
+                (f"{i}:F" if sp is None else f"{i}:L(sink {sp['sink']} + window {sp['window']})") + f"->{group_name(s)}"
+                for i, (sp, s) in enumerate(zip(spans, layout))),
+            "  cache groups: " + "; ".join(f"{g['name']} layers {g['layers']} ({g['capacity_frames']} frames, "
+                                           f"{g['bytes']:,} bytes)" for g in groups),
             f"  KV bytes ({dtype_name}): full cache {full.total:,} ({full.full_layer:,} per layer); "
-            f"ISPA {ispa.total:,} (F {ispa.by_mode()['F']:,} + L {ispa.by_mode()['L']:,}); "
-            f"removed {1 - ispa.total / full.total:.2%}",
+            f"ISPA {ispa.total:,}; removed {1 - ispa.total / full.total:.2%}",
             f"  text cross-attention K/V (fixed per prompt): {full.cross:,} bytes"]
-    return {"config": cfg.to_dict(), "modes": modes, "spans": spans, "parameters": params, "dtype": dtype_name,
+    return {"config": cfg.to_dict(), "modes": modes, "spans": spans, "groups": groups,
+            "layer_groups": [group_name(s) for s in layout], "parameters": params, "dtype": dtype_name,
             "kv_bytes_full": full.total, "kv_bytes_ispa": ispa.total, "kv_bytes_per_layer": ispa.per_layer,
             "kv_reduction": 1 - ispa.total / full.total, "cross_kv_bytes": full.cross, "text": text}
 

@@ -15,10 +15,10 @@ from graphs.config import WanConfig
 from graphs.wan import WanModel
 from runtimes.buffers import Buffers, host_dtype
 from runtimes.driver import Geometry, PassInfo, Stream
+from runtimes.groups import Span, output_names
 
-INPUTS = ["latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
-          "kv_local_mask", "pass_kind", "ispa_weight", "ispa_bias"]
-OUTPUTS = ["prediction", "new_kv_full", "new_kv_local"]
+# Inputs besides the cache groups and their masks, which follow the model's layout.
+INPUTS = ["latents", "timestep", "rope_frame", "cross_kv", "pass_kind", "ispa_weight", "ispa_bias"]
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Inputs that keep float32 whatever the model's dtype (the graph casts them itself).
 FLOAT32_INPUTS = ("timestep", "rope_frame")
@@ -95,12 +95,19 @@ class TorchRunner:
             self.model = model.to(self.device)
         self.dtype = next(model.parameters()).dtype
         self.buffers = TorchBuffers(self.device)
-        self.input_names = list(INPUTS)
-        self.output_names = list(OUTPUTS)
         self.before_pass = before_pass
         # Fixed shapes and fixed cache addresses: one graph per layout, recompiled once when the masks
         # drop out (the cache has filled). Not with a monitor, which runs Python inside the step.
         self.forward = torch.compile(self.model) if compile else self.model
+
+    # The model's layout changes at the transition (ispa.bake): its groups are read when asked.
+    @property
+    def input_names(self) -> list[str]:
+        return INPUTS + [n for g in self.model.cache_groups() for n in (g.name, g.name + "_mask")]
+
+    @property
+    def output_names(self) -> list[str]:
+        return output_names(self.model.cache_groups())
 
     def _feed(self, name: str, a: np.ndarray) -> torch.Tensor | None:
         if name.endswith("_mask") and np.all(a):
@@ -114,8 +121,9 @@ class TorchRunner:
 
     def run(self, feeds: dict[str, np.ndarray], info: PassInfo | None = None) -> dict:
         args = {k: self._feed(k, v) for k, v in feeds.items()}
+        inputs = set(self.input_names)
         for name in self.buffers.names():
-            if name in self.input_names and name not in args:
+            if name in inputs and name not in args:
                 args[name] = self.buffers[name]
         if "pass_kind" in args and not self.model.per_pass_kind():
             args.pop("pass_kind")
@@ -125,18 +133,19 @@ class TorchRunner:
         pred = outs[0].float().cpu().numpy()
         if self.device.type != "cpu":
             self.buffers.traffic.d2h += pred.nbytes
+        names = self.output_names
         result = {"prediction": pred}
-        result.update({name: o for name, o in zip(OUTPUTS[1:], outs[1:]) if o is not None})
+        result.update(zip(names[1:], outs[1:]))
         return result
 
 
-def geometry(cfg: WanConfig, modes: list[str], local_window: int = 0, local_sink: int = 0, batch: int = 1,
-             dtype: str = "float32") -> Geometry:
+def geometry(cfg: WanConfig, layout: list, batch: int = 1, dtype: str = "float32") -> Geometry:
+    """The driver's geometry of a model with this per-layer layout (None: full, else a local span)."""
     return Geometry(
-        modes=list(modes), batch=batch, channels=cfg.in_dim, chunk_frames=cfg.chunk_frames,
+        layout=layout, batch=batch, channels=cfg.in_dim, chunk_frames=cfg.chunk_frames,
         height=cfg.latent_height, width=cfg.latent_width, tokens_per_frame=cfg.tokens_per_frame,
         heads=cfg.num_heads, head_dim=cfg.head_dim, full_capacity=cfg.max_frames, full_sink=cfg.full_sink,
-        local_capacity=local_sink + local_window, local_sink=local_sink, dtype=dtype,
+        dtype=dtype,
     )
 
 
@@ -144,12 +153,15 @@ def model_dtype(model: WanModel) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def torch_stream(model: WanModel, context: torch.Tensor, seed: int, *, local_window: int = 0, local_sink: int = 0,
-                 before_pass=None) -> Stream:
-    """A stream over the model's current layer modes on the model's device and in its dtype, with the
-    text K/V computed once here."""
+def torch_stream(model: WanModel, context: torch.Tensor, seed: int, *, local_window: int | None = None,
+                 local_sink: int = 0, before_pass=None) -> Stream:
+    """A stream over the model's layout on the model's device and in its dtype, with the text K/V
+    computed once here. `local_window` (with `local_sink`) first puts every L-layer of the model at
+    that one span (the uniform layouts of WanModel.set_modes)."""
+    if local_window is not None:
+        model.set_layout([None if s is None else Span(local_sink, local_window) for s in model.layout])
     device = next(model.parameters()).device
     with torch.no_grad():
         cross_kv = to_numpy(model.cross_kv(context.to(device, next(model.parameters()).dtype)))
-    geo = geometry(model.cfg, model.modes, local_window, local_sink, batch=context.shape[0], dtype=model_dtype(model))
+    geo = geometry(model.cfg, model.layout, batch=context.shape[0], dtype=model_dtype(model))
     return Stream(TorchRunner(model, before_pass=before_pass), geo, cross_kv, seed)

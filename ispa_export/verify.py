@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtimes.files import atomic_path
+from runtimes.groups import is_cache_name, is_new_kv_name, output_names
 
 from .errors import UserError
 from .manifest import update_manifest_files
@@ -49,15 +50,10 @@ GOLDEN = "golden.safetensors"
 GOLDEN_FORMAT = "ispa-golden"
 GOLDEN_VERSION = "1"
 GOLDEN_RUNNER = "pytorch"
-# Output order of WanModel.forward; absent groups come back as None and are not graph outputs.
-OUTPUT_NAMES = ("prediction", "new_kv_full", "new_kv_local")
-# Graph inputs that state.safetensors holds (the caches, text K/V, modulation "input" constants):
-# the golden file leaves them out and verify feeds them from the state.
-STATE_INPUTS = ("kv_full", "kv_local", "cross_kv", "ispa_weight", "ispa_bias")
-# New K/V outputs [layers, 2, batch, chunk_frames*tokens_per_frame, heads, head_dim]: the golden file
-# keeps at most KV_TOKENS tokens of axis KV_AXIS, evenly strided over the chunk's frames (all layers,
-# both K and V, all heads). Wan 1.3B bf16: 30 layers x 2 x 64 x 12 x 128 x 2 bytes = 11.8 MB.
-KV_OUTPUTS = ("new_kv_full", "new_kv_local")
+# New K/V outputs (`new_<group>`, runtimes.groups) [layers, 2, batch, chunk_frames*tokens_per_frame, heads,
+# head_dim]: the golden file keeps at most KV_TOKENS tokens of axis KV_AXIS, evenly strided over the
+# chunk's frames (all layers, both K and V, all heads). Wan 1.3B bf16: 30 layers x 2 x 64 x 12 x 128 x
+# 2 bytes = 11.8 MB, whatever the groups.
 KV_AXIS = 3
 KV_TOKENS = 64
 INPUT_PREFIX, OUTPUT_PREFIX, STATE_SHA_PREFIX = "input.", "output.", "state_sha256."
@@ -78,6 +74,12 @@ TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
 
 # -- what the golden file holds ---------------------------------------------------------------------
 
+def is_state_input(name: str) -> bool:
+    """Graph inputs that state.safetensors holds (the cache groups, text K/V, modulation "input"
+    constants): the golden file leaves them out and verify feeds them from the state."""
+    return is_cache_name(name) or name in ("cross_kv", "ispa_weight", "ispa_bias")
+
+
 def kv_token_slice(tokens: int, count: int = KV_TOKENS) -> slice:
     """At most `count` of `tokens` positions, evenly strided from the first (every frame of the chunk)."""
     if count < 1:
@@ -89,10 +91,10 @@ def golden_layout(inputs: dict[str, tuple[tuple[int, ...], str]], outputs: dict[
                   kv_tokens: int = KV_TOKENS) -> dict[str, tuple[tuple[int, ...], str]]:
     """The tensors golden.safetensors holds for a graph with these inputs/outputs ((shape, dtype) by
     name): its file keys, shapes and dtypes. The state's inputs are left out; new K/V are sliced."""
-    out = {INPUT_PREFIX + n: (tuple(s), d) for n, (s, d) in inputs.items() if n not in STATE_INPUTS}
+    out = {INPUT_PREFIX + n: (tuple(s), d) for n, (s, d) in inputs.items() if not is_state_input(n)}
     for n, (s, d) in outputs.items():
         s = tuple(s)
-        if n in KV_OUTPUTS:
+        if is_new_kv_name(n):
             s = s[:KV_AXIS] + (len(range(s[KV_AXIS])[kv_token_slice(s[KV_AXIS], kv_tokens)]),) + s[KV_AXIS + 1:]
         out[OUTPUT_PREFIX + n] = (s, d)
     return out
@@ -107,7 +109,7 @@ def layout_nbytes(layout: dict[str, tuple[tuple[int, ...], str]]) -> int:
 def slice_outputs(outputs: dict[str, np.ndarray], kv: slice) -> dict[str, np.ndarray]:
     """The outputs as the golden file keeps them: new K/V reduced to the tokens `kv` of axis KV_AXIS."""
     index = (slice(None),) * KV_AXIS + (kv,)
-    return {n: (np.ascontiguousarray(a[index]) if n in KV_OUTPUTS else a) for n, a in outputs.items()}
+    return {n: (np.ascontiguousarray(a[index]) if is_new_kv_name(n) else a) for n, a in outputs.items()}
 
 
 def tensor_sha256(a: np.ndarray) -> str:
@@ -131,7 +133,7 @@ def golden_outputs(model: "WanModel", feeds: dict[str, np.ndarray]) -> dict[str,
     kwargs = {k: to_torch(v, device) for k, v in feeds.items()}
     with torch.no_grad():
         outs = model(**kwargs)
-    return {name: to_numpy(o) for name, o in zip(OUTPUT_NAMES, outs) if o is not None}
+    return {name: to_numpy(o) for name, o in zip(output_names(model.cache_groups()), outs)}
 
 
 def golden_feeds(stream: "Stream", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,7 +156,7 @@ def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray]
     """Write golden.safetensors into `directory` (atomically); returns [GOLDEN].
 
     `model` is the module that is exported (already cast to the export dtype), `feeds` its example
-    inputs by graph input name, the state's tensors (STATE_INPUTS) included: they are run but not
+    inputs by graph input name, the state's tensors (is_state_input) included: they are run but not
     stored, only fingerprinted. New K/V outputs keep `kv_tokens` tokens (kv_token_slice).
     """
     from safetensors.numpy import save_file
@@ -170,14 +172,14 @@ def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray]
             if not np.isfinite(out.astype(np.float32) if out.dtype.name == "bfloat16" else out).all():
                 raise UserError(f"{path}: output {name!r} of the PyTorch model has NaN/inf on the example "
                                 "inputs; expected finite values")
-    kv = kv_token_slice(next((o.shape[KV_AXIS] for n, o in outputs.items() if n in KV_OUTPUTS), 1), kv_tokens)
-    tensors = {INPUT_PREFIX + k: v for k, v in feeds.items() if k not in STATE_INPUTS}
+    kv = kv_token_slice(next((o.shape[KV_AXIS] for n, o in outputs.items() if is_new_kv_name(n)), 1), kv_tokens)
+    tensors = {INPUT_PREFIX + k: v for k, v in feeds.items() if not is_state_input(k)}
     tensors.update({OUTPUT_PREFIX + k: v for k, v in slice_outputs(outputs, kv).items()})
     metadata = {"format": GOLDEN_FORMAT, "version": GOLDEN_VERSION, "runner": GOLDEN_RUNNER,
                 "seconds": f"{seconds:.3f}", "kv_axis": str(KV_AXIS),
                 "kv_slice": f"{kv.start}:{kv.stop}:{kv.step}",
-                "state_inputs": ",".join(sorted(k for k in feeds if k in STATE_INPUTS))}
-    metadata.update({STATE_SHA_PREFIX + k: tensor_sha256(v) for k, v in feeds.items() if k in STATE_INPUTS})
+                "state_inputs": ",".join(sorted(k for k in feeds if is_state_input(k)))}
+    metadata.update({STATE_SHA_PREFIX + k: tensor_sha256(v) for k, v in feeds.items() if is_state_input(k)})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return [GOLDEN]
@@ -252,8 +254,8 @@ def load_golden(art) -> tuple[dict[str, np.ndarray], Golden]:
         raise UserError(f"{art.manifest_path}: files: expected an entry for {GOLDEN!r} (its checksum), "
                         f"found entries {sorted(art.manifest['files'])}")
     golden = read_golden(path)
-    from_state = sorted(n for n in art.inputs if n in STATE_INPUTS)
-    want = sorted(n for n in art.inputs if n not in STATE_INPUTS)
+    from_state = sorted(n for n in art.inputs if is_state_input(n))
+    want = sorted(n for n in art.inputs if not is_state_input(n))
     if sorted(golden.inputs) != want:
         raise UserError(f"{path}: inputs: expected {want} (manifest.json inputs, less {from_state} from "
                         f"{art.state_path.name}), found {sorted(golden.inputs)}")
@@ -267,7 +269,7 @@ def load_golden(art) -> tuple[dict[str, np.ndarray], Golden]:
     for name, spec in art.outputs.items():
         a = golden.outputs[name]
         shape = spec.shape
-        if name in KV_OUTPUTS:
+        if is_new_kv_name(name):
             kv = golden.kv
             if kv.stop != spec.shape[KV_AXIS]:
                 raise UserError(f"{path}: metadata kv_slice: expected a stop of {spec.shape[KV_AXIS]} (the tokens "
@@ -279,7 +281,7 @@ def load_golden(art) -> tuple[dict[str, np.ndarray], Golden]:
                             f"kv_slice {golden.metadata['kv_slice']}), found {_spec(a)}")
     feeds = {}
     for name in art.inputs:
-        if name in STATE_INPUTS:
+        if is_state_input(name):
             a = art.state[name]
             want_sha = golden.metadata.get(STATE_SHA_PREFIX + name)
             got_sha = tensor_sha256(a)

@@ -16,13 +16,19 @@ from typing import Any
 import numpy as np
 
 from .buffers import host_dtype
-from .driver import FULL, LOCAL, Geometry
+from .driver import Geometry
 from .files import sha256_file
+from .groups import group_name, new_kv_name
 from .manifest_schema import FLOAT_DTYPES, describe, schema_violation
 from .schedule import ring_slot
 
 # 2: RoPE angles as the input `rope_frame` (no 1,024-frame limit), bfloat16 graphs, `positions`.
-SCHEMA_VERSION = 2
+# 3: one cache group per distinct local span (`kv_s{sink}w{window}`), per-layer spans in
+#    `geometry.layout`, `caches` a list of groups.
+SCHEMA_VERSION = 3
+# Why an older manifest cannot be run: its graph has another I/O contract.
+OLDER_VERSIONS = {1: "an artifact from before RoPE angles became a graph input",
+                  2: "an artifact with a single local cache group 'kv_local'"}
 FORMAT = "ispa-export"
 MANIFEST = "manifest.json"
 ONNX = "model.onnx"
@@ -35,10 +41,9 @@ REQUIRED_FILES = (ONNX, STATE)
 # only on query-key distances, which stay those of the training window for the rolling frames. Sink
 # frames are not re-based: a sink's distance to the chunk grows with the stream.
 POSITION_SCHEME = "absolute-rope-input"
-# The graph inputs the driver knows how to feed (runtimes.driver.Stream._feeds + constants).
-KNOWN_INPUTS = ("latents", "timestep", "rope_frame", "cross_kv", "kv_full", "kv_full_mask", "kv_local",
-                "kv_local_mask", "pass_kind", "ispa_weight", "ispa_bias")
-GROUPS = (("full", FULL, "kv_full"), ("local", LOCAL, "kv_local"))
+# The graph inputs the driver feeds besides the cache groups and their masks (runtimes.driver.Stream.feeds
+# and the constants).
+STEP_INPUTS = ("latents", "timestep", "rope_frame", "cross_kv", "pass_kind", "ispa_weight", "ispa_bias")
 
 
 class ArtifactError(ValueError):
@@ -150,8 +155,8 @@ def _read_manifest(directory: Path) -> dict:
         raise _fail(path, "format", repr(FORMAT), found)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        why = (" (an artifact from before RoPE angles became a graph input: re-export it)"
-               if version == 1 else f" (this runtime reads schema version {SCHEMA_VERSION})")
+        older = OLDER_VERSIONS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+        why = f" ({older}: re-export it)" if older else f" (this runtime reads schema version {SCHEMA_VERSION})"
         raise _fail(path, "schema_version", f"{SCHEMA_VERSION}{why}",
                     describe(version) if "schema_version" in manifest else "no such field")
     violation = schema_violation(manifest)
@@ -163,56 +168,55 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def layer_records(geo: Geometry) -> list[dict[str, Any]]:
+    """The manifest's `layers`: each layer's mode, span and cache group."""
+    return [{"index": i, "mode": m, "span": None if s is None else s._asdict(), "group": group_name(s)}
+            for i, (m, s) in enumerate(zip(geo.modes, geo.layout))]
+
+
+def cache_records(geo: Geometry) -> list[dict[str, Any]]:
+    """The manifest's `caches`: one record per cache group, in graph order, its bytes shape x itemsize."""
+    item = host_dtype(geo.dtype).itemsize
+    return [{"name": g.name, "layers": list(g.layers), "capacity_frames": g.capacity, "sink_frames": g.sink,
+             "window_frames": g.window, "shape": list(geo.group_shape(g)), "dtype": geo.dtype,
+             "bytes": math.prod(geo.group_shape(g)) * item} for g in geo.groups]
+
+
 def _geometry(manifest: dict) -> Geometry:
     """Geometry from a manifest that passed the schema (types and ranges); cross-field checks here."""
     g = manifest["geometry"]
-    for prefix, mode in (("full", FULL), ("local", LOCAL)):
-        cap, sink = g[prefix + "_capacity"], g[prefix + "_sink"]
-        if mode in g["modes"] and sink >= cap:
-            raise _fail(MANIFEST, f"geometry.{prefix}_sink",
-                        f"< {prefix}_capacity={cap} (the ring needs a rolling part)", sink)
+    if None in g["layout"] and g["full_sink"] >= g["full_capacity"]:
+        raise _fail(MANIFEST, "geometry.full_sink",
+                    f"< full_capacity={g['full_capacity']} (the ring needs a rolling part)", g["full_sink"])
     if "dtype" in manifest and manifest["dtype"] != g["dtype"]:
         raise _fail(MANIFEST, "dtype", f"{g['dtype']!r} (geometry.dtype, the graph's)", repr(manifest["dtype"]))
-    return Geometry(**{**g, "modes": list(g["modes"]), "timesteps": [float(t) for t in g["timesteps"]],
-                       "rope_theta": float(g["rope_theta"])})
-
-
-def _cache_shape(geo: Geometry, mode: str) -> tuple[int, ...]:
-    cap = geo.full_capacity if mode == FULL else geo.local_capacity
-    return (geo.modes.count(mode), 2, geo.batch, cap * geo.tokens_per_frame, geo.heads, geo.head_dim)
+    return Geometry.from_dict(g)
 
 
 def _check_layers_and_caches(manifest: dict, geo: Geometry) -> None:
     layers = manifest["layers"]
-    if len(layers) != len(geo.modes):
-        raise _fail(MANIFEST, "layers", f"{len(geo.modes)} entries (one per geometry.modes)", len(layers))
-    for i, (entry, mode) in enumerate(zip(layers, geo.modes)):
-        if not isinstance(entry, dict) or entry.get("index") != i or entry.get("mode") != mode:
-            raise _fail(MANIFEST, f"layers[{i}]", f"{{'index': {i}, 'mode': {mode!r}}} (from geometry.modes)",
-                        _one_line(entry, 120))
+    if len(layers) != len(geo.layout):
+        raise _fail(MANIFEST, "layers", f"{len(geo.layout)} entries (one per geometry.layout)", len(layers))
+    for i, (entry, want) in enumerate(zip(layers, layer_records(geo))):
+        if entry != want:
+            raise _fail(MANIFEST, f"layers[{i}]", f"{want} (from geometry.layout)", _one_line(entry, 160))
     caches = manifest["caches"]
-    for key, mode, _ in GROUPS:
-        c = caches[key]
-        path = f"caches.{key}"
-        cap, sink = ((geo.full_capacity, geo.full_sink) if mode == FULL else (geo.local_capacity, geo.local_sink))
-        want = {"layers": geo.modes.count(mode), "capacity_frames": cap, "sink_frames": sink}
-        for field, value in want.items():
-            got = c[field]
-            if got != value:
-                raise _fail(MANIFEST, f"{path}.{field}", f"{value} (from geometry)", got)
-        shape = list(_cache_shape(geo, mode))
-        got = c["shape"]
-        if got != shape:
+    want = cache_records(geo)
+    names = [c["name"] for c in want]
+    if [c["name"] for c in caches] != names:
+        raise _fail(MANIFEST, "caches", f"the groups {names} (from geometry.layout, in that order)",
+                    [c["name"] for c in caches])
+    for c, w in zip(caches, want):
+        path = f"caches[{c['name']!r}]"
+        for field in ("layers", "capacity_frames", "sink_frames", "window_frames", "dtype"):
+            if c[field] != w[field]:
+                raise _fail(MANIFEST, f"{path}.{field}", f"{w[field]!r} (from geometry)", repr(c[field]))
+        if c["shape"] != w["shape"]:
             raise _fail(MANIFEST, f"{path}.shape",
-                        f"{shape} = [layers, 2, batch, capacity_frames*tokens_per_frame "
-                        f"({cap}*{geo.tokens_per_frame}), heads, head_dim]", got)
-        dtype = c["dtype"]
-        if dtype != geo.dtype:
-            raise _fail(MANIFEST, f"{path}.dtype", f"{geo.dtype!r} (geometry.dtype)", repr(dtype))
-        nbytes = math.prod(shape) * host_dtype(geo.dtype).itemsize
-        got = c["bytes"]
-        if got != nbytes:
-            raise _fail(MANIFEST, f"{path}.bytes", f"{nbytes} (shape x itemsize)", got)
+                        f"{w['shape']} = [layers, 2, batch, capacity_frames*tokens_per_frame "
+                        f"({w['capacity_frames']}*{geo.tokens_per_frame}), heads, head_dim]", c["shape"])
+        if c["bytes"] != w["bytes"]:
+            raise _fail(MANIFEST, f"{path}.bytes", f"{w['bytes']} (shape x itemsize)", c["bytes"])
 
 
 def _specs(manifest: dict, key: str) -> dict[str, TensorSpec]:
@@ -229,9 +233,6 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
                        outputs: dict[str, TensorSpec]) -> None:
     """The manifest's I/O against what the driver feeds and reads, for this geometry."""
     modulation = manifest["modulation"]
-    unknown = [n for n in inputs if n not in KNOWN_INPUTS]
-    if unknown:
-        raise _fail(MANIFEST, "inputs", f"names the driver feeds ({', '.join(KNOWN_INPUTS)})", f"unknown {unknown}")
     b, f, p = geo.batch, geo.chunk_frames, geo.tokens_per_frame
     want_in: dict[str, tuple[tuple[int, ...] | None, str]] = {
         "latents": (geo.chunk_shape, geo.dtype),
@@ -240,16 +241,16 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
         "cross_kv": (None, geo.dtype),
     }
     want_out: dict[str, tuple[tuple[int, ...] | None, str | None]] = {"prediction": (geo.chunk_shape, None)}
-    for _, mode, name in GROUPS:
-        if geo.modes.count(mode):
-            cap = geo.full_capacity if mode == FULL else geo.local_capacity
-            want_in[name] = (_cache_shape(geo, mode), geo.dtype)
-            want_in[name + "_mask"] = ((cap,), "bool")
-            want_out["new_" + name] = ((geo.modes.count(mode), 2, b, f * p, geo.heads, geo.head_dim), geo.dtype)
-        else:
-            for n, where in ((name, "inputs"), (name + "_mask", "inputs"), ("new_" + name, "outputs")):
-                if n in (inputs if where == "inputs" else outputs):
-                    raise _fail(MANIFEST, where, f"no {n!r} (geometry has no {mode}-layers)", f"{n!r}")
+    for g in geo.groups:
+        want_in[g.name] = (geo.group_shape(g), geo.dtype)
+        want_in[g.name + "_mask"] = ((g.capacity,), "bool")
+        want_out[new_kv_name(g.name)] = (geo.new_kv_shape(g), geo.dtype)
+    known = [*STEP_INPUTS, *(n for g in geo.groups for n in (g.name, g.name + "_mask"))]
+    for specs, names, key, what in ((inputs, known, "inputs", "feeds"), (outputs, list(want_out), "outputs", "reads")):
+        unknown = [n for n in specs if n not in names]
+        if unknown:
+            raise _fail(MANIFEST, key, f"names the driver {what} for geometry.layout ({', '.join(names)})",
+                        f"unknown {unknown}")
     if "pass_kind" in inputs:
         want_in["pass_kind"] = ((), "int64")
     for n in ("ispa_weight", "ispa_bias"):
@@ -267,10 +268,11 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
             if dtype is not None and s.dtype != dtype:
                 raise _fail(MANIFEST, f"{key}[{name!r}].dtype", repr(dtype), repr(s.dtype))
     ckv = inputs["cross_kv"].shape
-    if len(ckv) != 6 or (ckv[0], ckv[1], ckv[2], ckv[4], ckv[5]) != (len(geo.modes), 2, b, geo.heads, geo.head_dim):
+    n_layers = len(geo.layout)
+    if len(ckv) != 6 or (ckv[0], ckv[1], ckv[2], ckv[4], ckv[5]) != (n_layers, 2, b, geo.heads, geo.head_dim):
         raise _fail(MANIFEST, "inputs['cross_kv'].shape",
-                    f"[{len(geo.modes)}, 2, {b}, text_len, {geo.heads}, {geo.head_dim}]", list(ckv))
-    n_local = geo.modes.count(LOCAL)
+                    f"[{n_layers}, 2, {b}, text_len, {geo.heads}, {geo.head_dim}]", list(ckv))
+    n_local = geo.modes.count("L")
     for n in ("ispa_weight", "ispa_bias"):
         if n in inputs and (not inputs[n].shape or inputs[n].shape[0] != n_local):
             raise _fail(MANIFEST, f"inputs[{n!r}].shape", f"a first dimension of {n_local} (one per L-layer)",
@@ -390,16 +392,9 @@ def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str
         raise _fail(path, None, "a readable safetensors file", _one_line(e, 200)) from None
 
     want: dict[str, tuple[tuple[int, ...] | None, str]] = {}
-    for _, mode, name in GROUPS:
-        cap = geo.full_capacity if mode == FULL else geo.local_capacity
-        want[name] = (_cache_shape(geo, mode), geo.dtype)
-        want[name + "_frames"] = ((cap,), "int64")
-        # Groups without layers may be left out of the file; the driver's empty group is rebuilt.
-        if geo.modes.count(mode) == 0:
-            if name not in state:
-                state[name] = np.zeros(_cache_shape(geo, mode), dtype=host_dtype(geo.dtype))
-            if name + "_frames" not in state:
-                state[name + "_frames"] = np.full(cap, -1, dtype=np.int64)
+    for g in geo.groups:
+        want[g.name] = (geo.group_shape(g), geo.dtype)
+        want[g.name + "_frames"] = ((g.capacity,), "int64")
     want["cross_kv"] = (inputs["cross_kv"].shape, inputs["cross_kv"].dtype)
     for n in ("frame_index", "chunk", "seed"):
         want[n] = ((), "int64")
@@ -433,18 +428,14 @@ def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str
     if lat.shape != want_lat:
         raise _fail(path, "tensor 'latents'", f"float32{list(want_lat)} (every frame before frame_index)",
                     f"{lat.dtype.name}{list(lat.shape)}")
-    for _, mode, name in GROUPS:
-        cap, sink = (geo.full_capacity, geo.full_sink) if mode == FULL else (geo.local_capacity, geo.local_sink)
-        frames = state[name + "_frames"]
-        if not geo.modes.count(mode):
-            continue
-        for slot, fr in enumerate(frames.tolist()):
+    for g in geo.groups:
+        for slot, fr in enumerate(state[g.name + "_frames"].tolist()):
             if fr == -1:
                 continue
-            if not 0 <= fr < frame_index or ring_slot(fr, cap, sink) != slot:
-                raise _fail(path, f"tensor '{name}_frames'[{slot}]",
-                            f"-1 or a frame < {frame_index} whose ring slot (capacity {cap}, sink {sink}) is {slot}",
-                            fr)
+            if not 0 <= fr < frame_index or ring_slot(fr, g.capacity, g.sink) != slot:
+                raise _fail(path, f"tensor '{g.name}_frames'[{slot}]",
+                            f"-1 or a frame < {frame_index} whose ring slot (capacity {g.capacity}, sink {g.sink}) "
+                            f"is {slot}", fr)
     return state
 
 

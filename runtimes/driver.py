@@ -15,9 +15,11 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from .buffers import Buffers, host_dtype
+from .groups import FULL, GroupSpec, Span, as_layout, cache_groups, new_kv_name, placement  # noqa: F401 (FULL)
 from .schedule import ROPE_THETA, chunk_noise, flow_step, frame_rope, renoise, ring_slot, warped_timesteps
 
-FULL, LOCAL = "F", "L"
+# FULL (the F-layers' group name) is re-exported: the warmup monitor reads `stream.groups[FULL]`.
+FULL_MODE, LOCAL_MODE = "F", "L"
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,16 @@ class Runner(Protocol):
 
 @dataclass
 class CacheGroup:
-    """Fixed-size K/V of the layers that share one capacity: [layers, 2, B, capacity*P, heads, head_dim].
+    """Fixed-size K/V of the layers that share one capacity and sink (the F-layers, or one local span):
+    [layers, 2, B, capacity*P, heads, head_dim].
 
     The data live in the runner's buffers (on its device, in the graph's dtype) under `name`;
     `frames[slot]` is the absolute frame a slot holds (-1: empty), kept on the host. Keys carry their
     RoPE already, so the order of slots does not matter and the validity mask is all the graph needs.
     """
 
-    mode: str
     name: str
-    layers: int
+    layers: tuple[int, ...]  # model layers, in buffer order
     capacity: int
     sink: int
     tokens_per_frame: int
@@ -54,13 +56,13 @@ class CacheGroup:
 
     @property
     def data(self):
-        """The group's buffer on the runner's device (None for a group without layers)."""
-        return self.buffers[self.name] if self.layers else None
+        """The group's buffer on the runner's device."""
+        return self.buffers[self.name]
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for the group (exact: shape x itemsize of the device buffer)."""
-        return self.buffers.nbytes(self.name) if self.layers else 0
+        return self.buffers.nbytes(self.name)
 
     @property
     def mask(self) -> np.ndarray:
@@ -71,7 +73,7 @@ class CacheGroup:
 
     def write(self, new_kv, count: int, start: int) -> None:
         """Store a chunk's K/V [layers, 2, B, count*P, heads, head_dim] (a buffer of the runner's device)
-        for frames start, start+1, ...: one device-to-device copy per frame."""
+        for frames start, start+1, ...: one device-to-device copy per run of consecutive slots."""
         slots = self.slots(start, count)
         shape = self.buffers.shapes[self.name]
         new_shape = shape[:3] + (count * self.tokens_per_frame,) + shape[4:]
@@ -81,9 +83,12 @@ class CacheGroup:
 
 @dataclass
 class Geometry:
-    """What the driver needs to know of the graph; read from manifest.json by deployments."""
+    """What the driver needs to know of the graph; read from manifest.json by deployments.
 
-    modes: list[str]
+    `layout` gives each layer's attention: None (full, capacity `full_capacity` with `full_sink`
+    pinned frames) or its local Span; the cache groups follow from it (runtimes.groups)."""
+
+    layout: list[Span | None]
     batch: int
     channels: int
     chunk_frames: int
@@ -94,11 +99,12 @@ class Geometry:
     head_dim: int
     full_capacity: int
     full_sink: int
-    local_capacity: int
-    local_sink: int
     dtype: str = "float32"
     timesteps: list[float] = field(default_factory=warped_timesteps)
     rope_theta: float = ROPE_THETA
+
+    def __post_init__(self) -> None:
+        self.layout = as_layout(self.layout)
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:
@@ -110,15 +116,36 @@ class Geometry:
         c = self.head_dim // 2
         return c - 2 * (c // 3)
 
-    def group_spec(self, mode: str) -> tuple[int, int, tuple[int, ...]]:
-        """(capacity, sink, buffer shape) of the cache group of layers in `mode`."""
-        cap, sink = ((self.full_capacity, self.full_sink) if mode == FULL
-                     else (self.local_capacity, self.local_sink))
-        shape = (self.modes.count(mode), 2, self.batch, cap * self.tokens_per_frame, self.heads, self.head_dim)
-        return cap, sink, shape
+    @property
+    def modes(self) -> list[str]:
+        """'F' or 'L' per layer."""
+        return [FULL_MODE if s is None else LOCAL_MODE for s in self.layout]
 
+    @property
+    def groups(self) -> list[GroupSpec]:
+        return cache_groups(self.layout, self.full_capacity, self.full_sink)
 
-CACHE_INPUTS = {FULL: "kv_full", LOCAL: "kv_local"}
+    def group_shape(self, group: GroupSpec) -> tuple[int, ...]:
+        """The group's buffer: [layers, 2, batch, capacity*tokens_per_frame, heads, head_dim]."""
+        return (len(group.layers), 2, self.batch, group.capacity * self.tokens_per_frame, self.heads, self.head_dim)
+
+    def new_kv_shape(self, group: GroupSpec) -> tuple[int, ...]:
+        """A chunk's new K/V of the group: [layers, 2, batch, chunk_frames*tokens_per_frame, heads, head_dim]."""
+        return (len(group.layers), 2, self.batch, self.chunk_frames * self.tokens_per_frame, self.heads,
+                self.head_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's `geometry` (spans as {"sink", "window"} objects)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["layout"] = [None if s is None else s._asdict() for s in self.layout]
+        out["timesteps"] = list(self.timesteps)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Geometry":
+        """From a manifest's `geometry` that passed the schema (runtimes.manifest_schema)."""
+        return cls(**{**d, "layout": [None if s is None else Span(**s) for s in d["layout"]],
+                      "timesteps": [float(t) for t in d["timesteps"]], "rope_theta": float(d["rope_theta"])})
 
 
 class Stream:
@@ -154,14 +181,12 @@ class Stream:
         self.buffers.upload(name, value)
 
     def _allocate(self, geo: Geometry, suffix: str = "") -> dict[str, CacheGroup]:
+        """One buffer per cache group of `geo` (named `<group><suffix>`), keyed by group name."""
         groups = {}
-        for mode in (FULL, LOCAL):
-            cap, sink, shape = geo.group_spec(mode)
-            name = CACHE_INPUTS[mode]
-            if shape[0]:
-                self.buffers.allocate(name + suffix, shape, geo.dtype)
-            groups[mode] = CacheGroup(mode, name + suffix, shape[0], cap, sink, geo.tokens_per_frame, self.buffers,
-                                      np.full(cap, -1, dtype=np.int64))
+        for spec in geo.groups:
+            self.buffers.allocate(spec.name + suffix, geo.group_shape(spec), geo.dtype)
+            groups[spec.name] = CacheGroup(spec.name + suffix, spec.layers, spec.capacity, spec.sink,
+                                           geo.tokens_per_frame, self.buffers, np.full(spec.capacity, -1, np.int64))
         return groups
 
     @property
@@ -178,8 +203,7 @@ class Stream:
             "pass_kind": np.array(pass_kind, dtype=np.int64),
         }
         for group in self.groups.values():
-            if group.layers:
-                feeds[group.name + "_mask"] = group.mask
+            feeds[group.name + "_mask"] = group.mask
         names = set(self.runner.input_names)
         return {k: v for k, v in feeds.items() if k in names}
 
@@ -213,8 +237,7 @@ class Stream:
             x0 = np.asarray(given, dtype=np.float32)
         out = self._run(x0, 0.0, len(ts))
         for group in self.groups.values():
-            if group.layers:
-                group.write(out["new_" + CACHE_INPUTS[group.mode]], self.geo.chunk_frames, self.frame_index)
+            group.write(out[new_kv_name(group.name)], self.geo.chunk_frames, self.frame_index)
         if self.keep_latents:
             self.latents.append(x0)
         self.chunk += 1
@@ -231,45 +254,49 @@ class Stream:
         return np.concatenate(out, axis=2)
 
     # -- the transition ----------------------------------------------------------------------
-    def relayout(self, modes: list[str], local_capacity: int, local_sink: int) -> None:
-        """Switch layer modes: a layer going local keeps only the frames its sink + window retains.
-
-        The frames move on the device, one layer-frame copy each; the old buffers are freed after."""
-        old_modes, old = self.geo.modes, self.groups
-        if len(modes) != len(old_modes):
-            raise ValueError(f"expected {len(old_modes)} layer modes, got {len(modes)}")
-        geo = dataclasses.replace(self.geo, modes=list(modes), local_capacity=local_capacity, local_sink=local_sink)
+    def relayout(self, layout: list[Any]) -> None:
+        """Give each layer its new span (None: full attention), moving it into that span's group: it
+        keeps only the frames the new group retains. The frames move on the device, one layer-frame
+        copy each; the old buffers are freed after."""
+        old_geo, old = self.geo, self.groups
+        geo = dataclasses.replace(old_geo, layout=layout)
+        if len(geo.layout) != len(old_geo.layout):
+            raise ValueError(f"expected {len(old_geo.layout)} layer spans, got {len(geo.layout)}")
+        specs = {g.name: g for g in geo.groups}
+        # Planned on the host first: one mask serves a whole group, so every layer moving into it must
+        # bring the same frames (a layer cannot give a frame its old cache no longer holds). Kept: what
+        # graphs.masks.retained says the new span holds when the next chunk runs.
+        moves, brought = [], {}
+        for layer, ((was, src_pos), (now, dst_pos)) in enumerate(zip(placement(old_geo.groups),
+                                                                     placement(geo.groups))):
+            dst = specs[now]
+            frames = [(slot, f) for slot, f in enumerate(old[was].frames.tolist())
+                      if 0 <= f < self.frame_index and (f < dst.sink or f >= self.frame_index - dst.window)]
+            first, want = brought.setdefault(now, (layer, sorted(f for _, f in frames)))
+            if sorted(f for _, f in frames) != want:
+                raise ValueError(f"relayout: layers {first} and {layer} bring different frames into group {now!r} "
+                                 f"({want} and {sorted(f for _, f in frames)}); expected the same history")
+            moves += [(now, dst_pos, was, src_pos, slot, f) for slot, f in frames]
         new = self._allocate(geo, suffix=".next")
-        pos = {FULL: 0, LOCAL: 0}
-        src_pos = {FULL: 0, LOCAL: 0}
-        for was, now in zip(old_modes, modes):
-            src, dst = old[was], new[now]
-            for slot, frame in enumerate(src.frames):
-                if frame < 0:
-                    continue
-                if frame < dst.sink or frame >= self.frame_index - (dst.capacity - dst.sink):
-                    d = ring_slot(int(frame), dst.capacity, dst.sink)
-                    self.buffers.copy_frame(dst.name, pos[now], d, src.name, src_pos[was], slot, dst.tokens_per_frame)
-                    dst.frames[d] = frame
-            src_pos[was] += 1
-            pos[now] += 1
+        for now, dst_pos, was, src_pos, slot, frame in moves:
+            dst = new[now]
+            d = ring_slot(frame, dst.capacity, dst.sink)
+            self.buffers.copy_frame(dst.name, dst_pos, d, old[was].name, src_pos, slot, dst.tokens_per_frame)
+            dst.frames[d] = frame
         for group in old.values():
             self.buffers.free(group.name)
-        for group in new.values():
-            final = group.name.removesuffix(".next")
-            if group.layers:
-                self.buffers.rename(group.name, final)
-            group.name = final
+        for name, group in new.items():
+            self.buffers.rename(group.name, name)
+            group.name = name
         self.geo, self.groups = geo, new
 
     # -- handoff -----------------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The handoff state on the host, caches in the graph's dtype (bf16 as ml_dtypes)."""
+        """The handoff state on the host: every cache group (`<name>` in the graph's dtype, bf16 as
+        ml_dtypes, and `<name>_frames`), the text K/V and constants, the position, seed and latents."""
         arrays = {}
-        for mode, group in self.groups.items():
-            name = CACHE_INPUTS[mode]
-            _, _, shape = self.geo.group_spec(mode)
-            arrays[name] = self.buffers.download(group.name) if group.layers else np.zeros(shape, host_dtype(self.geo.dtype))
+        for name, group in self.groups.items():
+            arrays[name] = self.buffers.download(group.name)
             arrays[name + "_frames"] = group.frames.copy()
         for name in self.static_inputs:
             arrays[name] = self.buffers.download(name)
@@ -283,19 +310,17 @@ class Stream:
         return arrays
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        for mode, group in self.groups.items():
-            name = CACHE_INPUTS[mode]
-            _, _, shape = self.geo.group_spec(mode)
-            dtype = host_dtype(self.geo.dtype)
-            for key, want_shape, want_dtype in ((name, shape, dtype), (name + "_frames", group.frames.shape,
-                                                                        group.frames.dtype)):
-                got = arrays[key]
-                if got.shape != tuple(want_shape) or got.dtype != want_dtype:
-                    raise ValueError(f"state field {key!r}: expected {want_dtype.name}{list(want_shape)}, "
-                                     f"found {got.dtype.name}{list(got.shape)}")
-            if group.layers:
-                self.buffers.upload(group.name, arrays[name])
-            group.frames[...] = arrays[name + "_frames"]
+        dtype = host_dtype(self.geo.dtype)
+        for spec in self.geo.groups:
+            group = self.groups[spec.name]
+            for key, want_shape, want_dtype in ((spec.name, self.geo.group_shape(spec), dtype),
+                                                (spec.name + "_frames", group.frames.shape, group.frames.dtype)):
+                got = arrays.get(key)
+                found = "no such field" if got is None else f"{got.dtype.name}{list(got.shape)}"
+                if got is None or got.shape != tuple(want_shape) or got.dtype != want_dtype:
+                    raise ValueError(f"state field {key!r}: expected {want_dtype.name}{list(want_shape)}, found {found}")
+            self.buffers.upload(group.name, arrays[spec.name])
+            group.frames[...] = arrays[spec.name + "_frames"]
         self._upload("cross_kv", arrays["cross_kv"])
         self.frame_index = int(arrays["frame_index"])
         self.chunk = int(arrays["chunk"])
@@ -304,4 +329,3 @@ class Stream:
             lat = arrays["latents"]
             f = self.geo.chunk_frames
             self.latents = [lat[:, :, i:i + f] for i in range(0, lat.shape[2], f)]
-

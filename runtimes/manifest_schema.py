@@ -17,6 +17,7 @@ from jsonschema.exceptions import ValidationError, best_match
 FLOAT_DTYPES = ["float32", "float16", "bfloat16"]
 IO_DTYPES = FLOAT_DTYPES + ["int64", "bool"]
 MODES = ["F", "L"]
+GROUP_NAME = "^kv_(full|s[0-9]+w[0-9]+)$"
 MODULATIONS = ["baked", "input"]
 # Timesteps are flow-matching times on Wan's 0..1000 scale: sigma = t/1000 must lie in (0, 1].
 TIMESTEP_MAX = 1000.0
@@ -29,21 +30,32 @@ _tensor = {
     "required": ["name", "shape", "dtype"],
     "properties": {"name": {"type": "string", "minLength": 1}, "shape": _shape, "dtype": {"enum": IO_DTYPES}},
 }
+# A layer's local span, or null for a full layer.
+_span = {
+    "type": ["object", "null"],
+    "expected": "an object {sink, window} or null (a full layer)",
+    "required": ["sink", "window"],
+    "additionalProperties": False,
+    "properties": {"sink": _count, "window": _positive},
+}
 _cache = {
     "type": "object",
-    "required": ["layers", "capacity_frames", "sink_frames", "shape", "dtype", "bytes"],
-    "properties": {"layers": _count, "capacity_frames": _count, "sink_frames": _count, "shape": _shape,
+    "required": ["name", "layers", "capacity_frames", "sink_frames", "window_frames", "shape", "dtype", "bytes"],
+    "properties": {"name": {"type": "string", "pattern": GROUP_NAME,
+                            "expected": "'kv_full' or 'kv_s<sink>w<window>'"},
+                   "layers": {"type": "array", "minItems": 1, "items": _count},
+                   "capacity_frames": _count, "sink_frames": _count, "window_frames": _count, "shape": _shape,
                    "dtype": {"enum": FLOAT_DTYPES}, "bytes": _count},
 }
 _geometry_ints = {name: _positive for name in
                   ("batch", "channels", "chunk_frames", "height", "width", "tokens_per_frame", "heads", "head_dim")}
-_geometry_ints.update({name: _count for name in ("full_capacity", "full_sink", "local_capacity", "local_sink")})
+_geometry_ints.update({name: _count for name in ("full_capacity", "full_sink")})
 _geometry = {
     "type": "object",
-    "required": ["modes", "dtype", "timesteps", "rope_theta", *_geometry_ints],
+    "required": ["layout", "dtype", "timesteps", "rope_theta", *_geometry_ints],
     "additionalProperties": False,
     "properties": {
-        "modes": {"type": "array", "minItems": 1, "items": {"enum": MODES}},
+        "layout": {"type": "array", "minItems": 1, "items": _span},
         "dtype": {"enum": FLOAT_DTYPES},
         "timesteps": {"type": "array", "minItems": 1,
                       "items": {"type": "number", "exclusiveMinimum": 0, "maximum": TIMESTEP_MAX,
@@ -68,10 +80,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                                      "theta": {"type": "number", "exclusiveMinimum": 1},
                                      "pairs": _positive, "sink_rebased": {"type": "boolean"}}},
         "model": {"type": "object"},
-        "layers": {"type": "array", "items": {"type": "object", "required": ["index", "mode"],
-                                              "properties": {"index": _count, "mode": {"enum": MODES}}}},
+        "layers": {"type": "array", "items": {
+            "type": "object", "required": ["index", "mode", "span", "group"],
+            "properties": {"index": _count, "mode": {"enum": MODES}, "span": _span,
+                           "group": {"type": "string", "pattern": GROUP_NAME,
+                                     "expected": "'kv_full' or 'kv_s<sink>w<window>'"}}}},
         "geometry": _geometry,
-        "caches": {"type": "object", "required": ["full", "local"], "properties": {"full": _cache, "local": _cache}},
+        "caches": {"type": "array", "minItems": 1, "items": _cache},
         "modulation": {"enum": MODULATIONS},
         "dtype": {"enum": FLOAT_DTYPES},
         "inputs": {"type": "array", "minItems": 1, "items": _tensor},
@@ -145,7 +160,7 @@ def _explain(e: ValidationError) -> tuple[str, str, str]:
     found = describe(x)
     if "expected" in e.schema:
         return field_path(path), e.schema["expected"], found
-    kind = _TYPE_NAMES.get(e.schema.get("type"), "a value")
+    kind = _TYPE_NAMES.get(e.schema.get("type"), "a value") if isinstance(e.schema.get("type"), str) else "a value"
     phrases = {
         "type": lambda: " or ".join(_TYPE_NAMES.get(t, t) for t in ([want] if isinstance(want, str) else want)),
         "enum": lambda: f"one of {want}",

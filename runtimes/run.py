@@ -306,7 +306,7 @@ def generate(args: argparse.Namespace, runner: Any = None,
         _restore(stream, art, snap, out / prior["snapshot"]["file"], start_chunk + done)
     state_frames = art.state["latents"]
     static = {"latents", "cross_kv", *art.constants}
-    for name in ("kv_full", "kv_local", "latents"):  # the stream copied what it needs: free the originals
+    for name in [g.name for g in art.geometry.groups] + ["latents"]:  # the stream copied them: free the originals
         art.state.pop(name, None)
     geo = art.geometry
     b, c, f, h, w = geo.chunk_shape

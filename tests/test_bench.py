@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from graphs.config import preset
-from graphs.wan import FULL, LOCAL, WanModel
+from graphs.wan import WanModel
 from ispa_export.cli import main
 from ispa_export.kv import kv_bytes
 from ispa_export.flops import step_flops
 from ispa_export.lab import bench
 from ispa_export.torch_runner import torch_stream
+from runtimes.groups import Span
 
 
 def _ratios(obj):
@@ -97,26 +98,29 @@ def test_real_transition_is_inside_the_predicted_range(quick):
     assert span["earliest"] <= res["export"]["transition_chunk"] * cfg.chunk_frames <= span["latest"]
 
 
-def test_stream_buffers_equal_kv_bytes():
+@pytest.mark.parametrize("layout", ["bench", [None, Span(0, 2), Span(1, 3), Span(0, 2)]])
+def test_stream_buffers_equal_kv_bytes(layout):
     cfg = preset("tiny")
     model = WanModel(cfg)
-    modes = bench.ispa_modes(cfg, 0.25)
-    model.set_modes(modes)
-    stream = torch_stream(model, torch.zeros(1, 2, cfg.text_dim), 0, local_window=cfg.chunk_frames,
-                          local_sink=bench.SINK)
-    allocated = sum(g.nbytes for g in stream.groups.values())
-    assert allocated == kv_bytes(cfg, modes, cfg.chunk_frames, bench.SINK).total
-    assert bench.crosscheck(cfg, modes, "float32")["allocated"] == allocated
+    layout = bench.ispa_layout(cfg, 0.25) if layout == "bench" else layout
+    model.set_layout(layout)
+    stream = torch_stream(model, torch.zeros(1, 2, cfg.text_dim), 0)
+    held = {n: g.nbytes for n, g in stream.groups.items()}
+    acc = kv_bytes(cfg, layout)
+    assert sum(held.values()) == acc.total and held == acc.by_group()
+    assert bench.crosscheck(cfg, layout, "float32")["allocated"] == acc.total
 
 
 def test_step_flops_attention_difference():
     cfg = preset("demo")
-    modes = bench.ispa_modes(cfg)
-    flops = step_flops(cfg, modes, cfg.max_frames, sink=bench.SINK)
+    layout = bench.ispa_layout(cfg)
+    flops = step_flops(cfg, layout, cfg.max_frames)
     q, p = cfg.chunk_frames * cfg.tokens_per_frame, cfg.tokens_per_frame
     saved_frames = cfg.max_frames - (cfg.chunk_frames + bench.SINK)
-    assert flops["full"] - flops["ispa"] == modes.count(LOCAL) * 4 * q * saved_frames * p * cfg.dim
-    assert step_flops(cfg, [FULL] * cfg.num_layers, cfg.max_frames)["predicted_ratio"] == 1
+    assert flops["full"] - flops["ispa"] == bench.n_local(layout) * 4 * q * saved_frames * p * cfg.dim
+    assert step_flops(cfg, [None] * cfg.num_layers, cfg.max_frames)["predicted_ratio"] == 1
+    two = step_flops(cfg, [Span(0, 2), Span(1, 3)] + [None] * (cfg.num_layers - 2), cfg.max_frames)
+    assert flops["full"] - two["ispa"] == 4 * q * ((cfg.max_frames - 2) + (cfg.max_frames - 4)) * p * cfg.dim
 
 
 def test_paired_ratio_pairs_by_repetition():

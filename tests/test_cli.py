@@ -7,6 +7,7 @@ import pytest
 from graphs.config import preset
 from ispa_export.cli import main
 from ispa_export.kv import kv_bytes
+from runtimes.groups import Span
 
 
 def test_inspect_preset_prints_exact_kv_bytes(capsys):
@@ -14,7 +15,9 @@ def test_inspect_preset_prints_exact_kv_bytes(capsys):
     info = json.loads(capsys.readouterr().out)
     cfg = preset("wan2.1-t2v-1.3b")
     assert info["kv_bytes_full"] == 30 * 2 * 21 * 1560 * 1536 * 4 == kv_bytes(cfg).total
-    assert info["kv_bytes_ispa"] == kv_bytes(cfg, info["modes"], window=3, sink=1).total
+    assert info["kv_bytes_ispa"] == kv_bytes(cfg, [None if s is None else Span(**s) for s in info["spans"]]).total
+    assert [g["name"] for g in info["groups"]] == ["kv_full", "kv_s1w3"]
+    assert sum(g["bytes"] for g in info["groups"]) == info["kv_bytes_ispa"]
     assert info["kv_reduction"] >= 0.5 and info["parameters"] == 1_418_996_800
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from graphs.config import preset
-from graphs.wan import FULL, LOCAL, WanModel
+from graphs.wan import WanModel
 from ispa_export.export import write_artifact
 from ispa_export.ispa import IspaOptions, transition
 from ispa_export.torch_runner import to_numpy, torch_stream
@@ -41,7 +41,7 @@ def chunk_kv_bytes(stream: Stream) -> int:
 
 def test_torch_caches_keep_their_addresses_and_copy_only_the_chunk():
     _, stream = baked()
-    names = [g.name for g in stream.groups.values() if g.layers] + ["cross_kv"]
+    names = list(stream.groups) + ["cross_kv"]
     before = {n: stream.buffers.address(n) for n in names}
     for _ in range(10):
         t0 = stream.buffers.traffic.snapshot()
@@ -60,7 +60,7 @@ def test_ort_caches_are_bound_by_address_and_copy_only_the_chunk(tmp_path):
     runner = OrtRunner(art.onnx_path)
     s = Stream(runner, art.geometry, art.cross_kv, art.seed, keep_latents=False)
     s.load_state(art.state)
-    names = ["kv_full", "kv_local", "cross_kv", "new_kv_full", "new_kv_local", "prediction"]
+    names = ["kv_full", "kv_s1w2", "cross_kv", "new_kv_full", "new_kv_s1w2", "prediction"]
     before = {n: runner.buffers.address(n) for n in names}
     # The OrtValues bound to the caches wrap the same memory: the engine reads the ring in place.
     assert runner._ortvalue("kv_full").data_ptr() == before["kv_full"]
@@ -75,14 +75,14 @@ def test_ort_caches_are_bound_by_address_and_copy_only_the_chunk(tmp_path):
 def test_bf16_caches_in_the_torch_backend():
     model32, stream32 = baked(torch.float32)
     model16, stream16 = baked(torch.bfloat16)
-    assert all(g.data.dtype == torch.bfloat16 for g in stream16.groups.values() if g.layers)
+    assert all(g.data.dtype == torch.bfloat16 for g in stream16.groups.values())
     state = stream16.state_arrays()
     assert state["kv_full"].dtype.name == "bfloat16" and state["cross_kv"].dtype.name == "bfloat16"
-    assert stream16.groups[FULL].nbytes * 2 == stream32.groups[FULL].nbytes
+    assert stream16.groups["kv_full"].nbytes * 2 == stream32.groups["kv_full"].nbytes
     # The handoff state round-trips bit for bit through safetensors and a new stream.
     again = Stream(type(stream16.runner)(model16), copy.deepcopy(stream16.geo), state["cross_kv"], stream16.seed)
     again.load_state(state)
-    for k in ("kv_full", "kv_local", "cross_kv"):
+    for k in ("kv_full", "kv_s1w2", "cross_kv"):
         assert np.array_equal(again.state_arrays()[k].view(np.uint16), state[k].view(np.uint16))
     a, b = stream16.run(3), stream32.run(3)
     assert np.isfinite(a).all()
@@ -102,7 +102,7 @@ def test_half_precision_exports_match_pytorch(tmp_path, dtype, tol):
     half = host_dtype(art.geometry.dtype)
     feeds = {k: v for k, v in feeds.items() if k in art.inputs}
     feeds["latents"] = feeds["latents"].astype(half)
-    feeds.update({k: art.state[k] for k in ("kv_full", "kv_local", "cross_kv")})
+    feeds.update({k: art.state[k] for k in ("kv_full", "kv_s1w2", "cross_kv")})
     ref_model = copy.deepcopy(model).cast(torch_dtype)
     args = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if v.dtype.name == "bfloat16"
             else torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()}
@@ -134,7 +134,7 @@ def test_warmup_solve_and_bake_make_nothing_on_the_default_device():
     finally:
         torch.set_default_device(None)
     assert tr.layers and np.isfinite(x).all()
-    assert all(g.data.device.type == "cpu" for g in stream.groups.values() if g.layers)
+    assert all(g.data.device.type == "cpu" for g in stream.groups.values())
 
 
 def test_frame_rope_is_exact_far_past_the_old_table():

@@ -105,7 +105,7 @@ def test_methods_hold_equal_kv_bytes_and_select_by_their_discrepancy(reduction, 
                                   "ispa-rank4", "ispa-rho0.1")]
     assert len(set(keys)) == len(keys)  # distinct runs, never merged by the de-duplication
     full = kv_bytes(cfg).total
-    sizes = {kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total for m in methods}
+    sizes = {kv_bytes(cfg, m.spans(cfg.num_layers)).total for m in methods}
     assert len(sizes) == 1  # demo, span 3: every uniform span is whole
     assert 1 - sizes.pop() / full >= reduction
     assert len(by["uniform"].layers) == len(by["uniform-nosink"].layers) == cfg.num_layers
@@ -116,11 +116,11 @@ def test_uniform_is_rounded_down_and_said_when_its_span_is_not_whole():
     d = dict.fromkeys(D_KEYS, np.arange(6.0))
     methods, notes = methods_for(0.5, cfg, 0, 2, d)
     by = {m.name: m for m in methods}
-    budget = kv_bytes(cfg, by["ispa"].modes(6), 2, 0).total
+    budget = kv_bytes(cfg, by["ispa"].spans(6)).total
     assert (by["uniform-nosink"].sink, by["uniform-nosink"].window) == (0, 5)
     assert (by["uniform"].sink, by["uniform"].window) == (1, 4)
     for name in ("uniform", "uniform-nosink"):
-        assert kv_bytes(cfg, by[name].modes(6), by[name].window, by[name].sink).total < budget
+        assert kv_bytes(cfg, by[name].spans(6)).total < budget
     assert any("FEWER KV bytes" in n for n in notes)
     # Without the other span's statistics there is no sink-window baseline, and that is said too.
     methods, notes = methods_for(0.5, cfg, 0, 2, {k: d[k] for k in ("corrected", "raw")})

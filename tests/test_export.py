@@ -12,12 +12,16 @@ import pytest
 import torch
 
 from graphs.config import preset
+from graphs.masks import retained
 from graphs.wan import WanModel
 from ispa_export.export import graph_feeds, write_artifact
-from ispa_export.ispa import IspaOptions, report, transition
+from ispa_export.ispa import IspaOptions, bake, plan, report, transition
 from ispa_export.kv import kv_bytes
+from ispa_export.monitor import LocalSpan
+from ispa_export.pipeline import BAKED, run_artifact, save_baked
 from runtimes.artifact import ArtifactError, load_artifact
 from runtimes.driver import Stream
+from runtimes.manifest_schema import schema_violation
 from runtimes.ort import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +40,41 @@ def baked(cfg_changes=None, seed=0, **opts):
     return model, stream, report(model, monitor, tr, o)
 
 
+# Three cache groups: kv_full (layer 0), kv_s0w2 (layers 1 and 3), kv_s1w3 (layer 2).
+MIXED = [None, LocalSpan(0, 2), LocalSpan(1, 3), LocalSpan(0, 2)]
+
+
+def baked_mixed(seed=0):
+    """The warmup and decision of `transition`, then the bake with MIXED in place of the policy's
+    allocation (random weights give no control over what it picks): relayout from all-F into three
+    groups, every L-layer corrected from its own span's statistics."""
+    torch.manual_seed(seed)
+    cfg = preset("tiny").replace(max_frames=8)
+    model = WanModel(cfg).eval()
+    ctx = torch.randn(1, 5, cfg.text_dim)
+    o = IspaOptions(kv_reduction=0.3, warmup_chunks=4, gate=False, calibrate=False)
+    stream, monitors, tr = plan(model, ctx, seed, o)
+    before = stream.state_arrays()
+    tr.spans = list(MIXED)
+    tr.absorption = bake(model, stream, monitors, tr.spans, o)
+    return model, stream, report(model, monitors, tr, o), before
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return baked()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    model, stream, rep, before = baked_mixed()
+    root = tmp_path_factory.mktemp("mixed")
+    arts = {}
+    for mod in ("baked", "input"):
+        arts[mod] = root / mod
+        write_artifact(arts[mod], model, stream, rep, preset="tiny", modulation=mod, progress=lambda s: None,
+                       extras={BAKED: lambda p: save_baked(model, p)})
+    return model, stream, rep, before, arts
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +103,10 @@ def test_one_step_parity(tiny, artifacts, modulation):
         args["ispa_weight"], args["ispa_bias"] = args.pop("ispa_weight"), args.pop("ispa_bias")
     with torch.no_grad():
         ref = model(**args)
-    for name, r in zip(["prediction", "new_kv_full", "new_kv_local"], ref):
-        if r is not None:
-            assert rel(ort_out[name], r.numpy()) < 1e-4, name
+    names = ["prediction", "new_kv_full", "new_kv_s1w2"]
+    assert list(ort_out) == names and len(ref) == len(names)
+    for name, r in zip(names, ref):
+        assert rel(ort_out[name], r.numpy()) < 1e-4, name
 
 
 def test_one_step_parity_medium_config(tmp_path):
@@ -102,11 +139,85 @@ def test_cache_inputs_have_the_accounted_sizes(tiny, artifacts):
     geo = man["geometry"]
     p = geo["tokens_per_frame"]
     assert inputs["kv_full"]["shape"][3] == geo["full_capacity"] * p
-    assert inputs["kv_local"]["shape"][3] == (geo["local_sink"] + 2) * p
-    acc = kv_bytes(model.cfg, model.modes, window=2, sink=1)
-    graph_bytes = sum(int(np.prod(inputs[k]["shape"])) * 4 for k in ("kv_full", "kv_local"))
-    assert graph_bytes == acc.total == rep["kv_bytes_after"]
+    assert inputs["kv_s1w2"]["shape"][3] == (1 + 2) * p
+    acc = kv_bytes(model.cfg, model.layout)
+    graph_bytes = sum(int(np.prod(inputs[k]["shape"])) * 4 for k in ("kv_full", "kv_s1w2"))
+    assert graph_bytes == acc.total == rep["kv_bytes_after"] == sum(g.nbytes for g in stream.groups.values())
     assert rep["kv_reduction"] >= 0.3 and 0 < model.modes.count("L") < len(model.modes)
+
+
+# -- several local spans: one cache group each ------------------------------------------------------
+
+def test_mixed_export_lists_its_groups_and_accounts_their_bytes(mixed):
+    model, stream, rep, _, arts = mixed
+    man = json.loads((arts["baked"] / "manifest.json").read_text())
+    assert schema_violation(man) is None and man["schema_version"] == 3
+    assert [(c["name"], c["layers"], c["capacity_frames"], c["sink_frames"], c["window_frames"]) for c in man["caches"]] \
+        == [("kv_full", [0], 8, 0, 8), ("kv_s0w2", [1, 3], 2, 0, 2), ("kv_s1w3", [2], 4, 1, 3)]
+    assert [l["group"] for l in man["layers"]] == ["kv_full", "kv_s0w2", "kv_s1w3", "kv_s0w2"]
+    names = [i["name"] for i in man["inputs"]]
+    assert [n for n in names if n.startswith("kv_")] == ["kv_full", "kv_full_mask", "kv_s0w2", "kv_s0w2_mask",
+                                                        "kv_s1w3", "kv_s1w3_mask"]
+    assert [o["name"] for o in man["outputs"]] == ["prediction", "new_kv_full", "new_kv_s0w2", "new_kv_s1w3"]
+    # The accounting is what the stream allocated, group by group and in total.
+    held = {name: g.nbytes for name, g in stream.groups.items()}
+    assert held == {c["name"]: c["bytes"] for c in man["caches"]}
+    acc = kv_bytes(model.cfg, model.layout)
+    assert acc.by_group() == held and acc.total == sum(held.values()) == man["kv_bytes"]["total"] \
+        == rep["kv_bytes_after"]
+    assert [l["span"] for l in rep["layers"]] == [None, {"sink": 0, "window": 2}, {"sink": 1, "window": 3},
+                                                  {"sink": 0, "window": 2}]
+    assert rep["span"] is None and [l["group"] for l in rep["layers"]] == [l["group"] for l in man["layers"]]
+    assert len(man["refit_names"]) == 2 * 3  # W_o' and the absorbed bias of each L-layer
+
+
+def test_relayout_keeps_each_layers_retained_frames(mixed):
+    """At the transition every layer's frames move from the all-F cache into its group, bit for bit,
+    and only those its span retains."""
+    _, stream, _, before, _ = mixed
+    after = stream.state_arrays()
+    p, t = stream.geo.tokens_per_frame, int(before["frame_index"])
+    assert int(after["frame_index"]) == t  # the fixture's stream is copied, never stepped, by the tests
+    full_frames = before["kv_full_frames"].tolist()
+    for name, group in stream.groups.items():
+        kept = sorted(f for f in full_frames if f >= 0 and retained(f, t, group.capacity, group.sink))
+        assert sorted(f for f in group.frames.tolist() if f >= 0) == kept, name
+        data = after[name]
+        for pos, layer in enumerate(group.layers):
+            for slot, frame in enumerate(group.frames.tolist()):
+                if frame < 0:
+                    continue
+                src = full_frames.index(frame)
+                np.testing.assert_array_equal(data[pos, :, :, slot * p:(slot + 1) * p],
+                                              before["kv_full"][layer, :, :, src * p:(src + 1) * p])
+    assert sorted(stream.groups["kv_s1w3"].frames) == [0, t - 3, t - 2, t - 1]  # the sink frame and the window
+    assert sorted(stream.groups["kv_s0w2"].frames) == [t - 2, t - 1]
+
+
+@pytest.mark.parametrize("modulation", ["baked", "input"])
+def test_mixed_stream_on_ort_equals_pytorch_chunk_by_chunk(mixed, modulation):
+    model, stream, _, _, arts = mixed
+    art = load_artifact(arts[modulation])
+    assert [g.name for g in art.geometry.groups] == ["kv_full", "kv_s0w2", "kv_s1w3"]
+    onnx_stream = Stream(OrtRunner(art.onnx_path), art.geometry, art.cross_kv, art.seed, art.constants)
+    onnx_stream.load_state(art.state)
+    ref = copy.deepcopy(stream)
+    start = ref.frame_index
+    for _ in range(10):  # 20 frames: the largest ring (8 frames) wraps twice, the others more often
+        assert rel(onnx_stream.step(), ref.step()) < 1e-4
+    a, b = onnx_stream.state_arrays(), ref.state_arrays()
+    for name, g in ref.groups.items():
+        assert onnx_stream.frame_index - start > 2 * (g.capacity - g.sink), name
+        assert np.array_equal(a[name + "_frames"], b[name + "_frames"]), name
+        assert rel(a[name], b[name]) < 1e-4, name
+
+
+def test_mixed_artifact_runs_on_torch_and_ort_alike(mixed, tmp_path):
+    _, _, _, _, arts = mixed
+    for backend in ("torch", "ort"):
+        run_artifact(arts["baked"], backend, 3, tmp_path / backend)
+    a, b = (np.load(tmp_path / k / "frames.npy") for k in ("torch", "ort"))
+    assert a.shape == b.shape and rel(a, b) < 1e-4
 
 
 def test_refit_names_are_onnx_initializers(artifacts):
@@ -134,7 +245,7 @@ def test_truncated_onnx_is_refused(artifacts, tmp_path):
 def test_wrong_cache_size_in_manifest_is_refused(artifacts, tmp_path):
     def edit(d):
         man = json.loads((d / "manifest.json").read_text())
-        man["caches"]["full"]["capacity_frames"] += 1
+        man["caches"][0]["capacity_frames"] += 1
         (d / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match="capacity_frames"):
         load_artifact(corrupt(artifacts["baked"], tmp_path, edit))
@@ -200,8 +311,42 @@ def test_inspect_artifact_shows_each_layers_span(tiny, artifacts):
 
     model, stream, rep = tiny
     info = inspect(str(artifacts["baked"]), 0.5, None, 0, "fp32")
-    span = {"sink": stream.geo.local_sink, "window": stream.geo.local_capacity - stream.geo.local_sink}
+    span = {"sink": 1, "window": 2}
     assert info["spans"] == [span if m == "L" else None for m in model.modes]
     assert info["spans"] == [l["span"] for l in rep["layers"]]
     line = next(t for t in info["text"] if t.strip().startswith("layer spans:"))
-    assert all(f"{i}:L(sink {span['sink']} + window {span['window']})" in line for i in rep["selected_layers"])
+    assert all(f"{i}:L(sink 1 + window 2)->kv_s1w2" in line for i in rep["selected_layers"])
+
+
+def test_inspect_artifact_shows_each_layers_group(mixed):
+    from ispa_export.pipeline import inspect
+
+    _, _, _, _, arts = mixed
+    info = inspect(str(arts["baked"]), 0.5, None, 0, "fp32")
+    assert info["layer_groups"] == ["kv_full", "kv_s0w2", "kv_s1w3", "kv_s0w2"]
+    assert [(g["name"], g["layers"]) for g in info["groups"]] == [("kv_full", [0]), ("kv_s0w2", [1, 3]),
+                                                                 ("kv_s1w3", [2])]
+    assert sum(g["bytes"] for g in info["groups"]) == info["kv_bytes_ispa"]
+    line = next(t for t in info["text"] if t.strip().startswith("layer spans:"))
+    assert line.split(": ", 1)[1] == "0:F->kv_full 1:L(sink 0 + window 2)->kv_s0w2 2:L(sink 1 + window 3)->kv_s1w3 " \
+                                     "3:L(sink 0 + window 2)->kv_s0w2"
+
+
+def test_mixed_artifact_passes_golden_verify(mixed, capsys):
+    from ispa_export.verify import verify
+
+    _, _, _, _, arts = mixed
+    assert verify(arts["baked"]) == 0
+    out = capsys.readouterr().out
+    for name in ("prediction", "new_kv_full", "new_kv_s0w2", "new_kv_s1w3"):
+        line = next(l for l in out.splitlines() if l.startswith("onnxrt") and f" {name} " in l)
+        assert line.endswith("pass"), line
+
+
+def test_mixed_graph_passes_the_tensorrt_checks(mixed):
+    """Every op and dtype of the three-group graph is in TensorRT's ONNX support, refit names included
+    (the build itself needs TensorRT: tests/test_verify.py)."""
+    from ispa_export.engine import check_artifact
+
+    _, _, _, _, arts = mixed
+    assert check_artifact(arts["baked"]) == []

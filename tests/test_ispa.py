@@ -25,6 +25,7 @@ from ispa_export.ispa import IspaOptions, decide, report, transition
 from ispa_export.kv import kv_bytes, layers_for_target
 from ispa_export.monitor import LocalSpan, SpanMonitors, WarmupMonitor
 from ispa_export.torch_runner import torch_stream
+from runtimes.groups import Span
 from ispa_export.solver import AbsorptionStats, corrected_residual, discrepancy, solve
 
 F64 = torch.float64
@@ -68,7 +69,7 @@ class RecordingMonitor(WarmupMonitor):
     records: list = field(default_factory=list)
 
     def record(self, layer, x_in, a_global, a_locals, w_o):
-        kept = self.stream.groups[FULL].frames[self.local_masks[0].numpy()]
+        kept = self.stream.groups["kv_full"].frames[self.local_masks[0].numpy()]
         self.records.append(dict(layer=layer, chunk=self._info.chunk, kind=self._info.pass_kind,
                                  start=self._info.start, kept=sorted(int(f) for f in kept if f >= 0),
                                  x_in=x_in.clone(), a_g=a_global.clone(), a_l=a_locals[0].clone(), w_o=w_o.clone()))
@@ -255,17 +256,18 @@ def test_steady_state_kv_bytes_meet_target(target):
     model, stream, mon, tr, _ = run(opts)
     n = layers_for_target(CFG, target, window, sink)
     assert model.modes.count(LOCAL) == len(tr.layers) == n
-    want = kv_bytes(CFG, model.modes, window, sink)
+    want = kv_bytes(CFG, model.layout)
+    assert model.layout == [Span(sink, window) if i in tr.layers else None for i in range(4)]
     rep = report(model, model.monitors, tr, opts)
     for _ in range(3):  # at the transition and at steady state: the buffers have fixed sizes
         assert sum(g.nbytes for g in stream.groups.values()) == want.total
         assert rep["kv_reduction"] >= target
         assert math.isclose(rep["kv_reduction"], 1 - want.total / kv_bytes(CFG).total)
         # L-layers hold the sink frames and the newest `window` frames, F-layers the full window
-        local, full = stream.groups[LOCAL], stream.groups[FULL]
+        local, full = stream.groups[f"kv_s{sink}w{window}"], stream.groups.get("kv_full")
         assert sorted(local.frames) == list(range(sink)) + list(range(stream.frame_index - window, stream.frame_index))
         hist = [i for i in range(stream.frame_index) if retained(i, stream.frame_index, CFG.max_frames, 1)]
-        assert sorted(full.frames[full.frames >= 0]) == (hist if full.layers else [])
+        assert (full is None) == (n == 4) and (full is None or sorted(full.frames[full.frames >= 0]) == hist)
         stream.step()
     assert len(tr.layers) == 4 or rep["kv_reduction"] - target < 6 / 32  # one layer fewer would miss it
 
@@ -278,9 +280,9 @@ def test_warmup_ends_before_the_sink_is_evicted():
     assert tr.chunk == 4 and mon.monitored_chunks == [2, 3]
     assert tr.reason.startswith("warmup ended at 8 frames: the next chunk would evict")
     assert all(0 in r["kept"] for r in mon.records)
-    assert sorted(stream.groups[LOCAL].frames) == [0, 6, 7]
+    assert sorted(stream.groups["kv_s1w2"].frames) == [0, 6, 7]
     stream.step()
-    assert sorted(stream.groups[LOCAL].frames) == [0, 8, 9]
+    assert sorted(stream.groups["kv_s1w2"].frames) == [0, 8, 9]
     # a span whose second monitored chunk would come after the eviction cannot be fitted
     with pytest.raises(UserError, match=r"--sink 2/--window 2: the full cache of 8 frames evicts the L-layers' "
                                         r"sink frames after 9 frames of history"):
@@ -365,7 +367,7 @@ def test_explicit_layers_are_honoured():
     opts = IspaOptions(layers=[3, 0], kv_reduction=None, window=2, sink=1, warmup_chunks=5, tol=10.0)
     model, stream, mon, tr, _ = run(opts)
     assert tr.layers == [0, 3] and model.modes == [LOCAL, FULL, FULL, LOCAL]
-    assert stream.groups[LOCAL].layers == 2 and stream.groups[FULL].layers == 2
+    assert stream.groups["kv_s1w2"].layers == (0, 3) and stream.groups["kv_full"].layers == (1, 2)
     assert report(model, model.monitors, tr, opts)["selected_layers"] == [0, 3]
 
 

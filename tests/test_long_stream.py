@@ -17,7 +17,7 @@ def shifted(state: dict, offset: int, chunk_frames: int) -> dict:
     """The same caches relabelled `offset` frames later (a multiple of every ring's length keeps each
     frame in its slot): as if the stream had already run that long."""
     out = dict(state)
-    for k in ("kv_full_frames", "kv_local_frames"):
+    for k in [k for k in state if k.startswith("kv_") and k.endswith("_frames")]:  # every cache group
         out[k] = np.where(state[k] >= 0, state[k] + offset, -1)
     out["frame_index"] = np.array(int(state["frame_index"]) + offset, np.int64)
     out["chunk"] = np.array(int(state["chunk"]) + offset // chunk_frames, np.int64)

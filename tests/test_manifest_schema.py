@@ -47,13 +47,24 @@ CASES = {
     "zero_channels": (put("geometry", "channels", 0), "geometry.channels: expected an integer >= 1, found number 0"),
     "bool_count": (put("geometry", "heads", True), "geometry.heads: expected an integer, found boolean True"),
     "unknown_geometry": (put("geometry", "fps", 16), "geometry: expected only the fields ['batch', "),
-    "missing_field": (lambda m: m["caches"]["full"].pop("bytes"),
-                      "caches.full: expected a field 'bytes', found no such field"),
+    "missing_field": (lambda m: m["caches"][0].pop("bytes"),
+                      "caches[0]: expected a field 'bytes', found no such field"),
+    "group_name": (put("caches", 0, "name", "kv_local"),
+                   "caches[0].name: expected 'kv_full' or 'kv_s<sink>w<window>', found string 'kv_local'"),
+    "zero_window": (put("geometry", "layout", 0, {"sink": 1, "window": 0}),
+                    "geometry.layout[0].window: expected an integer >= 1, found number 0"),
+    "span_field": (put("geometry", "layout", 0, {"sink": 1, "window": 2, "stride": 1}),
+                   "geometry.layout[0]: expected only the fields ['sink', 'window'], found unknown fields ['stride']"),
+    "layer_group": (put("layers", 0, "group", "local"),
+                    "layers[0].group: expected 'kv_full' or 'kv_s<sink>w<window>', found string 'local'"),
+    "v2_caches": (put("caches", {"full": {}, "local": {}}), "caches: expected a list, found an object"),
     "missing_positions": (lambda m: m.pop("positions"),
                           "(top level): expected a field 'positions', found no such field"),
     "bad_sha": (put("files", "report.json", "sha256", "x"),
                 "files['report.json'].sha256: expected 64 lowercase hex digits, found string 'x'"),
-    "bad_mode": (put("geometry", "modes", 1, "X"), "geometry.modes[1]: expected one of ['F', 'L'], found string 'X'"),
+    "bad_mode": (put("layers", 1, "mode", "X"), "layers[1].mode: expected one of ['F', 'L'], found string 'X'"),
+    "bad_span": (put("geometry", "layout", 1, "X"), "geometry.layout[1]: expected an object {sink, window} or null (a full layer), "
+                                                           "found string 'X'"),
     "bad_modulation": (put("modulation", "both"),
                        "modulation: expected one of ['baked', 'input'], found string 'both'"),
     "negative_seed": (put("seed", -1), "seed: expected an integer >= 0, found number -1"),
@@ -83,3 +94,14 @@ def test_a_refused_manifest_runs_nothing_and_writes_nothing(tiny_artifact, tmp_p
 
 def test_the_exported_manifest_passes(tiny_artifact):
     assert load_artifact(tiny_artifact).geometry.timesteps[0] == 1000.0
+
+
+def test_a_version_2_manifest_is_refused_in_one_line_asking_for_a_re_export(tiny_artifact, tmp_path, capsys):
+    d = edited(tiny_artifact, tmp_path / "art", put("schema_version", 2))
+    with pytest.raises(ArtifactError) as e:
+        load_artifact(d)
+    assert str(e.value) == (f"{d / 'manifest.json'}: schema_version: expected 3 (an artifact with a single local "
+                            "cache group 'kv_local': re-export it), found number 2")
+    assert main([str(d), "--chunks", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "re-export it" in err and not (tmp_path / "out").exists()

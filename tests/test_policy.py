@@ -22,6 +22,7 @@ from ispa_export.policy import (Allocation, SpanLoss, allocate, budget_frames, c
                                 paired_gain, reference_keeps_sink, select, GATE_Z,
                                 dp, extrapolate)
 from ispa_export.torch_runner import torch_stream
+from runtimes.groups import as_layout
 
 CFG = preset("tiny").replace(max_frames=8, full_sink=1)
 
@@ -244,7 +245,34 @@ def test_transition_allocates_over_candidate_spans_and_meets_the_target():
     assert rep["general_allocation"]["predicted_loss"] <= min(
         a["predicted_loss"] for a in rep["allocations_by_span"].values() if a is not None) + 1e-15
     assert [l["span"] is not None for l in rep["layers"]] == [m == LOCAL for m in model.modes]
-    assert stream.groups[LOCAL].capacity == tr.span.frames and stream.groups[LOCAL].sink == tr.span.sink
+    local = stream.groups[f"kv_s{tr.span.sink}w{tr.span.window}"]
+    assert local.capacity == tr.span.frames and local.sink == tr.span.sink and list(local.layers) == tr.layers
+    assert np.isfinite(stream.step()).all()
+
+
+def test_per_layer_spans_bake_one_cache_group_per_span(monkeypatch):
+    """An allocation that gives layers different spans is baked as it is: one cache group per span."""
+    import ispa_export.ispa as ispa
+
+    def mixed(losses, cfg, reduction, layers=None, per_layer_spans=False):
+        spans = sorted(losses)
+        alloc = Allocation([spans[0], spans[1]] + [None] * (cfg.num_layers - 2), 0.0, 0, 0)
+        return alloc, {s: alloc for s in spans}
+
+    monkeypatch.setattr(ispa, "allocate", mixed)
+    model, ctx = build()
+    opts = IspaOptions(kv_reduction=0.5, per_layer_spans=True, calibrate=False)  # the DP's answer as it is
+    stream, mons, tr = transition(model, ctx, 0, opts)
+    a, b = sorted(mons.spans)[:2]
+    assert tr.spans == [a, b, None, None] and tr.layers == [0, 1] and model.layout == as_layout([a, b, None, None])
+    names = [f"kv_s{s.sink}w{s.window}" for s in (a, b)]
+    assert {n: g.layers for n, g in stream.groups.items()} == {"kv_full": (2, 3), names[0]: (0,), names[1]: (1,)}
+    assert [(g.capacity, g.sink) for g in stream.groups.values()] == [(CFG.max_frames, CFG.full_sink), (a.frames, a.sink),
+                                                                       (b.frames, b.sink)]
+    rep = report(model, mons, tr, opts)
+    assert [l["span"] for l in rep["layers"]] == [{"sink": s.sink, "window": s.window} for s in (a, b)] + [None] * 2
+    assert [l["group"] for l in rep["layers"]] == names + ["kv_full"] * 2 and rep["span"] is None
+    assert rep["kv_bytes_after"] == sum(g.nbytes for g in stream.groups.values())
     assert np.isfinite(stream.step()).all()
 
 

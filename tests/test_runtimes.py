@@ -26,9 +26,10 @@ from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export.torch_runner import torch_stream
 from runtimes import files as rfiles
-from runtimes.artifact import ArtifactError, load_artifact
+from runtimes.artifact import ArtifactError, cache_records, layer_records, load_artifact
 from runtimes.buffers import HostBuffers
-from runtimes.driver import FULL, LOCAL, Geometry, Stream
+from runtimes.driver import Geometry, Stream
+from runtimes.groups import Span
 from runtimes.files import atomic_directory, file_records, sha256_file, write_json_atomic
 from runtimes.ort import OrtRunner
 from runtimes.run import main, make_runner, preview_frames
@@ -45,11 +46,11 @@ def io_specs(geo: Geometry, cross_shape, modulation: str, ispa_shapes=None):
     ins = [("latents", list(geo.chunk_shape), geo.dtype), ("timestep", [b], "float32"),
            ("rope_frame", [2, f, geo.rope_pairs], "float32"), ("cross_kv", list(cross_shape), geo.dtype)]
     outs = [("prediction", list(geo.chunk_shape), "float32")]
-    for mode, name, cap in ((FULL, "kv_full", geo.full_capacity), (LOCAL, "kv_local", geo.local_capacity)):
-        n = geo.modes.count(mode)
-        if n:
-            ins += [(name, [n, 2, b, cap * p, geo.heads, geo.head_dim], geo.dtype), (name + "_mask", [cap], "bool")]
-            outs.append(("new_" + name, [n, 2, b, f * p, geo.heads, geo.head_dim], geo.dtype))
+    for g in geo.groups:
+        n = len(g.layers)
+        ins += [(g.name, [n, 2, b, g.capacity * p, geo.heads, geo.head_dim], geo.dtype),
+                (g.name + "_mask", [g.capacity], "bool")]
+        outs.append(("new_" + g.name, [n, 2, b, f * p, geo.heads, geo.head_dim], geo.dtype))
     if modulation == "input":
         ins += [("ispa_weight", list(ispa_shapes[0]), geo.dtype), ("ispa_bias", list(ispa_shapes[1]), geo.dtype)]
     return ins, outs
@@ -75,10 +76,8 @@ def toy_onnx(path: Path, ins, outs, geo: Geometry, override: dict | None = None)
              node("Mul", [ts, const("milli", 1e-3)], "ts_s"),
              node("Mul", [fi, const("centi", 1e-2)], "fi_s"),
              node("ReduceMean", ["cross_kv"], "cx", keepdims=0)]
-    for name, cap in (("kv_full", geo.full_capacity), ("kv_local", geo.local_capacity)):
-        if name not in names:
-            continue
-        n = geo.modes.count(FULL if name == "kv_full" else LOCAL)
+    for g in geo.groups:
+        name, cap, n = g.name, g.capacity, len(g.layers)
         r = node("Reshape", [name, const(name + "_s", [n, 2, geo.batch, cap, -1], np.int64)], name + "_r")
         mf = node("Cast", [name + "_mask"], name + "_mf", to=TensorProto.FLOAT)
         mr = node("Reshape", [mf, const(name + "_ms", [1, 1, 1, cap, 1], np.int64)], name + "_mr")
@@ -118,10 +117,10 @@ class NumpyToy:
         fi = np.float32(feeds["rope_frame"].mean(dtype=np.float32))
         pred = (feeds["latents"] * np.float32(0.5) + feeds["timestep"].reshape(-1, 1, 1, 1, 1) * np.float32(1e-3)
                 + fi * np.float32(1e-2) + feeds["cross_kv"].mean(dtype=np.float64))
-        for name, cap in (("kv_full", g.full_capacity), ("kv_local", g.local_capacity)):
-            if name in feeds:
-                kv = feeds[name].reshape(feeds[name].shape[:3] + (cap, -1))
-                pred = pred + (kv * feeds[name + "_mask"].reshape(1, 1, 1, cap, 1)).mean(dtype=np.float64)
+        for group in g.groups:
+            name, cap = group.name, group.capacity
+            kv = feeds[name].reshape(feeds[name].shape[:3] + (cap, -1))
+            pred = pred + (kv * feeds[name + "_mask"].reshape(1, 1, 1, cap, 1)).mean(dtype=np.float64)
         for name in ("ispa_weight", "ispa_bias"):
             if name in feeds:
                 pred = pred + feeds[name].mean(dtype=np.float64)
@@ -135,53 +134,46 @@ class NumpyToy:
 
 # -- artifacts ----------------------------------------------------------------------------------
 
-def tiny_stream(modes, chunks=4, seed=7) -> Stream:
+# Three cache groups: kv_full (layer 0), kv_s0w2 (layers 1 and 3), kv_s1w3 (layer 2).
+MIXED = [None, Span(0, 2), Span(1, 3), Span(0, 2)]
+
+
+def tiny_stream(layout, chunks=4, seed=7) -> Stream:
     torch.manual_seed(0)
     cfg = preset("tiny")
     model = WanModel(cfg).eval()
-    model.set_modes(modes)
-    stream = torch_stream(model, torch.randn(1, 5, cfg.text_dim), seed, local_window=3, local_sink=1)
+    model.set_layout(layout)
+    stream = torch_stream(model, torch.randn(1, 5, cfg.text_dim), seed)
     stream.run(chunks)
     return stream
 
 
 @pytest.fixture(scope="module")
 def streams():
-    return {"FL": tiny_stream([FULL, LOCAL, FULL, LOCAL]), "F": tiny_stream([FULL] * 4, chunks=2)}
+    return {"mixed": tiny_stream(MIXED), "F": tiny_stream([None] * 4, chunks=2)}
 
 
-def write_artifact(directory: Path, stream: Stream, modulation: str = "baked", drop_empty: bool = False):
+def write_artifact(directory: Path, stream: Stream, modulation: str = "baked"):
     geo = stream.geo
     state = dict(stream.state_arrays())
     ispa_shapes = None
     if modulation == "input":
-        n_l, dim = geo.modes.count(LOCAL), geo.heads * geo.head_dim
+        n_l, dim = geo.modes.count("L"), geo.heads * geo.head_dim
         rng = np.random.default_rng(0)
         state["ispa_weight"] = rng.standard_normal((n_l, dim, dim), dtype=np.float32)
         state["ispa_bias"] = rng.standard_normal((n_l, dim), dtype=np.float32)
         ispa_shapes = (state["ispa_weight"].shape, state["ispa_bias"].shape)
-    if drop_empty:
-        for mode, name in ((FULL, "kv_full"), (LOCAL, "kv_local")):
-            if not geo.modes.count(mode):
-                del state[name], state[name + "_frames"]
     ins, outs = io_specs(geo, state["cross_kv"].shape, modulation, ispa_shapes)
     with atomic_directory(directory) as tmp:
         toy_onnx(tmp / "model.onnx", ins, outs, geo)
         save_file(state, str(tmp / "state.safetensors"))
         write_json_atomic(tmp / "report.json", {"note": "test fixture"})
-        caches = {}
-        for key, mode, cap, sink in (("full", FULL, geo.full_capacity, geo.full_sink),
-                                     ("local", LOCAL, geo.local_capacity, geo.local_sink)):
-            shape = [geo.modes.count(mode), 2, geo.batch, cap * geo.tokens_per_frame, geo.heads, geo.head_dim]
-            caches[key] = {"layers": shape[0], "capacity_frames": cap, "sink_frames": sink, "shape": shape,
-                           "dtype": geo.dtype, "bytes": int(np.prod(shape)) * 4}
         manifest = {
-            "schema_version": 2, "format": "ispa-export",
+            "schema_version": 3, "format": "ispa-export",
             "positions": {"scheme": "absolute-rope-input", "input": "rope_frame"},
             "model": {"preset": "tiny", "config": preset("tiny").to_dict()},
-            "layers": [{"index": i, "mode": m} for i, m in enumerate(geo.modes)],
-            "geometry": {k: getattr(geo, k) for k in Geometry.__dataclass_fields__},
-            "caches": caches, "modulation": modulation,
+            "layers": layer_records(geo), "geometry": geo.to_dict(), "caches": cache_records(geo),
+            "modulation": modulation,
             "inputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in ins],
             "outputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in outs],
             "files": file_records(tmp), "absorption": {}, "refit_names": [], "versions": {},
@@ -194,7 +186,7 @@ def write_artifact(directory: Path, stream: Stream, modulation: str = "baked", d
 @pytest.fixture
 def art(tmp_path, streams):
     d = tmp_path / "art"
-    ins, outs = write_artifact(d, streams["FL"])
+    ins, outs = write_artifact(d, streams["mixed"])
     return d, ins, outs
 
 
@@ -221,8 +213,8 @@ def refusal(d: Path, **kw) -> str:
 def test_load_artifact_round_trip(art, streams):
     d, ins, outs = art
     a = load_artifact(d)
-    s = streams["FL"]
-    assert a.geometry == s.geo
+    s = streams["mixed"]
+    assert a.geometry == s.geo and a.geometry.layout == MIXED
     assert set(a.inputs) == {n for n, _, _ in ins} and set(a.outputs) == {n for n, _, _ in outs}
     for k, v in s.state_arrays().items():
         assert np.array_equal(a.state[k], v), k
@@ -230,28 +222,90 @@ def test_load_artifact_round_trip(art, streams):
     assert set(a.paths) == {"model.onnx", "state.safetensors", "report.json", "manifest.json"}
 
 
-def test_zero_size_groups_store_and_rebuild(tmp_path, streams):
+def test_the_manifest_lists_one_group_per_distinct_span(art):
+    d, ins, outs = art
+    m = json.loads((d / "manifest.json").read_text())
+    p = 6  # tokens per frame of the tiny preset
+    assert [(c["name"], c["layers"], c["capacity_frames"], c["sink_frames"], c["window_frames"]) for c in m["caches"]] \
+        == [("kv_full", [0], 8, 0, 8), ("kv_s0w2", [1, 3], 2, 0, 2), ("kv_s1w3", [2], 4, 1, 3)]
+    assert [c["shape"] for c in m["caches"]] == [[1, 2, 1, 8 * p, 4, 16], [2, 2, 1, 2 * p, 4, 16], [1, 2, 1, 4 * p, 4, 16]]
+    assert [l["group"] for l in m["layers"]] == ["kv_full", "kv_s0w2", "kv_s1w3", "kv_s0w2"]
+    assert m["layers"][2] == {"index": 2, "mode": "L", "span": {"sink": 1, "window": 3}, "group": "kv_s1w3"}
+    assert m["geometry"]["layout"] == [None, {"sink": 0, "window": 2}, {"sink": 1, "window": 3}, {"sink": 0, "window": 2}]
+    a = load_artifact(d)
+    assert [g.name for g in a.geometry.groups] == ["kv_full", "kv_s0w2", "kv_s1w3"]
+    for c in m["caches"]:  # the bytes a deployment allocates, and what the handoff state holds
+        assert c["bytes"] == a.state[c["name"]].nbytes == int(np.prod(c["shape"])) * 4
+
+
+def test_groups_without_layers_are_absent(tmp_path, streams):
     s = streams["F"]
     write_artifact(tmp_path / "a", s)
     a = load_artifact(tmp_path / "a")
-    assert a.state["kv_local"].shape == (0, 2, 1, 4 * 6, 4, 16)  # safetensors keeps 0-sized tensors
-    write_artifact(tmp_path / "b", s, drop_empty=True)
-    b = load_artifact(tmp_path / "b")
-    assert b.state["kv_local"].shape == a.state["kv_local"].shape
-    assert np.array_equal(b.state["kv_local_frames"], np.full(4, -1))
-    assert "kv_local" not in b.inputs
+    assert [g.name for g in a.geometry.groups] == ["kv_full"]
+    assert sorted(k for k in a.state if k.startswith("kv_")) == ["kv_full", "kv_full_frames"]
+    assert sorted(n for n in a.inputs if n.startswith("kv_")) == ["kv_full", "kv_full_mask"]
+
+
+class Idle:
+    """A runner that only holds buffers: enough for the driver's state handling."""
+
+    input_names: list[str] = []
+
+    def __init__(self):
+        self.buffers = HostBuffers()
+
+
+def test_handoff_state_round_trips_every_group(streams, tmp_path):
+    from safetensors.numpy import load_file
+
+    s = streams["mixed"]
+    state = s.state_arrays()
+    groups = ["kv_full", "kv_s0w2", "kv_s1w3"]
+    assert sorted(k for k in state if k.startswith("kv_")) == sorted(groups + [g + "_frames" for g in groups])
+    save_file(state, str(tmp_path / "state.safetensors"))
+    again = Stream(Idle(), s.geo, state["cross_kv"], 0)
+    again.load_state(load_file(str(tmp_path / "state.safetensors")))
+    back = again.state_arrays()
+    assert sorted(back) == sorted(state) and all(np.array_equal(back[k], state[k]) for k in state)
+    assert {n: g.nbytes for n, g in again.groups.items()} == {n: state[n].nbytes for n in groups}
+    partial = {k: v for k, v in state.items() if k != "kv_s1w3"}
+    with pytest.raises(ValueError, match=r"^state field 'kv_s1w3': expected float32\[1, 2, 1, 24, 4, 16\], "
+                                         r"found no such field$"):
+        again.load_state(partial)
+
+
+def test_relayout_refuses_layers_with_different_histories_in_one_group():
+    s = tiny_stream([None] * 4, chunks=3)  # frames 0..5 in every layer
+    s.relayout(MIXED)
+    assert sorted(s.groups["kv_s0w2"].frames) == [4, 5] and sorted(s.groups["kv_s1w3"].frames) == [0, 3, 4, 5]
+    names = sorted(s.buffers.names())
+    # Layer 1 (window 2) no longer holds sink frame 0, layer 2 (sink 1) does: one group cannot serve both.
+    with pytest.raises(ValueError, match=r"relayout: layers 1 and 2 bring different frames into group 'kv_s1w1' "
+                                         r"\(\[5\] and \[0, 5\]\)"):
+        s.relayout([None, Span(1, 1), Span(1, 1), None])
+    assert sorted(s.buffers.names()) == names and s.geo.layout == MIXED  # nothing changed
+    s.relayout([None, Span(0, 1), Span(0, 1), Span(0, 2)])  # every layer holds frame 5: one group can
+    assert s.groups["kv_s0w1"].layers == (1, 2) and s.groups["kv_s0w1"].frames.tolist() == [5]
+    assert s.groups["kv_s0w2"].layers == (3,) and sorted(s.groups["kv_s0w2"].frames) == [4, 5]
 
 
 @pytest.mark.parametrize("case,expect", [
     ("no_manifest", "manifest.json: expected the artifact manifest, found no such file"),
     ("bad_json", "manifest.json: expected valid JSON, found a parse error at line 1"),
-    ("schema", "manifest.json: schema_version: expected 2 (an artifact from before RoPE angles became a graph input: re-export it), found number 1"),
+    ("schema", "manifest.json: schema_version: expected 3 (an artifact from before RoPE angles became a graph input: re-export it), found number 1"),
+    ("schema_v2", "manifest.json: schema_version: expected 3 (an artifact with a single local cache group 'kv_local': re-export it), found number 2"),
     ("format", "manifest.json: format: expected 'ispa-export', found string 'other'"),
-    ("cache_shape", "manifest.json: caches.full.shape: expected [2, 2, 1, 48, 4, 16]"),
-    ("cache_bytes", "manifest.json: caches.local.bytes: expected 24576"),
-    ("layers", "manifest.json: layers[1]: expected {'index': 1, 'mode': 'L'}"),
-    ("io_shape", "manifest.json: inputs['kv_local_mask'].shape: expected [4] (from geometry), found [5]"),
+    ("cache_shape", "manifest.json: caches['kv_full'].shape: expected [1, 2, 1, 48, 4, 16]"),
+    ("cache_bytes", "manifest.json: caches['kv_s0w2'].bytes: expected 12288 (shape x itemsize), found 1"),
+    ("cache_layers", "manifest.json: caches['kv_s0w2'].layers: expected [1, 3] (from geometry), found [1, 2]"),
+    ("cache_order", "manifest.json: caches: expected the groups ['kv_full', 'kv_s0w2', 'kv_s1w3'] (from geometry.layout, "
+                    "in that order), found ['kv_full', 'kv_s1w3', 'kv_s0w2']"),
+    ("layers", "manifest.json: layers[1]: expected {'index': 1, 'mode': 'L', 'span': {'sink': 0, 'window': 2}, "
+               "'group': 'kv_s0w2'} (from geometry.layout)"),
+    ("io_shape", "manifest.json: inputs['kv_s0w2_mask'].shape: expected [2] (from geometry), found [5]"),
     ("unknown_input", "manifest.json: inputs: expected names the driver feeds"),
+    ("unknown_group", "manifest.json: inputs: expected names the driver feeds for geometry.layout (latents, "),
     ("escape", "manifest.json: files: expected relative paths inside the artifact"),
     ("missing_state", "state.safetensors: expected the file listed in manifest.json"),
     ("unlisted_state", "manifest.json: files: expected an entry for 'state.safetensors'"),
@@ -259,7 +313,8 @@ def test_zero_size_groups_store_and_rebuild(tmp_path, streams):
     ("truncated_onnx", "model.onnx: size: expected "),
     ("truncated_onnx_relisted", "model.onnx: expected a loadable ONNX model, found DecodeError"),
     ("onnx_io", "model.onnx: graph input 'timestep': expected float32[1] (manifest.json), found float32[2]"),
-    ("state_dtype", "state.safetensors: tensor 'kv_local': expected float32[2, 2, 1, 24, 4, 16]"),
+    ("state_dtype", "state.safetensors: tensor 'kv_s1w3': expected float32[1, 2, 1, 24, 4, 16]"),
+    ("state_group", "state.safetensors: tensors: expected only"),
     ("state_extra", "state.safetensors: tensors: expected only"),
     ("state_ring", "state.safetensors: tensor 'kv_full_frames'[0]: expected -1 or a frame < 8 whose ring slot"),
     ("state_seed", "state.safetensors: tensor 'seed': expected 8 (manifest.json seed), found 7"),
@@ -280,19 +335,28 @@ def test_refusals_name_file_field_and_expectation(art, case, expect):
         (d / "manifest.json").write_text("{not json")
     elif case == "schema":
         edit_manifest(d, lambda m: m.__setitem__("schema_version", 1))
+    elif case == "schema_v2":
+        edit_manifest(d, lambda m: m.__setitem__("schema_version", 2))
     elif case == "format":
         edit_manifest(d, lambda m: m.__setitem__("format", "other"))
     elif case == "cache_shape":
-        edit_manifest(d, lambda m: m["caches"]["full"]["shape"].__setitem__(3, 5 * 6))  # capacity 5, not 6
+        edit_manifest(d, lambda m: m["caches"][0]["shape"].__setitem__(3, 5 * 6))  # capacity 5, not 8
     elif case == "cache_bytes":
-        edit_manifest(d, lambda m: m["caches"]["local"].__setitem__("bytes", 1))
+        edit_manifest(d, lambda m: m["caches"][1].__setitem__("bytes", 1))
+    elif case == "cache_layers":
+        edit_manifest(d, lambda m: m["caches"][1].__setitem__("layers", [1, 2]))
+    elif case == "cache_order":
+        edit_manifest(d, lambda m: m.__setitem__("caches", [m["caches"][i] for i in (0, 2, 1)]))
     elif case == "layers":
         edit_manifest(d, lambda m: m["layers"][1].__setitem__("mode", "F"))
     elif case == "io_shape":
-        edit_manifest(d, lambda m: next(e for e in m["inputs"] if e["name"] == "kv_local_mask")
+        edit_manifest(d, lambda m: next(e for e in m["inputs"] if e["name"] == "kv_s0w2_mask")
                       .__setitem__("shape", [5]))
     elif case == "unknown_input":
         edit_manifest(d, lambda m: m["inputs"].append({"name": "noise", "shape": [1], "dtype": "float32"}))
+    elif case == "unknown_group":  # a group of a span no layer has
+        edit_manifest(d, lambda m: m["inputs"].append({"name": "kv_s2w2", "shape": [1, 2, 1, 24, 4, 16],
+                                                       "dtype": "float32"}))
     elif case == "escape":
         edit_manifest(d, lambda m: m["files"].__setitem__("../etc/passwd", m["files"]["report.json"]))
     elif case == "missing_state":
@@ -312,7 +376,9 @@ def test_refusals_name_file_field_and_expectation(art, case, expect):
         toy_onnx(d / "model.onnx", ins, outs, geo, override={"timestep": [2]})
         refresh_record(d, "model.onnx")
     elif case == "state_dtype":
-        resave(kv_local=state["kv_local"].astype(np.float16))
+        resave(kv_s1w3=state["kv_s1w3"].astype(np.float16))
+    elif case == "state_group":  # what a v2 export held: not a group of this layout
+        resave(kv_local=state["kv_s0w2"])
     elif case == "state_extra":
         resave(stray=np.zeros(3, np.float32))
     elif case == "state_ring":
@@ -419,7 +485,7 @@ def random_feeds(ins, rng):
 def test_ort_runner_equals_numpy_and_reuses_its_buffers(art, streams):
     d, ins, outs = art
     runner = OrtRunner(d / "model.onnx")
-    ref = NumpyToy(ins, outs, streams["FL"].geo)
+    ref = NumpyToy(ins, outs, streams["mixed"].geo)
     assert runner.providers == ["CPUExecutionProvider"]
     assert runner.input_names == [n for n, _, _ in ins] and runner.output_names == [n for n, _, _ in outs]
     rng = np.random.default_rng(1)
@@ -470,7 +536,7 @@ def test_ort_runner_steady_state_allocates_no_arrays(tmp_path):
 @pytest.mark.parametrize("modulation", ["baked", "input"])
 def test_stream_on_ort_equals_stream_on_numpy(tmp_path, streams, modulation):
     d = tmp_path / "art"
-    ins, outs = write_artifact(d, streams["FL"], modulation)
+    ins, outs = write_artifact(d, streams["mixed"], modulation)
     a = load_artifact(d)
     assert set(a.constants) == ({"ispa_weight", "ispa_bias"} if modulation == "input" else set())
     results = []
@@ -483,10 +549,13 @@ def test_stream_on_ort_equals_stream_on_numpy(tmp_path, streams, modulation):
                         {m: g.data.copy() for m, g in s.groups.items()}))
     (lo, fo, do), (ln, fn, dn) = results
     np.testing.assert_allclose(lo, ln, rtol=1e-4, atol=1e-5)
-    for m in (FULL, LOCAL):
+    assert list(fo) == list(fn) == ["kv_full", "kv_s0w2", "kv_s1w3"]
+    for m in fo:
         assert np.array_equal(fo[m], fn[m])
         np.testing.assert_allclose(do[m], dn[m], rtol=1e-4, atol=1e-5)
-    assert sorted(fo[LOCAL]) == [0, 15, 16, 17]  # sink frame 0 + the last 3 frames
+    assert sorted(fo["kv_full"]) == list(range(10, 18))  # the last 8 frames
+    assert sorted(fo["kv_s0w2"]) == [16, 17]  # the last 2 frames
+    assert sorted(fo["kv_s1w3"]) == [0, 15, 16, 17]  # sink frame 0 + the last 3 frames
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -501,7 +570,7 @@ def test_cli_generates_frames_preview_and_record(art, streams, tmp_path, capsys)
     s.load_state(a.state)
     new = s.run(3)
     assert frames.shape == (1, 4, 8 + 6, 4, 6)
-    assert np.array_equal(frames[:, :, :8], streams["FL"].state_arrays()["latents"])
+    assert np.array_equal(frames[:, :, :8], streams["mixed"].state_arrays()["latents"])
     np.testing.assert_allclose(frames[:, :, 8:], new, rtol=1e-4, atol=1e-5)
     import imageio.v2 as imageio
     gif = np.asarray(imageio.mimread(out / "preview.gif"))

@@ -5,9 +5,10 @@ import torch
 
 from graphs.config import preset
 from graphs.masks import teacher_forcing
-from graphs.wan import FULL, LOCAL, WanModel
+from graphs.wan import WanModel
 from ispa_export.torch_runner import torch_stream
 from runtimes.driver import PassInfo
+from runtimes.groups import Span
 
 
 def build(**changes):
@@ -29,7 +30,7 @@ class Recorder:
         return out
 
 
-def sequence_reference(model, cross_kv, passes, frames, chunk, modes, local):
+def sequence_reference(model, cross_kv, passes, frames, chunk, layout):
     """Replay pass k of every chunk as one teacher-forcing forward: clean chunks + the noisy inputs of pass k."""
     cfg = model.cfg
     clean = {}
@@ -42,8 +43,8 @@ def sequence_reference(model, cross_kv, passes, frames, chunk, modes, local):
     chunks = sorted(clean)
     clean_seq = np.concatenate([clean[c] for c in chunks], axis=2)
     masks = []
-    for m in modes:
-        cap, sink = (cfg.max_frames, cfg.full_sink) if m == FULL else local
+    for span in layout:
+        cap, sink = (cfg.max_frames, cfg.full_sink) if span is None else (span.frames, span.sink)
         masks.append(teacher_forcing(frames, chunk, cap, sink))
     pos = torch.arange(frames).repeat(2)
     worst = 0.0
@@ -69,20 +70,36 @@ def test_stream_equals_block_causal_sequence(chunk, max_frames, sink):
     chunks = 2 * max_frames // chunk + 1  # the cache wraps around at least once
     stream.run(chunks)
     assert stream.frame_index > max_frames
-    err = sequence_reference(model, stream.cross_kv, rec.passes, chunks * chunk, chunk, model.modes, None)
+    err = sequence_reference(model, stream.cross_kv, rec.passes, chunks * chunk, chunk, model.layout)
     assert err < 1e-5
 
 
-def test_local_layers_equal_masked_full_attention():
+@pytest.mark.parametrize("layout", [
+    [None, Span(1, 3), None, Span(1, 3)],  # one local group
+    [None, Span(0, 2), Span(1, 3), Span(0, 2)],  # two local groups, one of them with two layers
+    [Span(0, 3), Span(1, 1), Span(2, 1), Span(0, 3)],  # three local groups and no full one
+])
+def test_local_layers_equal_masked_full_attention(layout):
     model, ctx = build(chunk_frames=2, max_frames=8)
-    modes = [FULL, LOCAL, FULL, LOCAL]
-    model.set_modes(modes)
-    stream = torch_stream(model, ctx, seed=5, local_window=3, local_sink=1)
+    model.set_layout(layout)
+    stream = torch_stream(model, ctx, seed=5)
+    assert [g.name for g in stream.groups.values()] == [g.name for g in model.cache_groups()]
     rec = Recorder(stream.runner)
     stream.runner = rec
-    stream.run(7)
-    err = sequence_reference(model, stream.cross_kv, rec.passes, 14, 2, modes, (4, 1))
+    stream.run(7)  # 14 frames: every group's ring wraps
+    err = sequence_reference(model, stream.cross_kv, rec.passes, 14, 2, layout)
     assert err < 1e-5
+
+
+def test_set_modes_takes_its_span_from_the_stream():
+    """lab/train.py's uniform layouts: 'F'/'L' per layer, the span given to torch_stream."""
+    model, ctx = build(chunk_frames=2, max_frames=8)
+    model.set_modes(["F", "L", "F", "L"])
+    with pytest.raises(ValueError, match=r"layers \[1, 3\]: local span sink 0 \+ window 0: expected"):
+        torch_stream(model, ctx, seed=5)
+    stream = torch_stream(model, ctx, seed=5, local_window=3, local_sink=1)
+    assert model.layout == [None, Span(1, 3), None, Span(1, 3)] and model.modes == ["F", "L", "F", "L"]
+    assert list(stream.groups) == ["kv_full", "kv_s1w3"] and stream.groups["kv_s1w3"].layers == (1, 3)
 
 
 def test_stream_is_deterministic_from_seed():

@@ -24,14 +24,16 @@ from ispa_export.export import DTYPES, graph_feeds, write_artifact
 from ispa_export.ispa import IspaOptions, report, transition
 from ispa_export.pipeline import load_context, load_model
 from ispa_export.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
-from ispa_export.verify import (GOLDEN, KV_TOKENS, STATE_INPUTS, TOLERANCES, add_golden, golden_feeds, golden_layout,
-                                layout_nbytes, load_golden, read_golden, slice_outputs, update_manifest_files, verify)
+from ispa_export.verify import (GOLDEN, KV_TOKENS, TOLERANCES, add_golden, golden_feeds, golden_layout,
+                                is_state_input, layout_nbytes, load_golden, read_golden, slice_outputs, update_manifest_files,
+                                verify)
 from runtimes.artifact import ArtifactError, load_artifact
+from runtimes.groups import Span
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (tensorrt cannot be imported)")
 no_trt = pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is missing")
-# 2 of 4 layers local: the graph has both caches (kv_full and kv_local, one sink frame pinned).
+# 2 of 4 layers local: the graph has two cache groups (kv_full and kv_s1w2, one sink frame pinned).
 # The gate off: a 4-chunk warmup gives the held-out gate no evidence, and the refit tests need corrections.
 TINY = ["--model", "tiny", "--kv-reduction", "0.25", "--window", "2", "--sink", "1", "--warmup-chunks", "4",
         "--no-gate", "--seed", "0"]
@@ -74,8 +76,9 @@ def video_b(tmp_path_factory, tiny):
     geo = manifest["geometry"]
     name, model = load_model("tiny", seed=0)
     ctx, _ = load_context(None, name, model.cfg, seed=1)
-    opts = IspaOptions(kv_reduction=None, layers=manifest["absorption"]["layers"], sink=geo["local_sink"],
-                       window=geo["local_capacity"] - geo["local_sink"], warmup_chunks=4, gate=False)
+    span = next(s for s in geo["layout"] if s is not None)
+    opts = IspaOptions(kv_reduction=None, layers=manifest["absorption"]["layers"], sink=span["sink"],
+                       window=span["window"], warmup_chunks=4, gate=False)
     return _export_pieces(tmp_path_factory.mktemp("b") / "art", model, ctx, 1, opts)
 
 
@@ -141,7 +144,7 @@ def test_golden_file_is_listed_and_matches_the_manifest(tiny):
     layout = golden_layout({}, {n: (s.shape, s.dtype) for n, s in art.outputs.items()})
     for name, spec in art.outputs.items():
         assert (golden.outputs[name].shape, golden.outputs[name].dtype.name) == layout["output." + name]
-    assert {"kv_full", "kv_local"} <= set(feeds)
+    assert {"kv_full", "kv_s1w2"} <= set(feeds)
     assert np.abs(feeds["latents"]).std() > 0.5  # a denoising step's noise (golden_feeds), not the trace's zeros
     # Baked modulation, variant "full": W_o' (transposed) and the absorbed bias of each L-layer.
     assert len(art.manifest["refit_names"]) == 2 * art.geometry.modes.count("L") > 0
@@ -154,23 +157,26 @@ def test_save_golden_stores_step_inputs_and_sliced_kv(tmp_path):
     cfg = preset("tiny")
     torch.manual_seed(0)
     model = WanModel(cfg).eval()
-    model.set_modes(["F", "L", "F", "L"])
-    stream = torch_stream(model, torch.randn(1, 4, cfg.text_dim), 0, local_window=2, local_sink=1)
+    model.set_layout([None, Span(0, 2), Span(1, 3), Span(0, 2)])  # three cache groups
+    stream = torch_stream(model, torch.randn(1, 4, cfg.text_dim), 0)
     stream.run(1)
     feeds = golden_feeds(stream, graph_feeds(stream, stream.state_arrays(), model, "baked", np.float32))
     assert save_golden(tmp_path, model, feeds, kv_tokens=5) == [GOLDEN]
     assert [p.name for p in tmp_path.iterdir()] == [GOLDEN]  # written atomically: no temporary left
     golden = read_golden(tmp_path / GOLDEN)
-    tokens = feeds["kv_local"].shape[3] // stream.geo.local_capacity * stream.geo.chunk_frames
+    tokens = stream.geo.tokens_per_frame * stream.geo.chunk_frames
     assert golden.kv == slice(0, tokens, -(-tokens // 5)) and golden.metadata["kv_slice"] == f"0:{tokens}:{golden.kv.step}"
-    assert set(golden.inputs) == set(feeds) - set(STATE_INPUTS)
+    state = {"cross_kv", "kv_full", "kv_s0w2", "kv_s1w3"}
+    assert set(golden.inputs) == set(feeds) - state and golden.metadata["state_inputs"] == ",".join(sorted(state))
     assert all(np.array_equal(golden.inputs[k], feeds[k]) for k in golden.inputs)
     with torch.no_grad():
         got = model(**{k: torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()})
     np.testing.assert_array_equal(golden.outputs["prediction"], got[0].numpy())  # stored exactly, in full
-    want = got[2].numpy()[:, :, :, golden.kv]
-    assert golden.outputs["new_kv_local"].shape == want.shape and want.shape[3] == len(range(tokens)[golden.kv]) <= 5
-    np.testing.assert_array_equal(golden.outputs["new_kv_local"], want)  # every layer, K and V, strided tokens
+    assert sorted(golden.outputs) == ["new_kv_full", "new_kv_s0w2", "new_kv_s1w3", "prediction"]
+    for name, out in zip(["new_kv_full", "new_kv_s0w2", "new_kv_s1w3"], got[1:]):
+        want = out.numpy()[:, :, :, golden.kv]
+        assert golden.outputs[name].shape == want.shape and want.shape[3] == len(range(tokens)[golden.kv]) <= 5
+        np.testing.assert_array_equal(golden.outputs[name], want)  # every layer, K and V, strided tokens
     # Non-finite PyTorch outputs are refused, and nothing is written.
     bad = dict(feeds, latents=np.full_like(feeds["latents"], np.nan))
     with pytest.raises(UserError, match=r"golden\.safetensors: output 'prediction' of the PyTorch model has NaN/inf"):
@@ -183,12 +189,12 @@ def test_golden_file_leaves_the_state_out_and_stays_small(tiny):
     size is bounded at the Wan 1.3B geometry (computed from shapes, no model built)."""
     art = load_artifact(tiny)
     golden = read_golden(tiny / GOLDEN)
-    assert not set(golden.inputs) & set(STATE_INPUTS) and not set(golden.outputs) & set(STATE_INPUTS)
-    assert {"kv_full", "kv_local", "cross_kv"} <= set(art.state)
+    assert not any(is_state_input(n) for n in [*golden.inputs, *golden.outputs])
+    assert {"kv_full", "kv_s1w2", "cross_kv"} <= set(art.state)
     layout = golden_layout({n: (s.shape, s.dtype) for n, s in art.inputs.items()},
                            {n: (s.shape, s.dtype) for n, s in art.outputs.items()})
     assert (tiny / GOLDEN).stat().st_size <= layout_nbytes(layout) + 8192  # tensors + a small header
-    assert layout_nbytes(layout) < sum(art.state[k].nbytes for k in ("kv_full", "kv_local", "cross_kv"))
+    assert layout_nbytes(layout) < sum(art.state[k].nbytes for k in ("kv_full", "kv_s1w2", "cross_kv"))
 
     # Wan2.1 1.3B, bf16, 480x832 (60x104 latents, 1560 tokens a frame, 3-frame chunks): 30 layers,
     # say 15 full (M = 21) and 15 local (window 6 + 1 sink), text K/V of 512 tokens.
@@ -201,14 +207,14 @@ def test_golden_file_leaves_the_state_out_and_stays_small(tiny):
               "rope_frame": ((2, f, hd // 2), "float32"), "pass_kind": ((), "int64"),
               "cross_kv": ((n_f + n_l, 2, b, cfg.text_len, heads, hd), bf),
               "kv_full": ((n_f, 2, b, cfg.max_frames * p, heads, hd), bf), "kv_full_mask": ((cfg.max_frames,), "bool"),
-              "kv_local": ((n_l, 2, b, local_cap * p, heads, hd), bf), "kv_local_mask": ((local_cap,), "bool")}
+              "kv_s1w6": ((n_l, 2, b, local_cap * p, heads, hd), bf), "kv_s1w6_mask": ((local_cap,), "bool")}
     outputs = {"prediction": (inputs["latents"][0], bf), "new_kv_full": ((n_f, 2, b, f * p, heads, hd), bf),
-               "new_kv_local": ((n_l, 2, b, f * p, heads, hd), bf)}
+               "new_kv_s1w6": ((n_l, 2, b, f * p, heads, hd), bf)}
     layout = golden_layout(inputs, outputs)
-    assert not {k.split(".", 1)[1] for k in layout} & set(STATE_INPUTS)
+    assert not any(is_state_input(k.split(".", 1)[1]) for k in layout)
     assert layout["output.new_kv_full"][0] == (n_f, 2, b, KV_TOKENS, heads, hd)  # 4680 tokens, every 74th
     size = layout_nbytes(layout)
-    state = sum(math.prod(s) * 2 for n, (s, _) in inputs.items() if n in STATE_INPUTS)
+    state = sum(math.prod(s) * 2 for n, (s, _) in inputs.items() if is_state_input(n))
     full_kv = sum(math.prod(s) * 2 for n, (s, _) in outputs.items() if n != "prediction")
     assert size < 16e6 and size < state / 100 and size < full_kv / 50, (size, state, full_kv)
 
@@ -216,7 +222,7 @@ def test_golden_file_leaves_the_state_out_and_stays_small(tiny):
 def test_verify_passes_on_the_exported_artifact(tiny, capsys):
     assert verify(tiny) == 0
     out = capsys.readouterr().out
-    for name in ("prediction", "new_kv_full", "new_kv_local"):
+    for name in ("prediction", "new_kv_full", "new_kv_s1w2"):
         line = next(l for l in out.splitlines() if l.startswith("onnxrt") and f" {name} " in l)
         assert line.endswith("pass")
         assert float(line.split()[2]) < 1e-5  # max abs error: float32 ORT vs eager, measured ~1e-6
@@ -236,24 +242,24 @@ def test_verify_slices_the_runners_kv_like_the_golden_file(tiny, tmp_path, capsy
     kv = slice(1, golden.kv.stop, 3)
     tensors = {"input." + k: v for k, v in golden.inputs.items()}
     tensors.update({"output." + k: v for k, v in slice_outputs(dict(golden.outputs, **{
-        n: full[n] for n in ("new_kv_full", "new_kv_local")}), kv).items()})
+        n: full[n] for n in ("new_kv_full", "new_kv_s1w2")}), kv).items()})
     save_file(tensors, str(d / GOLDEN), metadata=dict(golden.metadata, kv_slice=f"1:{kv.stop}:3"))
     update_manifest_files(d, [GOLDEN])
-    assert read_golden(d / GOLDEN).outputs["new_kv_local"].shape[3] == len(range(kv.stop)[kv]) < kv.stop
+    assert read_golden(d / GOLDEN).outputs["new_kv_s1w2"].shape[3] == len(range(kv.stop)[kv]) < kv.stop
     assert verify(d) == 0
     assert "new K/V tokens 1:" in capsys.readouterr().out
 
 
 def test_verify_fails_when_a_golden_output_is_perturbed(tiny, tmp_path, capsys):
     d = _copy(tiny, tmp_path)
-    _perturb(d, "new_kv_local", 1e-6)  # below the tolerance: still a pass
+    _perturb(d, "new_kv_s1w2", 1e-6)  # below the tolerance: still a pass
     assert verify(d) == 0
     _perturb(d, "prediction", 1e-2)  # ~1% of the output's scale: a mismatch
     capsys.readouterr()
     assert verify(d) == 1
     out = capsys.readouterr().out
     rows = {l.split()[1]: l for l in out.splitlines() if l.startswith("onnxrt")}
-    assert rows["prediction"].endswith("FAIL") and rows["new_kv_local"].endswith("pass")
+    assert rows["prediction"].endswith("FAIL") and rows["new_kv_s1w2"].endswith("pass")
     assert abs(float(rows["prediction"].split()[2]) - 1e-2) < 1e-4
     assert out.strip().endswith("verify: FAILED")
     assert cli.main(["verify", str(d)]) == 1
@@ -309,19 +315,19 @@ def test_golden_inputs_and_outputs_must_match_the_graph(tiny, tmp_path):
 
     d = _copy(tiny, tmp_path / "cache")  # a cache stored in the golden file (the old layout) is refused
     art = load_artifact(d)
-    _rewrite(d, lambda t: t.update({"input.kv_local": art.state["kv_local"]}))
+    _rewrite(d, lambda t: t.update({"input.kv_s1w2": art.state["kv_s1w2"]}))
     msg = _refusal(d)
-    assert msg.startswith(f"{d / GOLDEN}: inputs: expected [") and "less ['cross_kv', 'kv_full', 'kv_local'] from " \
-        "state.safetensors), found [" in msg and "'kv_local'" in msg.split("found")[1]
+    assert msg.startswith(f"{d / GOLDEN}: inputs: expected [") and "less ['cross_kv', 'kv_full', 'kv_s1w2'] from " \
+        "state.safetensors), found [" in msg and "'kv_s1w2'" in msg.split("found")[1]
 
     d = _copy(tiny, tmp_path / "out")
     _rewrite(d, lambda t: t.pop("output.new_kv_full"))
-    assert _refusal(d).startswith(f"{d / GOLDEN}: outputs: expected ['new_kv_full', 'new_kv_local', 'prediction'] "
-                                  "(manifest.json), found ['new_kv_local', 'prediction']")
+    assert _refusal(d).startswith(f"{d / GOLDEN}: outputs: expected ['new_kv_full', 'new_kv_s1w2', 'prediction'] "
+                                  "(manifest.json), found ['new_kv_s1w2', 'prediction']")
 
     d = _copy(tiny, tmp_path / "kvshape")
-    _rewrite(d, lambda t: t.update({"output.new_kv_local": np.ascontiguousarray(t["output.new_kv_local"][:, :, :, :-1])}))
-    assert _refusal(d).startswith(f"{d / GOLDEN}: output 'new_kv_local': expected float32[")
+    _rewrite(d, lambda t: t.update({"output.new_kv_s1w2": np.ascontiguousarray(t["output.new_kv_s1w2"][:, :, :, :-1])}))
+    assert _refusal(d).startswith(f"{d / GOLDEN}: output 'new_kv_s1w2': expected float32[")
 
 
 def test_golden_file_of_another_state_is_refused(tiny, video_b, tmp_path):
@@ -341,7 +347,7 @@ def test_bf16_export_golden_and_verify(tmp_path, capsys):
     golden = read_golden(out / GOLDEN)
     assert golden.inputs["latents"].dtype.name == "bfloat16" and golden.inputs["timestep"].dtype.name == "float32"
     assert all(o.dtype.name == "bfloat16" for o in golden.outputs.values())
-    assert not set(golden.inputs) & set(STATE_INPUTS)
+    assert not any(map(is_state_input, golden.inputs))
     capsys.readouterr()
     assert verify(out) == 0
     res = capsys.readouterr()
@@ -368,7 +374,7 @@ def test_tensorrt_checks_pass_on_the_exported_graphs(tiny, medium):
         assert [(o.domain, o.version) for o in m.opset_import] == [("", 20)]  # inside the parser's 9-24
     # The medium graph has both caches, so both attention paths were checked.
     names = {i.name for i in onnx.load(str(medium / "model.onnx"), load_external_data=False).graph.input}
-    assert {"kv_full", "kv_full_mask", "kv_local", "kv_local_mask"} <= names
+    assert {"kv_full", "kv_full_mask", "kv_s1w2", "kv_s1w2_mask"} <= names
 
 
 def test_polygraphy_inspect_and_sanitize_the_medium_graph(medium, tmp_path):

@@ -28,18 +28,19 @@ import numpy as np
 import torch
 
 from graphs.config import WanConfig, preset
-from graphs.wan import FULL, LOCAL, Absorption, WanModel
+from graphs.wan import Absorption, WanModel
 from runtimes.artifact import ONNX, REPORT
 from runtimes.buffers import HostBuffers, host_dtype
 from runtimes.driver import Stream
 from runtimes.files import write_json_atomic
+from runtimes.groups import Span, is_cache_name
 from runtimes.schedule import ring_slot
 
 from ..export import export_onnx, graph_feeds, write_artifact
 from ..flops import step_flops
 from ..errors import UserError
 from ..ispa import IspaOptions, report, transition
-from ..kv import frame_bytes, kv_bytes, layers_for_target
+from ..kv import frame_bytes, kv_bytes, layers_for_target, uniform_layout
 from ..monitor import LocalSpan, WarmupMonitor
 from ..pipeline import resolve_device
 from ..solver import solve_timing
@@ -118,10 +119,15 @@ def pair_ratio(num: list[float], den: list[float]) -> dict:
 
 
 # -- memory --------------------------------------------------------------------------------------
-def ispa_modes(cfg: WanConfig, reduction: float = TARGET) -> list[str]:
-    """Layer modes at a KV target; which layers go local is decided per video, the bytes are not."""
+def ispa_layout(cfg: WanConfig, reduction: float = TARGET) -> list[Span | None]:
+    """The layout at a KV target (the last layers local at sink SINK + one chunk); which layers go local
+    is decided per video, the bytes are not."""
     n = layers_for_target(cfg, reduction, cfg.chunk_frames, SINK)
-    return [FULL] * (cfg.num_layers - n) + [LOCAL] * n
+    return uniform_layout(cfg.num_layers, range(cfg.num_layers - n, cfg.num_layers), SINK, cfg.chunk_frames)
+
+
+def n_local(layout: list) -> int:
+    return sum(s is not None for s in layout)
 
 
 def kv_rows() -> list[dict]:
@@ -129,11 +135,11 @@ def kv_rows() -> list[dict]:
     for name, reductions in ((REAL[0], [TARGET]), (REAL[1], [TARGET]), ("demo", [0.25, 0.5, 0.75])):
         cfg = preset(name)
         for red in reductions:
-            modes = ispa_modes(cfg, red)
+            layout = ispa_layout(cfg, red)
             for dtype in ("float32", "float16"):  # bfloat16 has the same 2 bytes as float16
                 full = kv_bytes(cfg, None, dtype=dtype)
-                ispa = kv_bytes(cfg, modes, cfg.chunk_frames, SINK, dtype=dtype)
-                rows.append({"config": name, "dtype": dtype, "target": red, "local_layers": modes.count(LOCAL),
+                ispa = kv_bytes(cfg, layout, dtype=dtype)
+                rows.append({"config": name, "dtype": dtype, "target": red, "local_layers": n_local(layout),
                              "layers": cfg.num_layers, "tokens_per_frame": cfg.tokens_per_frame,
                              "capacity": cfg.max_frames, "window": cfg.chunk_frames, "sink": SINK,
                              "full_bytes": full.total, "ispa_bytes": ispa.total,
@@ -141,18 +147,18 @@ def kv_rows() -> list[dict]:
     return rows
 
 
-def crosscheck(cfg: WanConfig, modes: list[str], dtype: str) -> dict:
+def crosscheck(cfg: WanConfig, layout: list, dtype: str) -> dict:
     """The buffers the streaming driver allocates must be exactly what kv_bytes says."""
-    geo = geometry(cfg, modes, cfg.chunk_frames, SINK, dtype=dtype)
+    geo = geometry(cfg, layout, dtype=dtype)
     buffers = HostBuffers()
-    for m in (FULL, LOCAL):
-        buffers.allocate(m, geo.group_spec(m)[2], dtype)
-    allocated = sum(buffers.nbytes(m) for m in (FULL, LOCAL))
-    expected = kv_bytes(cfg, modes, cfg.chunk_frames, SINK, dtype=dtype).total
+    for g in geo.groups:
+        buffers.allocate(g.name, geo.group_shape(g), dtype)
+    allocated = sum(buffers.nbytes(g.name) for g in geo.groups)
+    expected = kv_bytes(cfg, layout, dtype=dtype).total
     if allocated != expected:
-        raise AssertionError(f"allocated cache bytes {allocated} != kv_bytes {expected} ({dtype}, {modes})")
-    return {"modes": "".join(modes), "dtype": dtype, "allocated": int(allocated), "kv_bytes": expected,
-            "equal": True}
+        raise AssertionError(f"allocated cache bytes {allocated} != kv_bytes {expected} ({dtype}, {geo.layout})")
+    return {"modes": "".join(geo.modes), "groups": [g.name for g in geo.groups], "dtype": dtype,
+            "allocated": int(allocated), "kv_bytes": expected, "equal": True}
 
 
 def transition_frames(cfg: WanConfig) -> dict[str, int]:
@@ -186,8 +192,9 @@ def kv_growth(name: str, max_frames: int = 60) -> dict:
     """Bytes of valid K/V when the chunk starting at frame n runs; the warmup is all-F, so ISPA holds the
     full cache until its transition (earliest and latest the policy allows)."""
     cfg = preset(name)
-    modes, fb, span = ispa_modes(cfg), frame_bytes(cfg), cfg.chunk_frames + SINK
-    nf, nl = modes.count(FULL), modes.count(LOCAL)
+    layout, fb, span = ispa_layout(cfg), frame_bytes(cfg), cfg.chunk_frames + SINK
+    nl = n_local(layout)
+    nf = cfg.num_layers - nl
 
     def held(n: int, t: float) -> int:
         if n < t:
@@ -198,22 +205,22 @@ def kv_growth(name: str, max_frames: int = 60) -> dict:
     t = transition_frames(cfg)
     out = {"config": name, "frames": frames, "full": [held(n, math.inf) for n in frames],
            "transition_frame": t, "allocated_full": kv_bytes(cfg).total,
-           "allocated_ispa": kv_bytes(cfg, modes, cfg.chunk_frames, SINK).total}
+           "allocated_ispa": kv_bytes(cfg, layout).total}
     out.update({f"ispa_{k}": [held(n, v) for n in frames] for k, v in t.items()})
     return out
 
 
 # -- step latency --------------------------------------------------------------------------------
-def ispa_copy(model: WanModel, modes: list[str], seed: int = 0) -> WanModel:
+def ispa_copy(model: WanModel, layout: list, seed: int = 0) -> WanModel:
     """The model as the bake leaves it: L-layers with a folded W_o correction and the separate bias Add."""
     m = copy.deepcopy(model)
     g, d = torch.Generator().manual_seed(seed), m.cfg.dim
     dev = next(m.parameters()).device
-    for block, mode in zip(m.blocks, modes):
-        if mode == LOCAL:
+    for block, span in zip(m.blocks, layout):
+        if span is not None:
             dw, db = 1e-3 * torch.randn(1, d, d, generator=g), 1e-3 * torch.randn(1, d, generator=g)
             block.self_attn.absorb(Absorption("wo", dw.to(dev), db.to(dev)))
-    m.set_modes(modes)
+    m.set_layout(layout)
     return m
 
 
@@ -222,18 +229,18 @@ def step_feeds(model: WanModel, capacity: int, history: int, seed: int = 0, fill
     """Inputs of one chunk step for caches of `capacity` frames holding `history` frames (random K/V), taken
     from a driver Stream the way the exporter takes them; asserts the allocation equals kv_bytes."""
     cfg = model.cfg.replace(max_frames=capacity)
-    geo = geometry(cfg, model.modes, cfg.chunk_frames, SINK, dtype=dtype)
+    geo = geometry(cfg, model.layout, dtype=dtype)
     rng = np.random.default_rng(seed)
     cross = rng.standard_normal((cfg.num_layers, 2, 1, cfg.text_len, cfg.num_heads, cfg.head_dim), np.float32)
     stream = Stream(TorchRunner(model), geo, cross, seed)
     for group in stream.groups.values():
-        if fill and group.layers:
+        if fill:
             shape = stream.buffers.shapes[group.name]
             stream.buffers.upload(group.name, rng.standard_normal(shape, np.float32).astype(host_dtype(dtype)))
         for frame in range(history):  # the driver's ring arithmetic: sink pinned, oldest evicted
             group.frames[ring_slot(frame, group.capacity, group.sink)] = frame
     allocated = sum(g.nbytes for g in stream.groups.values())
-    expected = kv_bytes(cfg, model.modes, cfg.chunk_frames, SINK, dtype=dtype).total
+    expected = kv_bytes(cfg, model.layout, dtype=dtype).total
     if allocated != expected:
         raise AssertionError(f"stream cache bytes {allocated} != kv_bytes {expected}")
     stream.frame_index = history
@@ -252,7 +259,7 @@ def torch_fn(model: WanModel, feeds: dict[str, np.ndarray], device: str = "cpu",
     """Eager chunk step with every input resident on the device (no transfers timed)."""
     args = {}
     for k, v in feeds.items():
-        if fresh_caches and k in ("kv_full", "kv_local"):  # too big to fill on the host first
+        if fresh_caches and is_cache_name(k):  # too big to fill on the host first
             args[k] = torch.randn(v.shape, dtype=dtype, device=device)
             continue
         t = to_torch(v, torch.device(device))
@@ -274,16 +281,16 @@ def ort_fn(path: Path, feeds: dict[str, np.ndarray], providers: list[str], threa
 
 
 def latency_rows(name: str, capacity: int, history: int, times: dict, cfg: WanConfig,
-                 modes: list[str]) -> list[dict]:
+                 layout: list) -> list[dict]:
     at_m = cfg.replace(max_frames=capacity)
-    removed = 1 - kv_bytes(at_m, modes, cfg.chunk_frames, SINK).total / kv_bytes(at_m).total
+    removed = 1 - kv_bytes(at_m, layout).total / kv_bytes(at_m).total
     rows = []
     for backend in sorted({b for b, _ in times}):
         full, ispa = times[(backend, "full")], times[(backend, "ispa")]
         rows.append({"config": name, "backend": backend, "capacity": capacity, "history": history,
-                     "preset_capacity": cfg.max_frames, "local_layers": modes.count(LOCAL), "layers": len(modes),
+                     "preset_capacity": cfg.max_frames, "local_layers": n_local(layout), "layers": len(layout),
                      "kv_removed": removed, "full": summary(full), "ispa": summary(ispa),
-                     "ratio": pair_ratio(ispa, full), "flops": step_flops(cfg, modes, capacity, sink=SINK)})
+                     "ratio": pair_ratio(ispa, full), "flops": step_flops(cfg, layout, capacity)})
     return rows
 
 
@@ -331,7 +338,7 @@ def latency_config(name: str, full: WanModel, ispa: WanModel, plan: dict, caps: 
                     fns[("ort-cuda", mode)] = ort_fn(path, feeds, ["CUDAExecutionProvider", "CPUExecutionProvider"],
                                                      threads)
         times = paired(fns, plan["reps"], plan["warmup"], plan["min_seconds"])
-        rows += latency_rows(name, capacity, history, times, cfg, ispa.modes)
+        rows += latency_rows(name, capacity, history, times, cfg, ispa.layout)
         versus += ort_vs_torch(name, capacity, times)
     return rows, versus
 
@@ -341,7 +348,7 @@ def cpu_skip_reason(cfg_name: str, rows: list[dict]) -> str:
     ref = max((r for r in rows if r["backend"] == "torch-cpu" and r["history"] == r["capacity"]),
               key=lambda r: r["flops"]["full"], default=None)
     cfg = preset(cfg_name)
-    flops = step_flops(cfg, ispa_modes(cfg), cfg.max_frames, sink=SINK)["full"]
+    flops = step_flops(cfg, ispa_layout(cfg), cfg.max_frames)["full"]
     reason = f"no CUDA device; one full step of {cfg_name} is {flops / 1e12:.0f} TFLOP"
     if ref is not None:
         rate = ref["flops"]["full"] / ref["full"]["median"]
@@ -361,7 +368,7 @@ def real_latency(plan: dict, measured: list[dict], out: Path, threads: int) -> t
     torch.manual_seed(0)
     with torch.device("cuda"):
         full = WanModel(preset(REAL[0])).eval().cast(torch.bfloat16)
-    ispa = ispa_copy(full, ispa_modes(full.cfg))
+    ispa = ispa_copy(full, ispa_layout(full.cfg))
     rows, _ = latency_config(REAL[0], full, ispa, plan, caps, [], {}, out, threads, cpu=False)
     return rows, [{"config": REAL[0], "reason": "ONNX Runtime: an fp32 graph of this size exceeds protobuf's "
                    "2 GiB limit (export_onnx writes one file)"}] + skipped
@@ -403,7 +410,7 @@ def solve_rows(dims: list[int]) -> list[dict]:
         for name in REAL:
             cfg = preset(name)
             if cfg.dim == d:
-                n = ispa_modes(cfg).count(LOCAL)
+                n = n_local(ispa_layout(cfg))
                 row.update(model=name, local_layers=n, seconds_all_layers=row["seconds_per_layer"] * n)
         rows.append(row)
     return rows
@@ -452,7 +459,7 @@ def real_export(name: str, out: Path, dtype: str = "float16") -> dict:
 def export_real_child(name: str, path: Path, dtype: str) -> dict:
     torch.manual_seed(0)
     model = WanModel(preset(name)).eval().cast(getattr(torch, dtype))
-    ispa = ispa_copy(model, ispa_modes(model.cfg))
+    ispa = ispa_copy(model, ispa_layout(model.cfg))
     del model
     feeds = step_feeds(ispa, ispa.cfg.max_frames, ispa.cfg.max_frames, fill=False, dtype=dtype)
     t0 = time.perf_counter()
@@ -462,7 +469,7 @@ def export_real_child(name: str, path: Path, dtype: str) -> dict:
                if line.startswith("VmHWM:"))
     files = {p.name: p.stat().st_size for p in path.parent.glob(path.name + "*")}
     return {"config": name, "dtype": dtype, "export_seconds": seconds, "peak_rss_bytes": hwm, "files": files,
-            "layers_local": ispa.modes.count(LOCAL)}
+            "layers_local": n_local(ispa.layout)}
 
 
 # -- entry point ----------------------------------------------------------------------------------
@@ -474,7 +481,7 @@ def run(plan: dict, out: Path, threads: int, command: str) -> dict:
     for name in ("tiny", "demo"):
         cfg = preset(name)
         for dtype in ("float32", "float16"):
-            checks.append(dict(crosscheck(cfg, ispa_modes(cfg), dtype), config=name))
+            checks.append(dict(crosscheck(cfg, ispa_layout(cfg), dtype), config=name))
     res["kv"] = {"rows": kv_rows(), "crosscheck": checks}
     res["growth"] = kv_growth(REAL[0])
     log(f"export: warmup, solve, bake and write_artifact on {plan['export']}")
@@ -490,7 +497,7 @@ def run(plan: dict, out: Path, threads: int, command: str) -> dict:
         else:
             torch.manual_seed(0)
             full = WanModel(config(name)).eval()
-            ispa = ispa_copy(full, ispa_modes(full.cfg))
+            ispa = ispa_copy(full, ispa_layout(full.cfg))
         r, v = latency_config(name, full, ispa, plan, caps, ort_caps, onnx, out, threads)
         lat, versus = lat + r, versus + v
     real, skipped = real_latency(plan, lat, out, threads)

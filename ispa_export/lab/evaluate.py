@@ -167,7 +167,7 @@ def evaluate_seed(model: WanModel, context: torch.Tensor, seed: int, s: Settings
             methods, notes = all_methods[r]
             rows = {}
             for m in methods:
-                expect = kv_bytes(cfg, m.modes(cfg.num_layers), m.window, m.sink).total
+                expect = kv_bytes(cfg, m.spans(cfg.num_layers)).total
                 if m.key() in done:
                     metrics, gen = done[m.key()]
                     metrics = dict(metrics, same_run_as=metrics.get("same_run_as") or metrics["method"])

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from graphs.config import preset
-from graphs.wan import LOCAL, WanModel
+from graphs.wan import WanModel
 from runtimes.buffers import HostBuffers
 from runtimes.driver import Stream
 from runtimes.files import write_bytes_atomic, write_json_atomic
+from runtimes.groups import Span
 from runtimes.schedule import warped_timesteps
 
 from ..flops import step_flops
@@ -153,20 +154,19 @@ def stream_chunks(model: WanModel, stream: Stream, chunks: int, device: torch.de
             "driver_overhead_ratio": float(np.median(steady) / np.median(graph[1:] or graph))}
 
 
-def full_stream(model: WanModel, modes: list[str], capacity: int, window: int, compile: bool = False) -> Stream:
+def full_stream(model: WanModel, layout: list, capacity: int, compile: bool = False) -> Stream:
     """A stream whose every cache slot holds a frame (random K/V): the steady state at capacity M."""
     m = copy.copy(model)
-    m.modes = list(modes)
+    m.set_layout(layout)  # on the shallow copy: the caller's model keeps its own layout
     cfg = model.cfg.replace(max_frames=capacity)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    geo = geometry(cfg, modes, window, 0, dtype=dtype)
+    geo = geometry(cfg, layout, dtype=dtype)
     cross = to_numpy(torch.randn(cfg.num_layers, 2, 1, cfg.text_len, cfg.num_heads, cfg.head_dim,
                                  dtype=next(model.parameters()).dtype))
     stream = Stream(TorchRunner(m, compile=compile), geo, cross, 0, keep_latents=False)
     for group in stream.groups.values():
-        if group.layers:
-            group.data.normal_()
-            group.frames[:] = np.arange(capacity * 10, capacity * 10 + group.capacity)
+        group.data.normal_()
+        group.frames[:] = np.arange(capacity * 10, capacity * 10 + group.capacity)
     stream.frame_index = capacity * 11
     return stream
 
@@ -177,13 +177,13 @@ def step_latency(model: WanModel, local_layers: list[int], capacity: int, reps: 
     With `compile`, the step runs through torch.compile (fixed shapes: one compile per layout)."""
     cfg = model.cfg
     window = cfg.chunk_frames
-    ispa_modes = [LOCAL if i in local_layers else "F" for i in range(cfg.num_layers)]
+    ispa_layout = [Span(0, window) if i in local_layers else None for i in range(cfg.num_layers)]
     sync = Sync(device)
     times = {}
     x = np.random.default_rng(0).standard_normal((1, cfg.in_dim, cfg.chunk_frames, cfg.latent_height,
                                                   cfg.latent_width), dtype=np.float32)
-    for label, modes in (("full", ["F"] * cfg.num_layers), ("ispa", ispa_modes)):
-        stream = full_stream(model, modes, capacity, window, compile)
+    for label, layout in (("full", [None] * cfg.num_layers), ("ispa", ispa_layout)):
+        stream = full_stream(model, layout, capacity, compile)
         feeds = stream.feeds(x, 500.0, 0)
         run = lambda: stream.runner.run(feeds)  # noqa: E731
         t0 = time.perf_counter()
@@ -199,7 +199,7 @@ def step_latency(model: WanModel, local_layers: list[int], capacity: int, reps: 
             samples.append(time.perf_counter() - t0)
         times[label] = float(np.median(samples))
         del stream
-    flops = step_flops(cfg.replace(max_frames=capacity), ispa_modes, capacity, window=window)
+    flops = step_flops(cfg.replace(max_frames=capacity), ispa_layout, capacity)
     return {"capacity": capacity, "compiled": compile, "first_two_steps_seconds":
             {k: times.pop(k + "_first_seconds") for k in ("full", "ispa")}, "step_ms_full": 1e3 * times["full"], "step_ms_ispa": 1e3 * times["ispa"],
             "step_ratio": times["ispa"] / times["full"], "flop_ratio": flops["predicted_ratio"],

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphs.config import WanConfig
-from graphs.wan import FULL, LOCAL
-
 from ..kv import layers_for_target
+from ..monitor import LocalSpan
 
 REDUCTIONS = (0.25, 0.5, 0.75)
 HEADLINE = 0.5
@@ -39,8 +38,13 @@ class Method:
                 else (self.variant, self.site, self.rank, self.rho, self.stats))
         return (self.layers, self.sink, self.window, corr)
 
-    def modes(self, num_layers: int) -> list[str]:
-        return [LOCAL if i in self.layers else FULL for i in range(num_layers)]
+    @property
+    def span(self) -> LocalSpan:
+        return LocalSpan(self.sink, self.window)
+
+    def spans(self, num_layers: int) -> list[LocalSpan | None]:
+        """Per layer: the method's span for its layers, None (full) for the others."""
+        return [self.span if i in self.layers else None for i in range(num_layers)]
 
 
 def _lowest(d: np.ndarray, n: int) -> tuple[int, ...]:

@@ -125,9 +125,7 @@ def continue_run(model: WanModel, stream: Stream, monitors, layout: Layout | Non
     m = copy.deepcopy(model)
     s = copy.deepcopy(stream, {id(model): m})  # its runner (and the caches it holds) now run `m`
     if layout is not None:
-        span = next(x for x in layout.spans if x is not None)
-        bake(m, s, monitors[span] if span in monitors.monitors else None, layout.layers, IspaOptions(), span,
-             layout.corrections)
+        bake(m, s, monitors, layout.spans, IspaOptions(), layout.corrections)
     return continue_stream(s, chunks, video), sum(g.nbytes for g in s.groups.values())
 
 
@@ -144,7 +142,8 @@ def run_seed(model: WanModel, context: torch.Tensor, seed: int, st: RegimeSettin
     stream, monitors, tr = plan(base, context, seed, opts, video=warm)
     stream.runner.before_pass = None
     rest = st.total_chunks - tr.chunk
-    log(f"[{st.regime} seed {seed}] transition at chunk {tr.chunk} ({tr.reason}); span {tr.span}, "
+    log(f"[{st.regime} seed {seed}] transition at chunk {tr.chunk} ({tr.reason}); spans "
+        f"{sorted({str(s) for s in tr.spans if s is not None})}, "
         f"L-layers {tr.layers}; {rest} chunks scored")
     if tr.calibration and "selection" in tr.calibration:
         sel = tr.calibration["selection"]

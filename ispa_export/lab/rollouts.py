@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from graphs.wan import FULL, WanModel
+from graphs.wan import WanModel
 from runtimes.driver import Stream
 
 from ..errors import UserError
@@ -81,7 +81,7 @@ def warmup(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     """ispa.transition up to (not including) the bake, with teacher forcing by `video` frames."""
     t0 = time.perf_counter()
     cfg = model.cfg
-    model.set_modes([FULL] * cfg.num_layers)
+    model.set_layout([None] * cfg.num_layers)
     monitors = _monitors(LocalSpan(opts.sink, opts.window), opts.rho, adapter)
     fan = _Fanout(list(monitors.values()))
     stream = torch_stream(model, context, seed, before_pass=fan.before_pass)
@@ -138,7 +138,7 @@ def rollout(w: Warmup, method: Method | None, chunks: int,
                 monitor.rho = method.rho
         opts = IspaOptions(kv_reduction=None, layers=list(method.layers), window=method.window, sink=method.sink,
                            variant=method.variant, site=method.site, rank=method.rank, rho=method.rho)
-        bake(model, stream, monitor, list(method.layers), opts)
+        bake(model, stream, {method.span: monitor}, method.spans(model.cfg.num_layers), opts)
     return continue_stream(stream, chunks, video), sum(g.nbytes for g in stream.groups.values())
 
 
