@@ -211,22 +211,32 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
         calibration = sens.to_dict()
         losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
                              allowed=allowed)
+    alloc, per_span = _allocate(losses, cfg, opts, allowed, chain, calibration)
+    if chain is not None and opts.gate and opts.variant in ("full", "bias"):
+        calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
+        if not calibration["output_gate"]["kept"] and calibration["output_gate"]["layers"]:
+            # The corrections failed together on the output: none is kept anywhere, and the
+            # allocation is made again on the raw discrepancies it then has to live with.
+            for sl in losses.values():
+                for l, c in enumerate(sl.corrections):
+                    if c is not None and c.kept:
+                        _drop_correction(sl, l)
+            alloc, per_span = _allocate(losses, cfg, opts, allowed, chain, calibration)
+    return alloc, per_span, losses, calibration, chain
+
+
+def _allocate(losses: dict, cfg, opts: IspaOptions, allowed: set, chain, calibration: dict | None):
     alloc, per_span = _allocation(losses, cfg, opts)
     if alloc is None:
         raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
                         f"it ({', '.join(str(s) for s in losses)})")
     if chain is not None and opts.layers is None:
-        # Between spans, each span's best allocation is measured whole on the warmup's last chunks
-        # (uncorrected: the corrections were fit on these frames, so they would score in-sample).
+        # The uniform prior against the DPs' allocations, judged on the warmup's chain (uncorrected:
+        # the corrections were fit on these frames, so they would score in-sample).
         alloc, calibration["selection"] = select({s: l for s, l in losses.items() if s in allowed}, cfg,
                                                  opts.kv_reduction, chain.frame_errors, list(opts.sinks(cfg)),
                                                  opts.per_layer_spans)
-    if chain is not None and opts.gate and opts.variant in ("full", "bias"):
-        calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
-        if not calibration["output_gate"]["kept"]:
-            for l in calibration["output_gate"]["layers"]:
-                _drop_correction(losses[alloc.spans[l]], l)
-    return alloc, per_span, losses, calibration, chain
+    return alloc, per_span
 
 
 def _drop_correction(sl: SpanLoss, layer: int) -> None:

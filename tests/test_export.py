@@ -52,7 +52,8 @@ def baked_mixed(seed=0):
     cfg = preset("tiny").replace(max_frames=8)
     model = WanModel(cfg).eval()
     ctx = torch.randn(1, 5, cfg.text_dim)
-    o = IspaOptions(kv_reduction=0.3, warmup_chunks=4, gate=False, calibrate=False)
+    # stream_frames = M: the sink spans are candidates (monitored), so MIXED's s1w3 has statistics
+    o = IspaOptions(kv_reduction=0.3, warmup_chunks=4, gate=False, calibrate=False, stream_frames=cfg.max_frames)
     stream, monitors, tr = plan(model, ctx, seed, o)
     before = stream.state_arrays()
     tr.spans = list(MIXED)

@@ -478,7 +478,10 @@ def test_report_fields_are_present_and_consistent():
         assert math.isclose(entry["raw_discrepancy"], raw, rel_tol=1e-9)  # the held-out chunk's d
         c = entry["correction"]
         assert c["heldout_chunk"] == last and c["corrected"] == min(c["by_rho"].values())
-        assert c["kept"] == (c["corrected"] < c["raw"]) and entry["corrected_discrepancy"] == c["corrected"]
+        # the per-layer gate, then the output gate (it may drop what the per-layer gate kept)
+        vetoed = l in cal["output_gate"]["layers"] and not cal["output_gate"]["kept"]
+        assert c["kept"] == (c["corrected"] < c["raw"] and not vetoed)
+        assert entry["corrected_discrepancy"] == c["corrected"]
         assert entry["effective_discrepancy"] == (c["corrected"] if c["kept"] else c["raw"])
         assert math.isclose(entry["predicted_loss"], entry["weight"] * entry["effective_discrepancy"], rel_tol=1e-12)
         assert math.isclose(entry["weight"], cal["effect"][l] / cal["discrepancy"][l], rel_tol=1e-9)

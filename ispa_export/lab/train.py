@@ -439,7 +439,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24, noise_seed: int = 0,
-                     batch: int = 4, sigmas: list[float] | None = None) -> dict:
+                     batch: int = 4, sigmas: list[float] | None = None, capacity: int | None = None) -> dict:
     """x0 error of the model on unseen videos, per schedule sigma, against copy-last-frame predictors.
 
     Every chunk after the first is noised at sigma and predicted with its clean history (the
@@ -448,9 +448,10 @@ def heldout_x0_error(model: WanModel, seeds=HELDOUT_SEEDS[:8], frames: int = 24,
     - `copy_history`: both frames of a chunk predicted as the last clean frame before it (the
       information the model has at sigma = 1);
     - `copy_previous`: each frame predicted as the frame just before it (sees one frame more).
+    `capacity`: the cache the history is seen through (default the preset's 12 frames).
     """
     cfg = preset(PRESET)
-    tf = TeacherForcing(cfg, frames)
+    tf = TeacherForcing(cfg, frames, capacity=capacity)
     f = cfg.chunk_frames
     sigmas = schedule_sigmas() if sigmas is None else list(sigmas)
     chunks = frames // f
