@@ -13,18 +13,22 @@ Losses add over layers: the first-order view in which small, independent perturb
 different layers add their squared effects on the output.
 
 What a short warmup cannot see: a span is measured only once the history is longer than it, and
-the warmup ends when the rolling full cache would evict the sink frames, so long windows may never
-(or only once) be measured. Their raw d is extrapolated over distance (`extrapolate`): per layer
-and sink, a power law d ~ window^b fitted to the measured windows (b <= 0: keeping more frames
-never loses more), never above the d of the longest measured window. Such spans carry no statistics, so they go local uncorrected.
+a warmup with sink candidates ends when the rolling full cache would evict the sink frames, so long
+windows may never (or only once) be measured. Their raw d is extrapolated over distance
+(`extrapolate`): per layer and sink, a power law d ~ window^b fitted to the measured windows
+(b <= 0: keeping more frames never loses more), never above the d of the longest measured window.
+Such spans carry no statistics, so they go local uncorrected.
 
-The allocation is an exact dynamic program over layers (`dp`): options per layer are F or a span,
+The allocations are exact dynamic programs over layers (`dp`): options per layer are F or a span,
 costs are KV frames (the steady-state bytes of a layer are its frames times kv.frame_bytes, so
-frames measure bytes exactly), the budget is what the KV target leaves. Today's static graph has
-one local cache group, so all L-layers share one span: `allocate` solves the program once per
-candidate span (options F or that span) and keeps the best; with `per_layer_spans` it solves the
-general program (every span an option for every layer), for a graph with one cache group per span.
+frames measure bytes exactly), the budget is what the KV target leaves. `allocate` solves the
+program once per candidate span (options F or that span) and, with `per_layer_spans`, the general
+program (every span an option for every layer; the graph gets one cache group per distinct span).
 A uniform window on every layer and "n layers at one window" are both points of the search.
+
+`select` makes the decision: the uniform layout (`uniform`, a sink only where
+`reference_keeps_sink`) unless one of the programs' allocations lowers the sample error of the
+warmup's own denoising chain by more than GATE_Z standard errors.
 """
 from __future__ import annotations
 
@@ -262,8 +266,8 @@ def uniform(cfg: WanConfig, reduction: float, sink: int) -> Allocation | None:
     return Allocation([span] * cfg.num_layers, 0.0, per * cfg.num_layers, budget_frames(cfg, reduction))
 
 
-# Standard errors a measured gain must exceed before the warmup's evidence overrides a default
-# (the uniform layout, no correction): the few frames a warmup scores rank close layouts by noise.
+# Standard errors a challenger's measured gain must exceed before it replaces the uniform layout:
+# the few frames a warmup scores rank close layouts by their noise.
 GATE_Z = 2.0
 
 
@@ -285,9 +289,9 @@ def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, 
     short totals it does see, keeping frame 0 instead of a frame at distance 1-3 always loses); on
     development seeds 2000-2003 (whole video, 50%) the sink prior won on 4/4 by 1.4-5.8 dB.
     Challengers: the DP's best allocation per shared span and, with `per_layer_spans`, the general
-    per-layer DP, on the allowed sinks. `frame_errors(spans) -> per-frame sample errors` (calibration.Chain, uncorrected:
-    the corrections were fit on these frames) scores prior and challengers on the same warmup
-    frames; the best challenger replaces the prior only if its paired gain exceeds `z` standard
+    per-layer DP, on the allowed sinks. `frame_errors(spans) -> per-frame sample errors`
+    (calibration.Chain, uncorrected: the corrections were fit on these frames) scores prior and
+    challengers on the same warmup frames; the best challenger replaces the prior only if its paired gain exceeds `z` standard
     errors. On the demo the additive prediction and a plain comparison of means both picked layouts
     that lost 1-6 dB against the uniform one (docs/eval/POLICY.md): a short warmup's few frames
     rank layouts within their noise, so the burden of proof is on the departure from uniform."""
