@@ -214,14 +214,11 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
     alloc, per_span = _allocate(losses, cfg, opts, allowed, chain, calibration)
     if chain is not None and opts.gate and opts.variant in ("full", "bias"):
         calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
-        if not calibration["output_gate"]["kept"] and calibration["output_gate"]["layers"]:
-            # The corrections failed together on the output: none is kept anywhere, and the
-            # allocation is made again on the raw discrepancies it then has to live with.
-            for sl in losses.values():
-                for l, c in enumerate(sl.corrections):
-                    if c is not None and c.kept:
-                        _drop_correction(sl, l)
-            alloc, per_span = _allocate(losses, cfg, opts, allowed, chain, calibration)
+        if not calibration["output_gate"]["kept"]:
+            # The allocation stands (made with the corrections' predicted losses); its layers go
+            # local uncorrected, and report.json shows their raw losses.
+            for l in calibration["output_gate"]["layers"]:
+                _drop_correction(losses[alloc.spans[l]], l)
     return alloc, per_span, losses, calibration, chain
 
 

@@ -488,6 +488,9 @@ def test_report_fields_are_present_and_consistent():
         assert sorted(map(int, entry["curve"])) == mon.monitored_chunks
         assert (entry["absorption"] is not None) == (l in tr.layers)
     # the L-layers are the lowest predicted losses (one span: the DP takes the n cheapest)
-    loss = [e["predicted_loss"] for e in rep["layers"]]
+    # (as the DP saw them: a correction the output gate dropped afterwards still counted)
+    loss = [e["weight"] * e["correction"]["corrected"]
+            if l in cal["output_gate"]["layers"] and not cal["output_gate"]["kept"] else e["predicted_loss"]
+            for l, e in enumerate(rep["layers"])]
     assert tr.layers == sorted(np.argsort(loss, kind="stable")[:2].tolist())
     assert rep["options"]["kv_reduction"] == 0.25
