@@ -272,13 +272,6 @@ class WanModel(nn.Module):
             raise ValueError(f"layout must have {self.cfg.num_layers} entries (one per layer), got {len(layout)}")
         self.layout = layout
 
-    def set_modes(self, modes: list[str]) -> None:
-        """'F'/'L' per layer, the L-layers at the one span their stream gives them (torch_runner.torch_stream's
-        local_window and local_sink): the uniform layouts lab/train.py streams. Spans: set_layout."""
-        if len(modes) != self.cfg.num_layers or set(modes) - {FULL, LOCAL}:
-            raise ValueError(f"modes must be {self.cfg.num_layers} entries of 'F'/'L', got {modes}")
-        self.layout = [None if m == FULL else Span(0, 0) for m in modes]
-
     @property
     def modes(self) -> list[str]:
         return [FULL if s is None else LOCAL for s in self.layout]

@@ -15,7 +15,7 @@ from graphs.config import WanConfig
 from graphs.wan import WanModel
 from runtimes.buffers import Buffers, host_dtype
 from runtimes.driver import Geometry, PassInfo, Stream
-from runtimes.groups import Span, output_names
+from runtimes.groups import output_names
 
 # Inputs besides the cache groups and their masks, which follow the model's layout.
 INPUTS = ["latents", "timestep", "rope_frame", "cross_kv", "pass_kind", "ispa_weight", "ispa_bias"]
@@ -153,13 +153,9 @@ def model_dtype(model: WanModel) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def torch_stream(model: WanModel, context: torch.Tensor, seed: int, *, local_window: int | None = None,
-                 local_sink: int = 0, before_pass=None) -> Stream:
+def torch_stream(model: WanModel, context: torch.Tensor, seed: int, *, before_pass=None) -> Stream:
     """A stream over the model's layout on the model's device and in its dtype, with the text K/V
-    computed once here. `local_window` (with `local_sink`) first puts every L-layer of the model at
-    that one span (the uniform layouts of WanModel.set_modes)."""
-    if local_window is not None:
-        model.set_layout([None if s is None else Span(local_sink, local_window) for s in model.layout])
+    computed once here."""
     device = next(model.parameters()).device
     with torch.no_grad():
         cross_kv = to_numpy(model.cross_kv(context.to(device, next(model.parameters()).dtype)))

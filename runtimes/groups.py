@@ -80,8 +80,7 @@ def cache_groups(layout: list[Span | None], full_capacity: int, full_sink: int) 
     for span in sorted({s for s in layout if s is not None}):
         layers = tuple(i for i, s in enumerate(layout) if s == span)
         if span.sink < 0 or span.window < 1:
-            # A ring needs a rolling part; sink 0 + window 0 is what WanModel.set_modes leaves
-            # until a stream gives its L-layers a span.
+            # A ring needs a rolling part.
             raise ValueError(f"layers {list(layers)}: local span sink {span.sink} + window {span.window}: "
                              f"expected sink >= 0 and window >= 1 frames")
         groups.append(GroupSpec(group_name(span), span.frames, span.sink, layers))

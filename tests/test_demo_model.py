@@ -125,10 +125,7 @@ def test_teacher_forced_samples_equal_the_stream(model):
     got = rollout(model, video, given_chunks=2, noise_seed=5)
     assert np.abs(seq[4:] - got[4:]).max() < 1e-4
     seq_l = teacher_forced_samples(model, video[None], noise_seed=5, capacity=2)[0]
-    try:
-        model.set_modes(["L"] * 6)
-        got_l = rollout(model, video, given_chunks=2, noise_seed=5, local_window=2)
-    finally:
-        model.set_modes(["F"] * 6)
+    got_l = rollout(model, video, given_chunks=2, noise_seed=5, window=2)
+    assert model.layout == [None] * 6  # left as it was
     assert np.abs(seq_l[4:] - got_l[4:]).max() < 1e-4
     assert np.abs(seq_l[4:] - seq[4:]).max() > 1e-3  # the window does change the sample

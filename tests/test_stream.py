@@ -91,17 +91,6 @@ def test_local_layers_equal_masked_full_attention(layout):
     assert err < 1e-5
 
 
-def test_set_modes_takes_its_span_from_the_stream():
-    """lab/train.py's uniform layouts: 'F'/'L' per layer, the span given to torch_stream."""
-    model, ctx = build(chunk_frames=2, max_frames=8)
-    model.set_modes(["F", "L", "F", "L"])
-    with pytest.raises(ValueError, match=r"layers \[1, 3\]: local span sink 0 \+ window 0: expected"):
-        torch_stream(model, ctx, seed=5)
-    stream = torch_stream(model, ctx, seed=5, local_window=3, local_sink=1)
-    assert model.layout == [None, Span(1, 3), None, Span(1, 3)] and model.modes == ["F", "L", "F", "L"]
-    assert list(stream.groups) == ["kv_full", "kv_s1w3"] and stream.groups["kv_s1w3"].layers == (1, 3)
-
-
 def test_stream_is_deterministic_from_seed():
     model, ctx = build()
     a = torch_stream(model, ctx, seed=11).run(3)

@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from graphs.config import WanConfig, preset
 from graphs.masks import teacher_forcing
-from graphs.wan import FULL, LOCAL, WanModel, gate, mask_to_bias, modulate
+from graphs.wan import WanModel, gate, mask_to_bias, modulate
 from ispa_export.checkpoint import load_into, save_state_dict
 from ispa_export.demo import CONTEXT_SEED, demo_context
 from ispa_export.errors import UserError
@@ -60,6 +60,7 @@ from ispa_export.lab.videos import batch as video_batch
 from ispa_export.lab.videos import identity_recall, make_video
 from ispa_export.torch_runner import torch_stream
 from runtimes.files import atomic_path
+from runtimes.groups import Span
 from runtimes.schedule import chunk_noise, warped_timesteps
 
 PRESET = "demo"
@@ -550,20 +551,25 @@ def teacher_forced_samples(model: WanModel, videos: np.ndarray, noise_seed: int,
     return x0.numpy().transpose(0, 2, 1, 3, 4)
 
 
-def rollout(model: WanModel, video: np.ndarray, given_chunks: int, noise_seed: int, *, local_window: int = 0,
-            local_sink: int = 0) -> np.ndarray:
+def rollout(model: WanModel, video: np.ndarray, given_chunks: int, noise_seed: int, *,
+            window: int | None = None) -> np.ndarray:
     """Stream videos [F, 3, S, S] or [B, F, 3, S, S] (one batched stream): the first `given_chunks` chunks
-    teacher-forced from `video` (stored in the cache as given), the rest free-run. Returns frames of
-    the same shape (given ones included)."""
+    teacher-forced from `video` (stored in the cache as given), the rest free-run; every layer full,
+    or with `window` every layer local with that many recent frames. Returns frames of the same
+    shape (given ones included); the model's layout is left as it was."""
     single = video.ndim == 4
     videos = video[None] if single else video
     f = model.cfg.chunk_frames
-    stream = torch_stream(model, demo_context(len(videos)), noise_seed, local_window=local_window,
-                          local_sink=local_sink)
-    out = []
-    for c in range(videos.shape[1] // f):
-        given = videos[:, c * f:(c + 1) * f].transpose(0, 2, 1, 3, 4) if c < given_chunks else None
-        out.append(stream.step(given=given).transpose(0, 2, 1, 3, 4))
+    before = list(model.layout)
+    model.set_layout([None if window is None else Span(0, window)] * model.cfg.num_layers)
+    try:
+        stream = torch_stream(model, demo_context(len(videos)), noise_seed)
+        out = []
+        for c in range(videos.shape[1] // f):
+            given = videos[:, c * f:(c + 1) * f].transpose(0, 2, 1, 3, 4) if c < given_chunks else None
+            out.append(stream.step(given=given).transpose(0, 2, 1, 3, 4))
+    finally:
+        model.set_layout(before)
     frames = np.concatenate(out, 1)
     return frames[0] if single else frames
 
@@ -619,14 +625,8 @@ def recall_comparison(model: WanModel, seeds=HELDOUT_SEEDS[:16], given_chunks: i
     if not crops:
         raise UserError(f"recall_comparison: no video among seeds {list(seeds)} has a return after frame {start + lead}")
     videos = np.stack([v.frames for _, v in crops])
-    modes = list(model.modes)
-    try:
-        model.set_modes([FULL] * model.cfg.num_layers)
-        gf = rollout(model, videos, given_chunks, noise_seed)
-        model.set_modes([LOCAL] * model.cfg.num_layers)
-        gl = rollout(model, videos, given_chunks, noise_seed, local_window=window, local_sink=0)
-    finally:
-        model.set_modes(modes)
+    gf = rollout(model, videos, given_chunks, noise_seed)
+    gl = rollout(model, videos, given_chunks, noise_seed, window=window)
     tf_full = teacher_forced_samples(model, videos, noise_seed)
     tf_local = teacher_forced_samples(model, videos, noise_seed, capacity=window, sink=0)
     held = np.concatenate([videos[:, :start], np.repeat(videos[:, start - 1:start], videos.shape[1] - start, 1)], 1)
