@@ -113,7 +113,10 @@ def write_markdown(path: Path, summary: dict) -> None:
     per_seed = summary["seeds"]
     s0 = per_seed[0]
     lines = [f"# Quality at equal KV bytes ({summary['model']}, {len(per_seed)} seed(s)"
-             f"{', quick' if summary['quick'] else ''})", ""]
+             f"{', quick' if summary['quick'] else ''})", "",
+             "This is `ispa eval` without `--regime`: one fixed span and layer count for every seed. The policy's "
+             "layout against every drop baseline in both regimes: `ispa eval --regime R` (REGIMES.md); how the "
+             "policy decides and what was tried: POLICY.md.", ""]
     lines += [f"- {summary['key_lines'][p]}" for p in summary["protocols"]] + [""]
     if summary.get("weights"):
         lines += [f"Weights: {summary['weights']['file']} (sha256 {summary['weights']['sha256']}).", ""]
