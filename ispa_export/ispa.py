@@ -212,6 +212,8 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
         losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
                              allowed=allowed)
     alloc, per_span = _allocate(losses, cfg, opts, allowed, chain, calibration)
+    # the per-layer optimum of the same predicted losses, for comparison in report.json
+    general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
     if chain is not None and opts.gate and opts.variant in ("full", "bias"):
         calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
         if not calibration["output_gate"]["kept"]:
@@ -219,7 +221,7 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
             # local uncorrected, and report.json shows their raw losses.
             for l in calibration["output_gate"]["layers"]:
                 _drop_correction(losses[alloc.spans[l]], l)
-    return alloc, per_span, losses, calibration, chain
+    return alloc, per_span, general, losses, calibration, chain
 
 
 def _allocate(losses: dict, cfg, opts: IspaOptions, allowed: set, chain, calibration: dict | None):
@@ -368,9 +370,8 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
         if decision is not None:
             break
     stream.runner.before_pass = None
-    alloc, per_span, losses, calibration, chain = _decide(model, stream, monitors, set(decision.eligible), opts, seed,
-                                                          correct)
-    general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
+    alloc, per_span, general, losses, calibration, chain = _decide(model, stream, monitors, set(decision.eligible),
+                                                                   opts, seed, correct)
     if opts.per_layer_spans and general is not None and chain is None:
         alloc = general  # uncalibrated: the predicted loss is all there is
     span = alloc.distinct_spans[0] if alloc.local_layers else spans[0]

@@ -284,8 +284,9 @@ def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, 
     """The allocation: the uniform layout unless the warmup shows, beyond its noise, a better one.
 
     Prior: every layer at the same span (`uniform`), with a sink frame wherever the reference keeps
-    it (`sinks` holds 1): the attention-sink layout of StreamingLLM and LongLive. A warmup shorter
-    than the span cannot test it (at equal bytes s0wT and s1w(T-1) drop nothing it sees, and at the
+    it (`sinks` holds 1): the attention-sink layout of StreamingLLM and LongLive, unless both the
+    sink and the plain uniform span are short enough for the warmup to have measured them: then the
+    one with the lower chain error. A warmup shorter than the span cannot test it (at equal bytes s0wT and s1w(T-1) drop nothing it sees, and at the
     short totals it does see, keeping frame 0 instead of a frame at distance 1-3 always loses); on
     development seeds 2000-2003 (whole video, 50%) the sink prior won on 4/4 by 1.4-5.8 dB.
     Challengers: the DP's best allocation per shared span and, with `per_layer_spans`, the general
@@ -296,8 +297,15 @@ def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, 
     that lost 1-6 dB against the uniform one (docs/eval/POLICY.md): a short warmup's few frames
     rank layouts within their noise, so the burden of proof is on the departure from uniform."""
     allowed = {s: l for s, l in losses.items() if s.sink in sinks}
-    prior = uniform(cfg, reduction, max(sinks))
     report: dict = {}
+    prior = uniform(cfg, reduction, max(sinks))
+    plain = uniform(cfg, reduction, 0)
+    if prior is not None and plain is not None and prior.spans != plain.spans and all(
+            a.spans[0] in allowed and allowed[a.spans[0]].source != "extrapolated" for a in (prior, plain)):
+        # Both uniform layouts drop frames the warmup saw: the sink is a measurement, not a prior.
+        errors = {a.spans[0].sink: float(np.mean(frame_errors(a.spans))) for a in (prior, plain)}
+        prior = prior if errors[prior.spans[0].sink] <= errors[0] else plain
+        report["sink"] = {"measured": errors, "chosen": prior.spans[0].sink}
     challengers: list[Allocation] = []
     try:
         best, per_span = allocate(allowed, cfg, reduction)

@@ -141,6 +141,13 @@ def test_select_keeps_the_uniform_prior_unless_a_layout_wins_beyond_the_noise():
     # worse challengers never win; where the reference keeps frame 0 the prior has a sink
     got, rep = select(losses, cfg, 0.5, errors(-0.05, 0.0, [LocalSpan(1, 3)] * 4), [0, 1])
     assert got.spans == [LocalSpan(1, 3)] * 4 and rep["prior"]["spans"] == ["s1w3"] * 4
+    # both uniform spans measured by the warmup: the sink is chosen by the chain, not by the prior
+    got, rep = select(losses, cfg, 0.5, errors(-0.05, 0.0), [0, 1])
+    assert got.spans == uniform0 and rep["sink"]["chosen"] == 0
+    # the plain one too long for the warmup (extrapolated): the sink prior stands, untested
+    losses[LocalSpan(0, 4)].source = "extrapolated"
+    got, rep = select(losses, cfg, 0.5, errors(0.0, 0.0, [LocalSpan(1, 3)] * 4), [0, 1])
+    assert rep["prior"]["spans"] == ["s1w3"] * 4 and "sink" not in rep
 
 
 def test_dp_out_of_budget_and_infinite_losses():
