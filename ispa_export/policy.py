@@ -40,7 +40,7 @@ import numpy as np
 from graphs.config import WanConfig
 
 from .errors import UserError
-from .monitor import LocalSpan, SpanMonitors, WarmupMonitor
+from .monitor import GATE_CHUNKS, LocalSpan, SpanMonitors, WarmupMonitor
 
 
 def candidate_spans(cfg: WanConfig, sinks: tuple[int, ...] = (0, 1),
@@ -98,7 +98,10 @@ def choose_correction(monitor: WarmupMonitor, layer: int, gate: bool = True) -> 
     entry = monitor.heldout[layer][latest]
     rho = min(entry["rho"], key=lambda r: (entry["rho"][r], -r))  # ties: the stronger ridge
     corrected = entry["rho"][rho]
-    kept = corrected < entry["raw"] if gate else True
+    # Kept where it lowers the held-out d on every one of the latest GATE_CHUNKS held-out chunks,
+    # at least two: one chunk's gain is as often noise as a correction that carries over.
+    recent = [monitor.heldout[layer][c] for c in chunks[-GATE_CHUNKS:]]
+    kept = (len(recent) >= 2 and all(e["rho"][rho] < e["raw"] for e in recent)) if gate else True
     return Correction(rho, kept, entry["raw"], corrected, dict(entry["rho"]), latest)
 
 

@@ -179,24 +179,19 @@ def test_streaming_statistics_equal_batch_statistics():
 @pytest.mark.parametrize("variant,site", [("full", "wo"), ("per_pass", "wo"), ("bias", "wo"), ("full", "adapter"),
                                           ("per_pass", "adapter")])
 def test_bake_output_equals_original_plus_correction(variant, site):
-    # calibrate off: no output gate, so each layer's own held-out gate decides (tested here)
+    # gates off: every L-layer corrected with its held-out ridge, so the bake is checked on each
+    # (the gates themselves: tests/test_policy.py)
     opts = IspaOptions(kv_reduction=0.25, window=2, sink=1, warmup_chunks=5, tol=0.0, variant=variant, site=site,
-                       calibrate=False)
+                       calibrate=False, gate=False)
     model, stream, mon, tr, before = run(opts, video=moving_video())
     kinds = mon.kinds()
     assert len(tr.layers) == 2 and model.modes == [LOCAL if i in tr.layers else FULL for i in range(4)]
-    gated = []
     for layer in tr.layers:
         attn = model.blocks[layer].self_attn
         w0, b0 = (before[f"blocks.{layer}.self_attn.o.{n}"].to(F64) for n in ("weight", "bias"))
         corr = tr.losses[tr.span].corrections[layer]
-        if not corr.kept:  # the gate: a correction that does not lower the held-out d stays out
-            assert corr.corrected >= corr.raw
-            assert attn.ispa_bias is None and attn.ispa_weight is None
-            assert torch.equal(attn.o.weight, before[f"blocks.{layer}.self_attn.o.weight"])
-            gated.append(layer)
-            continue
-        assert corr.corrected < corr.raw and corr.corrected == min(corr.scores.values())
+        assert corr.kept
+        assert corr.corrected == min(corr.scores.values())
         if variant == "per_pass":
             sols = [mon.solution(layer, k, variant="full", rho=corr.rho) for k in kinds]
         else:
@@ -217,7 +212,6 @@ def test_bake_output_equals_original_plus_correction(variant, site):
             with torch.no_grad():
                 got = attn.output(r["a_l"], r["x_in"], torch.tensor(r["kind"]))
             assert rel(flat(got), want) < 1e-5
-    assert len(gated) < len(tr.layers)  # the moving pattern is predictable: some correction pays
     # The baked stream goes on and stays finite; the runner hands the scalars over as 0-d tensors
     # (a [1]-shaped pass_kind would pick a [1, D, D] slice of the per-pass corrections).
     shapes = {}
@@ -229,7 +223,7 @@ def test_bake_output_equals_original_plus_correction(variant, site):
 
     model.forward = spy
     assert np.isfinite(stream.step()).all()
-    per_pass = variant == "per_pass" and len(gated) < len(tr.layers)
+    per_pass = variant == "per_pass"
     rope = {"rope_frame": (2, CFG.chunk_frames, model.rope_pairs)}
     assert shapes == (rope | {"pass_kind": ()} if per_pass else rope)
 

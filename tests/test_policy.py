@@ -185,11 +185,17 @@ class FakeMonitor:
 
 
 def test_gate_and_ridge_choice():
-    mon = FakeMonitor({0: {3: {"raw": 0.5, "rho": {}}, 4: {"raw": 0.4, "rho": {0.1: 0.3, 10.0: 0.2, 100.0: 0.25}}},
+    mon = FakeMonitor({0: {3: {"raw": 0.5, "rho": {0.1: 0.45, 10.0: 0.4}},
+                           4: {"raw": 0.4, "rho": {0.1: 0.3, 10.0: 0.2, 100.0: 0.25}}},
                        1: {4: {"raw": 0.2, "rho": {0.1: 0.5, 10.0: 0.21}}},
-                       2: {4: {"raw": 0.2, "rho": {}}}})
-    c = choose_correction(mon, 0)
+                       2: {4: {"raw": 0.2, "rho": {}}},
+                       3: {4: {"raw": 0.4, "rho": {10.0: 0.2}}},  # one held-out chunk: no evidence of carrying over
+                       4: {2: {"raw": 0.3, "rho": {10.0: 0.35}}, 3: {"raw": 0.5, "rho": {10.0: 0.4}},
+                           4: {"raw": 0.4, "rho": {10.0: 0.2}}}})
+    c = choose_correction(mon, 0)  # the latest chunk picks the ridge; it wins on both held-out chunks
     assert (c.rho, c.kept, c.raw, c.corrected, c.chunk) == (10.0, True, 0.4, 0.2, 4) and c.effective == 0.2
+    assert not choose_correction(mon, 3).kept and choose_correction(mon, 3, gate=False).kept
+    assert not choose_correction(mon, 4).kept  # lost on chunk 2, one of the last GATE_CHUNKS
     c = choose_correction(mon, 1)  # the best ridge still loses to no correction: stays out
     assert (c.rho, c.kept, c.effective) == (10.0, False, 0.2)
     assert choose_correction(mon, 1, gate=False).kept
