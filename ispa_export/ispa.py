@@ -54,7 +54,7 @@ class IspaOptions:
     # Chunks between the fit and the chunk that scores it. 1: the gate judges a fit one chunk older
     # than the chunk it is scored on, as a correction is older than the frames it serves after the
     # transition (rolling regime); a span with fewer than three monitored chunks then has no
-    # evidence and goes local uncorrected. Chosen on development seeds 2000-2003 (docs/eval/EVAL.md).
+    # evidence and goes local uncorrected. Chosen on development seeds 2000-2003 (docs/eval/POLICY.md).
     holdout_gap: int = 1
     # Other KV targets whose uniform span joins the candidates (an evaluation re-allocating one
     # warmup's measurements at several targets).
@@ -63,7 +63,7 @@ class IspaOptions:
     # Go on past the sink horizon when the calibrated allocation uses no sink span (policy.ready).
     # Off by default: on development seeds 2000-2002 the longer warmup let the gate see the rolling
     # steady state, but the allocation chosen on its last chunks lost 4-5 dB at 25% and 50% on two
-    # of three seeds against the one chosen at the horizon (docs/eval/EVAL.md).
+    # of three seeds against the one chosen at the horizon (docs/eval/POLICY.md).
     beyond_sink_horizon: bool = False
     # Frames the deployment streams (None: unbounded). Within the full cache's capacity nothing is
     # ever evicted (the whole-video setting), so local sink spans become candidates
