@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .args import eval_arguments, fraction, layers
-from .errors import UserError
+from ispa_export.args import eval_arguments, fraction, layers
+from ispa_export.errors import UserError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,20 +106,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import export_pipeline
+    from ispa_export.pipeline import export_pipeline
     export_pipeline(args)
     return 0
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_artifact
+    from ispa_export.pipeline import run_artifact
     run_artifact(Path(args.artifact), args.backend, args.chunks, Path(args.out), device=args.device,
                  compile=args.compile, resume=args.resume, snapshot_every=args.snapshot_every)
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .pipeline import inspect
+    from ispa_export.pipeline import inspect
     info = inspect(args.target, args.kv_reduction, args.window, args.sink, args.dtype)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -130,7 +130,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .lab.evaluate import main as eval_main
+    from ispa_export.lab.evaluate import main as eval_main
     return eval_main(args)
 
 
@@ -141,18 +141,18 @@ def cmd_bench(args) -> int:
         out = Path(args.out)
         return subprocess.call([sys.executable, "-m", "ispa_export.lab.bench_stream", "--artifact", args.stream,
                                 "--out", str(out / "stream"), "--markdown", str(out / "BENCHMARKS.md")])
-    from .lab.bench import main as bench_main
+    from ispa_export.lab.bench import main as bench_main
     return bench_main(args)
 
 
 def cmd_engine(args) -> int:
-    from .engine import build_for_artifact
+    from ispa_export.build.engine import build_for_artifact
     build_for_artifact(Path(args.artifact), workspace_bytes=int(args.workspace_gib * 2**30))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify
+    from ispa_export.build.verify import verify
     return verify(Path(args.artifact), trt=args.trt)
 
 

@@ -12,10 +12,10 @@ from graphs.config import WanConfig, preset
 from graphs.wan import Absorption, WanModel, parameter_count
 from runtimes.groups import Span, cache_groups, group_name
 
-from .errors import UserError
-from .ispa import IspaOptions, report, transition
-from .kv import kv_bytes, layers_for_target, uniform_layout
-from .torch_runner import TORCH_DTYPES
+from ispa_export.errors import UserError
+from ispa_export.build.calibrate import IspaOptions, report, transition
+from ispa_export.kv import kv_bytes, layers_for_target, uniform_layout
+from ispa_export.video.torch_runner import TORCH_DTYPES
 
 DATA = Path(__file__).parent / "data"
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -31,7 +31,7 @@ def get_preset(name: str) -> WanConfig:
 
 def load_model(name: str | None, checkpoint: str | None = None, config: str | None = None, seed: int = 0) -> tuple[str, WanModel]:
     """A preset with its weights: the shipped demo weights, a checkpoint, or seeded random weights."""
-    from .checkpoint import load_into
+    from ispa_export.checkpoint import load_into
 
     if checkpoint:
         name = config or name
@@ -64,7 +64,7 @@ def load_context(path: str | None, name: str, cfg: WanConfig, seed: int) -> tupl
                             f"[B, <= {cfg.text_len}, {cfg.text_dim}]")
         return ctx.float(), path
     if name == "demo":
-        from .demo import demo_context
+        from ispa_export.demo import demo_context
         return demo_context(), "demo prompt (fixed)"
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, min(cfg.text_len, 16), cfg.text_dim, generator=g), f"random embeddings (seed {seed})"
@@ -140,8 +140,8 @@ class Progress:
 
 
 def export_pipeline(args) -> dict:
-    from .export import write_artifact
-    from .plots import plot_discrepancy
+    from ispa_export.build.export import write_artifact
+    from ispa_export.plots import plot_discrepancy
 
     if args.dtype not in DTYPE_NAMES:
         raise UserError(f"--dtype: expected one of {sorted(DTYPE_NAMES)}, got {args.dtype!r}")
@@ -192,7 +192,7 @@ def run_artifact(directory: Path, backend: str, chunks: int | None, out: Path, d
         raise UserError(f"--backend: expected torch, ort or trt, got {backend!r}")
     from runtimes.artifact import load_artifact
 
-    from .torch_runner import TorchRunner
+    from ispa_export.video.torch_runner import TorchRunner
 
     args = rt.parser().parse_args(argv)
     args.backend = "torch"

@@ -3,7 +3,7 @@
 A runner has `input_names`, `buffers` (runtimes.buffers: its device's memory, where the driver
 allocates the caches once) and `run(feeds, info)`, which takes the per-step host inputs, binds the
 rest from its buffers, and returns `prediction` on the host and the chunk's new K/V as buffers of its
-device: the PyTorch module (ispa_export.torch_runner), ONNX Runtime (runtimes.ort) or TensorRT
+device: the PyTorch module (ispa_export.video.torch_runner), ONNX Runtime (runtimes.ort) or TensorRT
 (runtimes.trt). The same driver, the same noise, the same ring arithmetic for all of them.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ from ispa_export.cli import main
 from ispa_export.kv import kv_bytes
 from ispa_export.flops import step_flops
 from ispa_export.lab import bench
-from ispa_export.torch_runner import torch_stream
+from ispa_export.video.torch_runner import torch_stream
 from runtimes.groups import Span
 
 

@@ -11,9 +11,9 @@ import torch
 
 from graphs.config import preset
 from graphs.wan import WanModel
-from ispa_export.export import write_artifact
-from ispa_export.ispa import IspaOptions, transition
-from ispa_export.torch_runner import to_numpy, torch_stream
+from ispa_export.build.export import write_artifact
+from ispa_export.build.calibrate import IspaOptions, transition
+from ispa_export.video.torch_runner import to_numpy, torch_stream
 from runtimes.artifact import load_artifact
 from runtimes.buffers import HostBuffers, host_dtype
 from runtimes.driver import Stream
@@ -173,9 +173,9 @@ def test_host_buffers_frame_copies_match_slicing():
 
 
 def test_a_span_search_that_cannot_fit_is_refused_before_the_warmup(monkeypatch):
-    from ispa_export import ispa
+    from ispa_export.build import calibrate
     from ispa_export.errors import UserError
-    from ispa_export.monitor import statistics_bytes
+    from ispa_export.method.monitor import statistics_bytes
 
     # At Wan 1.3B the 8 candidate spans need ~118 GiB of float64 statistics, one span ~15 GiB.
     big = preset("wan2.1-t2v-1.3b")

@@ -9,7 +9,7 @@ from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export import cli
 from ispa_export.errors import UserError
-from ispa_export.ispa import IspaOptions
+from ispa_export.build.calibrate import IspaOptions
 from ispa_export.kv import kv_bytes, layers_for_target
 from ispa_export.lab import evaluate as ev
 from ispa_export.lab.methods import REDUCTIONS, Method, alt_span, methods_for, span_fits
@@ -18,7 +18,7 @@ from ispa_export.lab.metrics import (PSNR_CAP, drift, flicker_energy, frames_of,
 from ispa_export.lab.report import render
 from ispa_export.lab.rollouts import _chunk_of, rollout, warmup
 from ispa_export.lab.videos import make_video
-from ispa_export.torch_runner import torch_stream
+from ispa_export.video.torch_runner import torch_stream
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ import torch
 from graphs.config import preset
 from graphs.masks import retained
 from graphs.wan import WanModel
-from ispa_export.export import graph_feeds, write_artifact
-from ispa_export.ispa import IspaOptions, bake, plan, report, transition
+from ispa_export.build.export import graph_feeds, write_artifact
+from ispa_export.build.calibrate import IspaOptions, bake, plan, report, transition
 from ispa_export.kv import kv_bytes
-from ispa_export.monitor import LocalSpan
+from ispa_export.method.monitor import LocalSpan
 from ispa_export.pipeline import BAKED, run_artifact, save_baked
 from runtimes.artifact import ArtifactError, load_artifact
 from runtimes.driver import Stream
@@ -294,7 +294,7 @@ def test_runtime_streams_without_torch(artifacts, tmp_path):
 
 def test_large_graphs_keep_weights_in_external_data(tiny, artifacts, tmp_path, monkeypatch):
     """Past protobuf's 2 GiB limit the weights go to model.onnx.data; everything downstream follows."""
-    import ispa_export.export as export
+    import ispa_export.build.export as export
     from runtimes.run import main
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)
@@ -334,7 +334,7 @@ def test_inspect_artifact_shows_each_layers_group(mixed):
 
 
 def test_mixed_artifact_passes_golden_verify(mixed, capsys):
-    from ispa_export.verify import verify
+    from ispa_export.build.verify import verify
 
     _, _, _, _, arts = mixed
     assert verify(arts["baked"]) == 0
@@ -347,7 +347,7 @@ def test_mixed_artifact_passes_golden_verify(mixed, capsys):
 def test_mixed_graph_passes_the_tensorrt_checks(mixed):
     """Every op and dtype of the three-group graph is in TensorRT's ONNX support, refit names included
     (the build itself needs TensorRT: tests/test_verify.py)."""
-    from ispa_export.engine import check_artifact
+    from ispa_export.build.engine import check_artifact
 
     _, _, _, _, arts = mixed
     assert check_artifact(arts["baked"]) == []

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-import ispa_export.ispa as ispa
-import ispa_export.monitor as monitor_mod
+import ispa_export.build.calibrate as ispa
+import ispa_export.method.monitor as monitor_mod
 from graphs.config import preset
 from graphs.masks import retained
 from graphs.wan import FULL, LOCAL, WanModel
 from ispa_export.errors import UserError
-from ispa_export.ispa import IspaOptions, decide, report, transition
+from ispa_export.build.calibrate import IspaOptions, decide, report, transition
 from ispa_export.kv import kv_bytes, layers_for_target
-from ispa_export.monitor import LocalSpan, SpanMonitors, WarmupMonitor
-from ispa_export.torch_runner import torch_stream
+from ispa_export.method.monitor import LocalSpan, SpanMonitors, WarmupMonitor
+from ispa_export.video.torch_runner import torch_stream
 from runtimes.groups import Span
-from ispa_export.solver import AbsorptionStats, corrected_residual, discrepancy, solve
+from ispa_export.method.solver import AbsorptionStats, corrected_residual, discrepancy, solve
 
 F64 = torch.float64
 # The full cache pins frame 0, so the L-layers' sink frame stays in it however long the warmup

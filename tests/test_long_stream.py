@@ -4,10 +4,10 @@ import torch
 
 from graphs.config import WanConfig, preset
 from graphs.wan import WanModel
-from ispa_export.export import write_artifact
-from ispa_export.ispa import IspaOptions, report, transition
+from ispa_export.build.export import write_artifact
+from ispa_export.build.calibrate import IspaOptions, report, transition
 from ispa_export.pipeline import BAKED, load_baked, save_baked
-from ispa_export.torch_runner import TorchRunner
+from ispa_export.video.torch_runner import TorchRunner
 from runtimes.artifact import load_artifact
 from runtimes.driver import Stream
 from runtimes.ort import OrtRunner

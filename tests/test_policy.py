@@ -16,12 +16,12 @@ import torch
 from graphs.config import preset
 from graphs.wan import LOCAL, WanModel
 from ispa_export.errors import UserError
-from ispa_export.ispa import IspaOptions, output_gate, plan, report, transition
-from ispa_export.monitor import LocalSpan, SpanMonitors
-from ispa_export.policy import (Allocation, SpanLoss, allocate, budget_frames, candidate_spans, choose_correction,
+from ispa_export.build.calibrate import IspaOptions, output_gate, plan, report, transition
+from ispa_export.method.monitor import LocalSpan, SpanMonitors
+from ispa_export.method.policy import (Allocation, SpanLoss, allocate, budget_frames, candidate_spans, choose_correction,
                                 paired_gain, reference_keeps_sink, select, GATE_Z,
                                 dp, extrapolate)
-from ispa_export.torch_runner import torch_stream
+from ispa_export.video.torch_runner import torch_stream
 from runtimes.groups import as_layout
 
 CFG = preset("tiny").replace(max_frames=8, full_sink=1)
@@ -265,7 +265,7 @@ def test_transition_allocates_over_candidate_spans_and_meets_the_target():
 
 def test_per_layer_spans_bake_one_cache_group_per_span(monkeypatch):
     """An allocation that gives layers different spans is baked as it is: one cache group per span."""
-    import ispa_export.ispa as ispa
+    import ispa_export.build.calibrate as ispa
 
     def mixed(losses, cfg, reduction, layers=None, per_layer_spans=False):
         spans = sorted(losses)
@@ -290,7 +290,7 @@ def test_per_layer_spans_bake_one_cache_group_per_span(monkeypatch):
 
 
 def test_calibration_chain_reproduces_the_teacher_forced_stream():
-    from ispa_export.calibration import Chain
+    from ispa_export.method.calibration import Chain
 
     model, ctx = build()
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from graphs.config import preset
 from graphs.wan import WanModel
-from ispa_export.torch_runner import torch_stream
+from ispa_export.video.torch_runner import torch_stream
 from runtimes import files as rfiles
 from runtimes.artifact import ArtifactError, cache_records, layer_records, load_artifact
 from runtimes.buffers import HostBuffers

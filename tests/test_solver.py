@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ispa_export.errors import UserError
-from ispa_export.solver import (COND_MAX, DEFAULT_RHO, AbsorptionStats, _cond_estimate,
+from ispa_export.method.solver import (COND_MAX, DEFAULT_RHO, AbsorptionStats, _cond_estimate,
                                 corrected_residual, discrepancy, solve, solve_timing)
 
 F = torch.float64

@@ -6,7 +6,7 @@ import torch
 from graphs.config import preset
 from graphs.masks import teacher_forcing
 from graphs.wan import WanModel
-from ispa_export.torch_runner import torch_stream
+from ispa_export.video.torch_runner import torch_stream
 from runtimes.driver import PassInfo
 from runtimes.groups import Span
 

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ispa_export.errors import UserError
-from ispa_export.trt_support import check_onnx_for_tensorrt, load_table, polygraphy_inspect, sanitize
+from ispa_export.build.trt_support import check_onnx_for_tensorrt, load_table, polygraphy_inspect, sanitize
 
 REPO = Path(__file__).resolve().parents[1]
 WHERE = "onnx-tensorrt operators.md, TensorRT 10.15"
@@ -215,7 +215,7 @@ def test_sanitize_folds_constants_and_keeps_outputs(tmp_path):
 
 
 def test_build_and_refit_raise_one_line_user_error_without_tensorrt(monkeypatch, tmp_path):
-    from ispa_export import engine
+    from ispa_export.build import engine
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
     for call in (lambda: engine.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", workspace_bytes=1 << 30,
@@ -231,7 +231,7 @@ def test_build_and_refit_raise_one_line_user_error_without_tensorrt(monkeypatch,
 
 def test_bfloat16_refit_bits_round_to_nearest_even():
     # numpy has no bfloat16: refit weights go to TensorRT as bit patterns, rounded to nearest even.
-    from ispa_export.engine import _bf16_bits as refit_bits
+    from ispa_export.build.engine import _bf16_bits as refit_bits
 
     x = np.float32([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -0.0, np.inf, 65504.0])
     np.testing.assert_array_equal(refit_bits(x), np.uint16([0x3F80, 0x3F80, 0x3F82, 0x8000, 0x7F80, 0x4780]))
@@ -271,7 +271,7 @@ def _refit_graph(w, b):
 
 @needs_trt
 def test_engine_build_and_refit_change_the_output_as_they_should(tmp_path):
-    from ispa_export.engine import build_engine, refit_engine
+    from ispa_export.build.engine import build_engine, refit_engine
     from runtimes.trt import TrtRunner
 
     rng = np.random.default_rng(1)
@@ -306,7 +306,7 @@ def test_engine_build_and_refit_change_the_output_as_they_should(tmp_path):
 @needs_trt
 def test_trt_runner_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from ispa_export.engine import build_engine
+    from ispa_export.build.engine import build_engine
     from runtimes.trt import TrtRunner
 
     p, plan = tmp_path / "m.onnx", tmp_path / "m.plan"

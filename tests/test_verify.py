@@ -14,17 +14,17 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-import ispa_export.export as export_mod
+import ispa_export.build.export as export_mod
 from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export import cli
-from ispa_export.engine import ENGINE, build_for_artifact, check_artifact, refit_plan
+from ispa_export.build.engine import ENGINE, build_for_artifact, check_artifact, refit_plan
 from ispa_export.errors import UserError
-from ispa_export.export import DTYPES, graph_feeds, write_artifact
-from ispa_export.ispa import IspaOptions, report, transition
+from ispa_export.build.export import DTYPES, graph_feeds, write_artifact
+from ispa_export.build.calibrate import IspaOptions, report, transition
 from ispa_export.pipeline import load_context, load_model
-from ispa_export.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
-from ispa_export.verify import (GOLDEN, KV_TOKENS, TOLERANCES, add_golden, golden_feeds, golden_layout,
+from ispa_export.build.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
+from ispa_export.build.verify import (GOLDEN, KV_TOKENS, TOLERANCES, add_golden, golden_feeds, golden_layout,
                                 is_state_input, layout_nbytes, load_golden, read_golden, slice_outputs, update_manifest_files,
                                 verify)
 from runtimes.artifact import ArtifactError, load_artifact
@@ -151,8 +151,8 @@ def test_golden_file_is_listed_and_matches_the_manifest(tiny):
 
 
 def test_save_golden_stores_step_inputs_and_sliced_kv(tmp_path):
-    from ispa_export.torch_runner import torch_stream
-    from ispa_export.verify import save_golden
+    from ispa_export.video.torch_runner import torch_stream
+    from ispa_export.build.verify import save_golden
 
     cfg = preset("tiny")
     torch.manual_seed(0)
@@ -442,7 +442,7 @@ def _fake_build(lose: tuple = ()):
 
 
 def test_engine_build_records_the_engine_in_the_manifest(tiny, tmp_path, monkeypatch, capsys):
-    import ispa_export.engine as engine_mod
+    import ispa_export.build.engine as engine_mod
 
     d = _copy(tiny, tmp_path)
     build, calls = _fake_build()
@@ -463,7 +463,7 @@ def test_engine_build_records_the_engine_in_the_manifest(tiny, tmp_path, monkeyp
 
 
 def test_engine_with_a_refit_name_folded_away_is_refused(tiny, tmp_path, monkeypatch):
-    import ispa_export.engine as engine_mod
+    import ispa_export.build.engine as engine_mod
 
     d = _copy(tiny, tmp_path)
     lost = json.loads((d / "manifest.json").read_text())["refit_names"][1]
@@ -531,7 +531,7 @@ def test_refit_plan_refuses_another_graph_or_base_model(tiny, video_b, medium, t
 
 
 def test_refit_for_artifact_hands_the_plan_to_refit_engine(tiny, video_b, tmp_path, monkeypatch):
-    import ispa_export.engine as engine_mod
+    import ispa_export.build.engine as engine_mod
 
     a, b = _copy(tiny, tmp_path / "a"), _copy(video_b, tmp_path / "b")
     build, _ = _fake_build()
@@ -563,7 +563,7 @@ def test_refit_for_artifact_hands_the_plan_to_refit_engine(tiny, video_b, tmp_pa
 def test_tensorrt_build_run_and_refit(tiny, video_b, tmp_path, capsys):
     from runtimes.trt import TrtRunner
 
-    from ispa_export.engine import refit_for_artifact
+    from ispa_export.build.engine import refit_for_artifact
 
     a, b = _copy(tiny, tmp_path / "a"), _copy(video_b, tmp_path / "b")
     record = build_for_artifact(a, 1 << 30, progress=False)

@@ -36,16 +36,16 @@ from runtimes.files import write_json_atomic
 from runtimes.groups import Span, is_cache_name
 from runtimes.schedule import ring_slot
 
-from ..export import export_onnx, graph_feeds, write_artifact
-from ..flops import step_flops
-from ..errors import UserError
-from ..ispa import IspaOptions, report, transition
-from ..kv import frame_bytes, kv_bytes, layers_for_target, uniform_layout
-from ..monitor import LocalSpan, WarmupMonitor
-from ..pipeline import resolve_device
-from ..solver import solve_timing
-from ..torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
-from .bench_report import markdown, plots
+from ispa_export.build.export import export_onnx, graph_feeds, write_artifact
+from ispa_export.flops import step_flops
+from ispa_export.errors import UserError
+from ispa_export.build.calibrate import IspaOptions, report, transition
+from ispa_export.kv import frame_bytes, kv_bytes, layers_for_target, uniform_layout
+from ispa_export.method.monitor import LocalSpan, WarmupMonitor
+from ispa_export.pipeline import resolve_device
+from ispa_export.method.solver import solve_timing
+from ispa_export.video.torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
+from ispa_export.lab.bench_report import markdown, plots
 
 SINK, TARGET = 1, 0.5  # the CLI's defaults; the window is one chunk (pipeline.default_window)
 REAL = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")

@@ -57,15 +57,15 @@ import torch
 from graphs.config import WanConfig
 from graphs.wan import WanModel
 
-from ..args import eval_arguments
-from ..errors import UserError
-from ..ispa import IspaOptions
-from ..kv import frame_bytes, kv_bytes, layers_for_target
-from .methods import ALT_METHODS, HEADLINE, REDUCTIONS, alt_span, methods_for, sink_horizon_frames, span_fits
-from .metrics import flicker_energy, frames_of, psnr_frames, recall_of, video_metrics
-from .report import (PROTOCOL_TITLES, aggregate, best_baseline, key_line, mean_std, plot_quality, render, write_gif,
+from ispa_export.args import eval_arguments
+from ispa_export.errors import UserError
+from ispa_export.build.calibrate import IspaOptions
+from ispa_export.kv import frame_bytes, kv_bytes, layers_for_target
+from ispa_export.lab.methods import ALT_METHODS, HEADLINE, REDUCTIONS, alt_span, methods_for, sink_horizon_frames, span_fits
+from ispa_export.lab.metrics import flicker_energy, frames_of, psnr_frames, recall_of, video_metrics
+from ispa_export.lab.report import (PROTOCOL_TITLES, aggregate, best_baseline, key_line, mean_std, plot_quality, render, write_gif,
                      write_markdown)
-from .rollouts import rollout, warmup
+from ispa_export.lab.rollouts import rollout, warmup
 
 
 # 'free': after the transition the model generates on its own samples (DESIGN.md section 8).
@@ -96,7 +96,7 @@ def _video_for(cfg, seed: int, frames: int, teacher_force: bool):
     """A procedural video when the model draws 3-channel square pixel frames (the demo), else None."""
     if not teacher_force or cfg.in_dim != 3 or cfg.latent_height != cfg.latent_width or cfg.latent_height < 16:
         return None
-    from .videos import make_video
+    from ispa_export.lab.videos import make_video
 
     return make_video(seed, frames, cfg.latent_height)
 
@@ -343,7 +343,7 @@ def load(name: str, random_weights: bool = False, seed: int = 0,
     (with its sha256) was loaded, if any."""
     import hashlib
 
-    from ..pipeline import DATA, get_preset, load_context, load_model
+    from ispa_export.pipeline import DATA, get_preset, load_context, load_model
 
     if random_weights:
         torch.manual_seed(seed)
@@ -373,7 +373,7 @@ def main(args) -> int:
 def on_device(model: WanModel, args) -> tuple[WanModel, int]:
     """The model on --device, and the parallel seed jobs: forked workers share one CPU model, a GPU
     runs the seeds one after another in this process."""
-    from ..pipeline import resolve_device
+    from ispa_export.pipeline import resolve_device
 
     device = resolve_device(getattr(args, "device", None))
     jobs = getattr(args, "jobs", None) or os.cpu_count() or 1
@@ -407,7 +407,7 @@ def _evaluate(args) -> int:
 def _evaluate_regime(args) -> int:
     """`ispa eval --regime R`: regimes.run_seed for every seed, rows to OUT/results.jsonl, and the
     mean teacher-forced PSNR per reduction and method on stdout."""
-    from .regimes import RegimeSettings, plot_summary, run_seed, summary, summary_markdown, write_results
+    from ispa_export.lab.regimes import RegimeSettings, plot_summary, run_seed, summary, summary_markdown, write_results
 
     quick = bool(getattr(args, "quick", False))
     model, ctx, name, _ = load(args.model, bool(getattr(args, "random_weights", False)),

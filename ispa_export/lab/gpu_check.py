@@ -32,9 +32,9 @@ from runtimes.files import write_bytes_atomic, write_json_atomic
 from runtimes.groups import Span
 from runtimes.schedule import warped_timesteps
 
-from ..flops import step_flops
-from ..ispa import IspaOptions, transition
-from ..torch_runner import TorchRunner, geometry, to_numpy, torch_stream
+from ispa_export.flops import step_flops
+from ispa_export.build.calibrate import IspaOptions, transition
+from ispa_export.video.torch_runner import TorchRunner, geometry, to_numpy, torch_stream
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -241,8 +241,8 @@ def cuda_copy_check(device: torch.device) -> dict:
 def parity(device: torch.device, chunks: int) -> dict:
     """The demo model's handoff stream continued on the device and on the CPU (fp32, TF32 off): max
     relative difference of the latents."""
-    from ..demo import demo_context
-    from ..pipeline import load_model
+    from ispa_export.demo import demo_context
+    from ispa_export.pipeline import load_model
 
     _, model = load_model("demo")
     stream, _, _ = transition(model, demo_context(), 0, IspaOptions())

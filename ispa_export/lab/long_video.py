@@ -19,11 +19,11 @@ import torch
 
 from runtimes.files import write_json_atomic
 
-from ..demo import demo_context
-from ..ispa import IspaOptions, transition
-from ..pipeline import load_model
-from ..torch_runner import torch_stream
-from .videos import make_video
+from ispa_export.demo import demo_context
+from ispa_export.build.calibrate import IspaOptions, transition
+from ispa_export.pipeline import load_model
+from ispa_export.video.torch_runner import torch_stream
+from ispa_export.lab.videos import make_video
 
 WINDOWS = ((450, 500), (550, 600))  # chunks; frames 900-1000 and 1100-1200 at 2 frames a chunk
 

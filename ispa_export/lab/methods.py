@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphs.config import WanConfig
-from ..kv import layers_for_target
-from ..monitor import LocalSpan
+from ispa_export.kv import layers_for_target
+from ispa_export.method.monitor import LocalSpan
 
 REDUCTIONS = (0.25, 0.5, 0.75)
 HEADLINE = 0.5

@@ -59,6 +59,6 @@ def video_metrics(ref: np.ndarray, gen: np.ndarray, ref_flicker: float) -> dict:
 
 
 def recall_of(frames: np.ndarray, sample, frames_from: int) -> float:
-    from .videos import identity_recall
+    from ispa_export.lab.videos import identity_recall
 
     return identity_recall(frames, sample, frames_from=frames_from)

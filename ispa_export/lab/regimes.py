@@ -32,14 +32,14 @@ import torch
 from graphs.wan import WanModel
 from runtimes.driver import Stream
 
-from ..errors import UserError
-from ..ispa import IspaOptions, bake, output_gate, plan
-from ..kv import frame_bytes
-from ..monitor import LocalSpan
-from ..policy import Correction, allocate, budget_frames, select
-from .metrics import frames_of, psnr_frames, ssim_frames
-from .rollouts import continue_stream
-from .videos import make_video
+from ispa_export.errors import UserError
+from ispa_export.build.calibrate import IspaOptions, bake, output_gate, plan
+from ispa_export.kv import frame_bytes
+from ispa_export.method.monitor import LocalSpan
+from ispa_export.method.policy import Correction, allocate, budget_frames, select
+from ispa_export.lab.metrics import frames_of, psnr_frames, ssim_frames
+from ispa_export.lab.rollouts import continue_stream
+from ispa_export.lab.videos import make_video
 
 REGIMES = ("rolling", "whole")
 METHODS = ("ispa", "ispa-nocorr", "drop", "sink-window", "uniform", "uniform-nosink")

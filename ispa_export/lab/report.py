@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from .methods import ALT_METHODS, BASELINES, HEADLINE, MAIN_METHODS
-from .metrics import METRICS
+from ispa_export.errors import UserError
+from ispa_export.lab.methods import ALT_METHODS, BASELINES, HEADLINE, MAIN_METHODS
+from ispa_export.lab.metrics import METRICS
 
 
 def mean_std(values: list[float]) -> dict:
@@ -214,7 +214,7 @@ def plot_quality(path: Path, aggs: dict[str, dict], full_bytes: int) -> None:
 
 def write_gif(path: Path, panels: list[np.ndarray], scale: int = 4) -> Path:
     """Panels [T, C, H, W] side by side, separated by white bars, as an upscaled GIF."""
-    from .videos import save_preview
+    from ispa_export.lab.videos import save_preview
 
     t = min(len(p) for p in panels)
     rgb = [p[:t, :3] if p.shape[1] >= 3 else np.repeat(p[:t, :1], 3, axis=1) for p in panels]

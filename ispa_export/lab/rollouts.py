@@ -12,11 +12,11 @@ import torch
 from graphs.wan import WanModel
 from runtimes.driver import Stream
 
-from ..errors import UserError
-from ..ispa import IspaOptions, bake, decide
-from ..monitor import LocalSpan, WarmupMonitor
-from ..torch_runner import torch_stream
-from .methods import Method, alt_span, sink_horizon_frames
+from ispa_export.errors import UserError
+from ispa_export.build.calibrate import IspaOptions, bake, decide
+from ispa_export.method.monitor import LocalSpan, WarmupMonitor
+from ispa_export.video.torch_runner import torch_stream
+from ispa_export.lab.methods import Method, alt_span, sink_horizon_frames
 
 
 class _Fanout:

@@ -58,7 +58,7 @@ from ispa_export.demo import CONTEXT_SEED, demo_context
 from ispa_export.errors import UserError
 from ispa_export.lab.videos import batch as video_batch
 from ispa_export.lab.videos import identity_recall, make_video
-from ispa_export.torch_runner import torch_stream
+from ispa_export.video.torch_runner import torch_stream
 from runtimes.files import atomic_path
 from runtimes.groups import Span
 from runtimes.schedule import chunk_noise, warped_timesteps

@@ -22,10 +22,10 @@ from runtimes.driver import Stream
 from runtimes.files import atomic_directory, file_records, write_json_atomic
 from runtimes.groups import output_names
 
-from .errors import UserError
-from .kv import kv_bytes
-from .torch_runner import to_numpy, to_torch
-from .verify import golden_feeds, save_golden
+from ispa_export.errors import UserError
+from ispa_export.kv import kv_bytes
+from ispa_export.video.torch_runner import to_numpy, to_torch
+from ispa_export.build.verify import golden_feeds, save_golden
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
 FLOATS = ("float32", "float16", "bfloat16")

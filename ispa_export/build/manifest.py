@@ -1,5 +1,5 @@
 """Refreshing an artifact's manifest.json after a file is added beside the ONNX (the golden step of
-ispa_export.verify, the TensorRT engine of ispa_export.engine)."""
+ispa_export.build.verify, the TensorRT engine of ispa_export.build.engine)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from typing import Any
 
 from runtimes.files import file_record, write_json_atomic
 
-from .errors import UserError
+from ispa_export.errors import UserError
 
 MANIFEST = "manifest.json"
 

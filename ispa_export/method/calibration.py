@@ -35,7 +35,7 @@ from graphs.masks import teacher_forcing
 from graphs.wan import WanModel
 from runtimes.schedule import chunk_noise
 
-from .monitor import LocalSpan
+from ispa_export.method.monitor import LocalSpan
 
 
 class Chain:

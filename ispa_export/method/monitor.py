@@ -24,8 +24,8 @@ import torch
 from graphs.masks import retained
 from runtimes.driver import FULL, PassInfo, Stream
 
-from .errors import UserError
-from .solver import AbsorptionStats, Solution, corrected_residual, discrepancy, solve
+from ispa_export.errors import UserError
+from ispa_export.method.solver import AbsorptionStats, Solution, corrected_residual, discrepancy, solve
 
 
 @dataclass(frozen=True, order=True)

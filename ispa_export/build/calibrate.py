@@ -20,13 +20,13 @@ from runtimes.driver import Stream
 from runtimes.groups import group_name
 from runtimes.schedule import warped_timesteps
 
-from .errors import UserError
-from .kv import frame_bytes, kv_bytes
-from .monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
-from .policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
+from ispa_export.errors import UserError
+from ispa_export.kv import frame_bytes, kv_bytes
+from ispa_export.method.monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
+from ispa_export.method.policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
                      eligible_spans, ready, reference_keeps_sink, select, span_losses)
-from .solver import SITES
-from .torch_runner import torch_stream
+from ispa_export.method.solver import SITES
+from ispa_export.video.torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
 # 'bias' (mean residual only), 'none' (plain drop).
@@ -194,7 +194,7 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
             correct: bool):
     """The allocation from the warmup so far: predicted losses, calibrated on the warmup's chain
     (per-layer weights; between spans, each span's best allocation measured whole)."""
-    from .calibration import Chain, sensitivity
+    from ispa_export.method.calibration import Chain, sensitivity
 
     cfg = model.cfg
     calibration, chain = None, None

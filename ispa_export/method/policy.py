@@ -39,8 +39,8 @@ import numpy as np
 
 from graphs.config import WanConfig
 
-from .errors import UserError
-from .monitor import GATE_CHUNKS, LocalSpan, SpanMonitors, WarmupMonitor
+from ispa_export.errors import UserError
+from ispa_export.method.monitor import GATE_CHUNKS, LocalSpan, SpanMonitors, WarmupMonitor
 
 
 def candidate_spans(cfg: WanConfig, sinks: tuple[int, ...] = (0, 1),

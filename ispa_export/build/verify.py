@@ -39,8 +39,8 @@ import numpy as np
 from runtimes.files import atomic_path
 from runtimes.groups import is_cache_name, is_new_kv_name, output_names
 
-from .errors import UserError
-from .manifest import update_manifest_files
+from ispa_export.errors import UserError
+from ispa_export.build.manifest import update_manifest_files
 
 if TYPE_CHECKING:  # torch and the model stay lazy imports: `ispa verify` does not need them
     from graphs.wan import WanModel
@@ -127,7 +127,7 @@ def golden_outputs(model: "WanModel", feeds: dict[str, np.ndarray]) -> dict[str,
     """The PyTorch chunk step on `feeds` (graph input names), outputs by graph output name."""
     import torch
 
-    from .torch_runner import to_numpy, to_torch
+    from ispa_export.video.torch_runner import to_numpy, to_torch
 
     device = next(model.parameters()).device
     kwargs = {k: to_torch(v, device) for k, v in feeds.items()}
@@ -309,7 +309,7 @@ def _trt_runner(art, scratch: contextlib.ExitStack):
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from .engine import build_engine
+    from ispa_export.build.engine import build_engine
 
     engine = art.engine_path()
     if engine is None:
@@ -328,7 +328,7 @@ def _run_trt(runner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if bf16:
         import torch
 
-        from .torch_runner import to_numpy, to_torch
+        from ispa_export.video.torch_runner import to_numpy, to_torch
 
         feeds = {k: to_torch(v, torch.device("cpu")) for k, v in feeds.items()}
     with runner:
@@ -388,7 +388,7 @@ def verify(directory: Path, trt: bool = False, *, atol: float | None = None, rto
     from runtimes.artifact import load_artifact
 
     if trt:
-        from .engine import _trt
+        from ispa_export.build.engine import _trt
         _trt()  # the one-line error before any work when TensorRT is missing
     from polygraphy.comparator import IterationResult
     from polygraphy.exception import PolygraphyException

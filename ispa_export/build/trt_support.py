@@ -24,7 +24,7 @@ from onnx import TensorProto
 from ispa_export.errors import UserError
 from runtimes.files import atomic_path
 
-_TABLE_PATH = Path(__file__).with_name("data") / "trt_onnx_ops.json"
+_TABLE_PATH = Path(__file__).parents[1] / "data" / "trt_onnx_ops.json"
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
 

@@ -247,7 +247,7 @@ def check_artifact(directory: str | os.PathLike) -> list[str]:
     """The CPU-side TensorRT checks of an artifact's ONNX (ops, dtypes, fixed shapes, refit names)."""
     from runtimes.artifact import load_artifact
 
-    from .trt_support import check_onnx_for_tensorrt
+    from ispa_export.build.trt_support import check_onnx_for_tensorrt
 
     art = load_artifact(directory)
     return check_onnx_for_tensorrt(art.onnx_path, list(art.manifest.get("refit_names") or []))
@@ -263,8 +263,8 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     """
     from runtimes.artifact import load_artifact
 
-    from .trt_support import check_onnx_for_tensorrt
-    from .manifest import update_manifest_files
+    from ispa_export.build.trt_support import check_onnx_for_tensorrt
+    from ispa_export.build.manifest import update_manifest_files
 
     directory = Path(directory)
     art = load_artifact(directory)
@@ -399,7 +399,7 @@ def refit_for_artifact(directory: str | os.PathLike, engine_artifact: str | os.P
 
     from runtimes.artifact import load_artifact
 
-    from .manifest import update_manifest_files
+    from ispa_export.build.manifest import update_manifest_files
 
     directory = Path(directory)
     weights = refit_plan(engine_artifact, directory)
