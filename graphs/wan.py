@@ -10,6 +10,7 @@ Parameter names are those of the released Wan2.1 checkpoints (wan/modules/model.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,9 +89,11 @@ class Monitor(Protocol):
     """Receives, for F-layers during warmup, what the same queries give in full attention and under
     each candidate local span (sink + window) of the same cache."""
 
-    # bool [M] over the F cache slots, one per span being measured in this pass: the frames an
-    # L-layer of that span would keep. Any device: the block moves them next to the activations.
-    local_masks: list[torch.Tensor]
+    def masks(self, layer: int) -> list[torch.Tensor]:
+        """bool [M] over the F cache slots, one per span `layer` is measured at in this pass: the
+        frames an L-layer of that span would keep (none: the layer is not measured). Any device:
+        the block moves them next to the activations."""
+        ...
 
     def record(self, layer: int, x_in: torch.Tensor, a_global: torch.Tensor, a_locals: list[torch.Tensor],
                w_o: torch.Tensor) -> None: ...
@@ -207,10 +210,11 @@ class Block(nn.Module):
         q, k, v = attn.project(x_in, cos, sin)
         keys, values = (k, v) if cache is None else (torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1))
         a = attend(q, keys, values, bias)
-        if monitor is not None:  # the same queries over the frames an L-layer of each span would keep: a_l
+        masks = [] if monitor is None else monitor.masks(layer)
+        if masks:  # the same queries over the frames an L-layer of each span would keep: a_l
             own = torch.ones(k.shape[1], dtype=torch.bool, device=x.device)
             a_locals = []
-            for slots in monitor.local_masks:  # one extra masked attention per candidate span
+            for slots in masks:  # one extra masked attention per span measured
                 slots = slots.to(device=x.device, dtype=torch.bool)
                 per_frame = cache.shape[2] // slots.shape[0]
                 local = mask_to_bias(torch.cat([slots.repeat_interleave(per_frame), own]))
@@ -265,6 +269,13 @@ class WanModel(nn.Module):
         return self
 
     # -- layer layout ------------------------------------------------------------------------
+    def with_layout(self, layout: list) -> "WanModel":
+        """The same weights under another layout: a shallow copy, so that a video's all-F warmup and
+        another video's steps on the deployment's layout can share one model."""
+        view = copy.copy(self)
+        view.set_layout(layout)
+        return view
+
     def set_layout(self, layout: list) -> None:
         """Each layer's attention: None (full) or a local span (anything with `sink` and `window`)."""
         layout = as_layout(layout)

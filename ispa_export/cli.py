@@ -1,4 +1,9 @@
-"""The `ispa` command line (DESIGN.md section 10). User errors: one line on stderr, exit status 2."""
+"""The `ispa` command line (DESIGN.md section 10). User errors: one line on stderr, exit status 2.
+
+The lifecycle of DESIGN.md section 11, one command a stage: `ispa build` (once per model and
+settings), `ispa absorb` (per video), `ispa run DEPLOY --instance INSTANCE`; `ispa export` is the
+one-shot of the three for one video (build with that video as the calibration, then its absorb).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,86 +11,130 @@ import json
 import sys
 from pathlib import Path
 
-from ispa_export.args import eval_arguments, fraction, layers
+from ispa_export.args import eval_arguments, fraction, layers, seeds
 from ispa_export.errors import UserError
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ispa", description="Instance-Specific Parametric Absorption: "
-                                "halve the KV cache of a streaming video DiT and export it as a static graph.")
-    sub = p.add_subparsers(dest="command", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (no usage block), exit status 2."""
 
-    e = sub.add_parser("export", help="warmup, solve, bake, export ONNX + handoff state")
-    e.add_argument("--model", default="demo", help="preset: demo (trained, default), tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b")
-    e.add_argument("--checkpoint", help="weights (.safetensors, sharded index, .pt/.pth) for the preset named by --config")
-    e.add_argument("--config", help="preset whose architecture the checkpoint has")
-    e.add_argument("--context", help="text embeddings: safetensors file with tensor 'context' [B, tokens, text_dim]")
-    e.add_argument("--kv-reduction", type=fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
-    e.add_argument("--layers", type=layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
-    e.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: the policy picks the span "
-                   "from one chunk up to half the full cache)")
-    e.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: 1 where the "
-                   "full cache keeps frame 0 for the whole stream, else 0; with --window alone, 0)")
-    e.add_argument("--stream-frames", type=int, help="frames the deployment generates (default: unbounded); at most "
-                   "the full cache's capacity means nothing is ever evicted, so L-layers may keep a sink frame")
-    e.add_argument("--per-layer-spans", action=argparse.BooleanOptionalAction, default=True,
-                   help="let the per-layer DP (one cache group per distinct span) challenge the uniform layout")
-    e.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "
-                   "even where it does not lower the held-out discrepancy")
-    e.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "
-                   "discrepancy alike instead of by its measured effect on the prediction")
-    e.add_argument("--holdout-gap", type=int, default=1, help="chunks between a fit and the warmup chunk that "
-                   "scores it (default 1: a staler fit, as after the transition)")
-    e.add_argument("--warmup-chunks", type=int, default=8, help="most chunks generated before the transition")
-    e.add_argument("--tol", type=float, default=0.05, help="convergence tolerance of the held-out corrected discrepancy")
-    e.add_argument("--variant", default="full", help="full | per_pass | bias | none")
-    e.add_argument("--site", default="wo", help="wo (fold into W_o) | adapter (parallel linear from the attention input)")
-    e.add_argument("--rank", type=int, help="rank-k truncation of each correction")
-    e.add_argument("--rho", type=float, help="ridge strength (default: chosen per layer on held-out warmup chunks)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--modulation", default="baked", help="baked (refittable constants) | input (graph inputs)")
-    e.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16: the exported graph's dtype, and the warmup's "
-                   "on a GPU (on a CPU the warmup runs in fp32)")
-    e.add_argument("--device", help="cpu | cuda | cuda:N: where the warmup, monitor, solve and bake run "
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="preset: demo (trained, default), tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b")
+    p.add_argument("--checkpoint", help="weights (.safetensors, sharded index, .pt/.pth) for the preset named by --config")
+    p.add_argument("--config", help="preset whose architecture the checkpoint has")
+    p.add_argument("--device", help="cpu | cuda | cuda:N: where the warmups, monitor and solve run "
                    "(default: cuda when PyTorch sees one)")
-    e.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
 
-    r = sub.add_parser("run", help="generate the rest of the video from an artifact")
-    r.add_argument("artifact", metavar="DIR")
+
+def _build_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--kv-reduction", type=fraction, default=0.5, help="fraction of steady-state KV bytes to remove")
+    p.add_argument("--layers", type=layers, help="explicit L-layers (comma-separated) instead of --kv-reduction")
+    p.add_argument("--window", type=int, help="recent frames an L-layer keeps (default: the policy picks the span "
+                   "from one chunk up to half the full cache)")
+    p.add_argument("--sink", type=int, help="first frames of the video an L-layer keeps (default: 1 where the "
+                   "full cache keeps frame 0 for the whole stream, else 0; with --window alone, 0)")
+    p.add_argument("--stream-frames", type=int, help="frames the deployment generates (default: unbounded); at most "
+                   "the full cache's capacity means nothing is ever evicted, so L-layers may keep a sink frame")
+    p.add_argument("--per-layer-spans", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the per-layer DP (one cache group per distinct span) challenge the uniform layout")
+    p.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "
+                   "even where it does not lower the held-out discrepancy")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "
+                   "discrepancy alike instead of by its measured effect on the prediction")
+    p.add_argument("--holdout-gap", type=int, default=1, help="chunks between a fit and the warmup chunk that "
+                   "scores it (default 1: a staler fit, as after the transition)")
+    p.add_argument("--warmup-chunks", type=int, default=8, help="most chunks generated before the transition")
+    p.add_argument("--tol", type=float, default=0.05, help="convergence tolerance of the held-out corrected discrepancy")
+    p.add_argument("--variant", default="full", help="full | per_pass | bias | none")
+    p.add_argument("--site", default="wo", help="wo (fold into W_o) | adapter (parallel linear from the attention input)")
+    p.add_argument("--rank", type=int, help="rank-k truncation of each correction")
+    p.add_argument("--rho", type=float, help="ridge strength (default: chosen per layer on held-out warmup chunks)")
+    p.add_argument("--modulation", default="input", help="input (graph inputs, default: one engine serves several "
+                   "videos at once) | baked (refittable constants)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16: the graph's dtype, and the warmup's "
+                   "on a GPU (on a CPU the warmup runs in fp32)")
+
+
+def _context_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", help="text embeddings: safetensors file with tensor 'context' [B, tokens, text_dim] "
+                   "(default: the demo's fixed prompt, or seeded random embeddings for other presets)")
+    p.add_argument("--prompt", help="a prompt, encoded by --text-encoder (umT5) as diffusers' WanPipeline does")
+    p.add_argument("--text-encoder", metavar="DIR", help="a umT5 encoder and its tokenizer (a Wan diffusers "
+                   "checkpoint's root, or one directory holding both)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="ispa", description="Instance-Specific Parametric Absorption: halve the KV cache of a streaming "
+               "video DiT and deploy it as a static graph, built once and absorbed per video.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    b = sub.add_parser("build", help="once per model and settings: calibration warmups -> one layout -> graph")
+    _build_arguments(b)
+    b.add_argument("--calibration-seeds", type=seeds, default=[0, 1, 2, 3],
+                   help="seeds of the calibration warmups (default 0,1,2,3)")
+    b.add_argument("--calibration-contexts", metavar="FILES", help="comma-separated context files for the "
+                   "calibration warmups (default: the model's default context); video i takes seed i and context i, "
+                   "each list repeating as needed")
+    b.add_argument("--engine", action="store_true", help="also build the TensorRT engine (ispa engine DEPLOY)")
+    b.add_argument("--out", required=True, help="deployment directory (replaced atomically)")
+
+    a = sub.add_parser("absorb", help="per video: warmup on the deployment's layout, solve, gates -> INSTANCE")
+    a.add_argument("deployment", metavar="DEPLOY")
+    _context_arguments(a)
+    a.add_argument("--seed", type=int, required=True)
+    a.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when PyTorch sees one)")
+    a.add_argument("--out", required=True, help="instance directory (replaced atomically)")
+
+    e = sub.add_parser("export", help="one-shot: build with one video as the calibration, then absorb it into DIR/instance")
+    _build_arguments(e)
+    _context_arguments(e)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", required=True, help="directory (replaced atomically): a deployment and DIR/instance")
+
+    r = sub.add_parser("run", help="generate a video's chunks from its instance")
+    r.add_argument("deployment", metavar="DEPLOY")
+    r.add_argument("--instance", metavar="INSTANCE", help="from `ispa absorb` (default: DEPLOY/instance, as "
+                   "`ispa export` leaves it)")
     r.add_argument("--backend", default="ort", help="torch | ort | trt")
     r.add_argument("--chunks", type=int, help="chunks to generate (with --resume: the run's own when left out)")
     r.add_argument("--out", required=True)
     r.add_argument("--device", help="torch backend: cpu | cuda | cuda:N (default: cuda when PyTorch sees one)")
     r.add_argument("--compile", action="store_true", help="torch backend: run the step through torch.compile")
+    r.add_argument("--engine", help="trt backend: engine file (default: the one listed in the manifest)")
     r.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="store the stream state every N chunks for --resume (0: never)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
 
-    i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes")
-    i.add_argument("target", metavar="PRESET|DIR")
+    i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes (preset, deployment or instance)")
+    i.add_argument("target", metavar="PRESET|DEPLOY|INSTANCE")
     i.add_argument("--json", action="store_true")
     i.add_argument("--kv-reduction", type=fraction, default=0.5)
     i.add_argument("--window", type=int)
-    i.add_argument("--sink", type=int, default=0)
+    i.add_argument("--sink", type=int)
     i.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
 
     eval_arguments(sub.add_parser("eval", help="quality of ISPA vs token dropping on the demo model"))
 
-    b = sub.add_parser("bench", help="memory, latency and scaling benchmarks")
-    b.add_argument("--quick", action="store_true")
-    b.add_argument("--out", default="artifacts/bench")
-    b.add_argument("--device", help="cpu | cuda | cuda:N: cuda also times the real-size model (default: cuda when "
+    s = sub.add_parser("bench", help="memory, latency and scaling benchmarks")
+    s.add_argument("--quick", action="store_true")
+    s.add_argument("--out", default="artifacts/bench")
+    s.add_argument("--device", help="cpu | cuda | cuda:N: cuda also times the real-size model (default: cuda when "
                    "PyTorch sees one)")
-    b.add_argument("--stream", metavar="DIR", default=None,
-                   help="instead: resident memory of a 10,000-chunk ONNX Runtime stream of the artifact DIR "
+    s.add_argument("--stream", metavar="DEPLOY", default=None,
+                   help="instead: resident memory of a 10,000-chunk ONNX Runtime stream of DEPLOY's instance "
                         "(python -m ispa_export.lab.bench_stream; its section goes into --out/BENCHMARKS.md)")
 
     g = sub.add_parser("engine", help="build a TensorRT engine beside the ONNX")
-    g.add_argument("artifact", metavar="DIR")
+    g.add_argument("deployment", metavar="DEPLOY")
     g.add_argument("--workspace-gib", type=float, default=4.0)
 
     f = sub.add_parser("verify", help="parity of the exported graph with the golden PyTorch step")
-    f.add_argument("artifact", metavar="DIR")
+    f.add_argument("deployment", metavar="DEPLOY")
     f.add_argument("--trt", action="store_true", help="compare TensorRT against ONNX Runtime as well")
     return p
 
@@ -99,27 +148,203 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as e:
         # runtimes' ArtifactError and the driver's shape checks are ValueErrors with one-line messages.
-        if type(e).__name__ in ("ArtifactError", "BackendError", "RunError"):
+        if type(e).__name__ in ("ArtifactError", "RunError", "VideoError"):
+            print(f"ispa {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    except RuntimeError as e:
+        if type(e).__name__ == "BackendError":
             print(f"ispa {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
 
 
-def cmd_export(args) -> int:
-    from ispa_export.pipeline import export_pipeline
-    export_pipeline(args)
+def _options(args):
+    from ispa_export.build.calibrate import IspaOptions
+
+    return IspaOptions(kv_reduction=None if args.layers else args.kv_reduction, layers=args.layers,
+                       window=args.window, sink=args.sink, warmup_chunks=args.warmup_chunks, tol=args.tol,
+                       rho=args.rho, variant=args.variant, site=args.site, rank=args.rank, gate=args.gate,
+                       calibrate=args.calibrate, per_layer_spans=args.per_layer_spans, holdout_gap=args.holdout_gap,
+                       stream_frames=args.stream_frames)
+
+
+def _context(args, name: str, cfg, seed: int, device=None):
+    """The video's text embeddings: --prompt through --text-encoder, --context, or the default."""
+    from ispa_export.models import load_context
+
+    if args.prompt is not None or args.text_encoder is not None:
+        if args.context:
+            raise UserError("--context and --prompt: expected one of them, found both")
+        if args.prompt is None or args.text_encoder is None:
+            raise UserError("--prompt/--text-encoder: expected both (a prompt and the umT5 directory that encodes it)")
+        from ispa_export.text import load_text_encoder
+
+        encoder = load_text_encoder(args.text_encoder, text_dim=cfg.text_dim)
+        ctx = encoder.encode(args.prompt, max_length=cfg.text_len).float().cpu()
+        return ctx, f"prompt {args.prompt!r} ({args.text_encoder})"
+    return load_context(args.context, name, cfg, seed)
+
+
+def _model(args):
+    from ispa_export.models import DTYPE_NAMES, load_model, resolve_device, warmup_dtype
+
+    if args.dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype: expected one of {sorted(DTYPE_NAMES)}, got {args.dtype!r}")
+    if args.modulation not in ("input", "baked"):
+        raise UserError(f"--modulation: expected 'input' or 'baked', got {args.modulation!r}")
+    device = resolve_device(args.device)
+    name, model = load_model(args.model, args.checkpoint, args.config, getattr(args, "seed", 0))
+    return name, model.to(device).cast(warmup_dtype(device, args.dtype)), device
+
+
+def _progress(total: int, desc: str):
+    from ispa_export.models import Progress
+    return Progress(total, desc)
+
+
+def _log(s: str) -> None:
+    print(s, file=sys.stderr)
+
+
+def cmd_build(args) -> int:
+    from ispa_export.build.pipeline import Video, build
+    from runtimes.files import atomic_directory
+
+    name, model, _ = _model(args)
+    opts = _options(args)
+    files = [f for f in (args.calibration_contexts or "").split(",") if f] or [None]
+    n = max(len(args.calibration_seeds), len(files))
+    videos = []
+    for k in range(n):
+        seed = args.calibration_seeds[k % len(args.calibration_seeds)]
+        ctx, src = _context(argparse.Namespace(context=files[k % len(files)], prompt=None, text_encoder=None),
+                            name, model.cfg, seed)
+        videos.append(Video(ctx.to(next(model.parameters()).device), seed, src))
+    bar = _progress(n * 2 * opts.warmup_chunks, f"calibration warmups ({n} videos)")
+    out = Path(args.out)
+    with _writable(out), atomic_directory(out) as tmp:
+        built = build(model, videos, opts, tmp, preset=name, modulation=args.modulation, dtype=args.dtype,
+                      progress=bar, log=_log)
+    bar.close()
+    print(f"built {out}: {''.join('F' if s is None else 'L' for s in built.layout)}, "
+          f"{built.manifest['calibration']['kv_reduction']:.1%} KV removed, corrections "
+          f"{'allowed' if built.rule.allowed else 'off'}; absorb a video with `ispa absorb {out} --seed N --out DIR`")
+    if args.engine:
+        from ispa_export.build.engine import build_for_artifact
+        build_for_artifact(out, workspace_bytes=4 << 30)
     return 0
 
 
+def cmd_absorb(args) -> int:
+    import time
+
+    from ispa_export.deployment import Deployment
+    from ispa_export.plots import plot_discrepancy
+
+    t0 = time.perf_counter()
+    dep = Deployment.open(args.deployment, backend=None, device=args.device)
+    cfg_name = dep.artifact.manifest["model"]["preset"]
+    from graphs.config import WanConfig
+
+    ctx, src = _context(args, cfg_name, WanConfig.from_dict(dep.artifact.manifest["model"]["config"]), args.seed)
+    out = Path(args.out)
+    with _writable(out):
+        bar = _progress(dep.rule.warmup_chunks, "warmup (chunks)")
+        absorbed = dep.absorb(ctx, args.seed, progress=bar)
+        bar.close()
+        record = dep.write(absorbed, out, context_source=src,
+                           extras={"discrepancy.png": lambda p: plot_discrepancy(absorbed.report, p)})
+    s = absorbed.seconds
+    print(f"absorbed {out}: transition at chunk {absorbed.transition_chunk} ({absorbed.report['transition_reason']}), "
+          f"corrections kept on {len(record['kept_corrections'])} of {len(absorbed.report['selected_layers'])} "
+          f"L-layers; warmup {s['warmup']:.2f} s, solve {s['solve']:.3f} s, cut {s['cut']:.3f} s, write "
+          f"{s['write']:.2f} s (total {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ispa_export.build.pipeline import Video, build
+    from ispa_export.plots import plot_discrepancy
+    from ispa_export.video.absorb import complete, write_instance
+    from runtimes.files import atomic_directory, sha256_file
+
+    name, model, _ = _model(args)
+    opts = _options(args)
+    ctx, src = _context(args, name, model.cfg, args.seed)
+    out = Path(args.out)
+    bar = _progress(2 * opts.warmup_chunks, "warmups (chunks)")
+    with _writable(out), atomic_directory(out) as tmp:
+        built = build(model, [Video(ctx.to(next(model.parameters()).device), args.seed, src)], opts, tmp, preset=name,
+                      modulation=args.modulation, dtype=args.dtype, progress=bar, log=_log, keep_warmups=True)
+        bar.close()
+        dtype = built.manifest["dtype"]
+        absorbed = complete(built.model, built.layout, built.warmups[0], built.rule, modulation=args.modulation,
+                            dtype=dtype)
+        write_instance(absorbed, tmp / "instance", deployment=out, deployment_sha256=sha256_file(tmp / "manifest.json"),
+                       dtype=dtype, context_source=src, atomic=False,
+                       extras={"discrepancy.png": lambda p: plot_discrepancy(absorbed.report, p)})
+    rep = absorbed.report
+    groups = ", ".join(f"{g['name']} {g['layers']}" for g in built.manifest["caches"])
+    print(f"exported {out}: {len(rep['selected_layers'])}/{model.cfg.num_layers} layers local (cache groups {groups}), "
+          f"transition at chunk {rep['transition_chunk']} ({rep['transition_reason']}), KV bytes "
+          f"{rep['kv_bytes_before']} -> {rep['kv_bytes_after']} ({rep['kv_reduction']:.1%} removed), corrections kept "
+          f"on {len(rep['kept_corrections'])} layers")
+    return 0
+
+
+class _writable:
+    """An --out whose parent cannot be created or written is one line, before any work is lost."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self):
+        import os
+
+        parent = self.out.absolute().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot create {parent} ({e.strerror})") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"--out {self.out}: expected a writable directory {parent}, found it read-only")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out}: expected a directory (new or to replace), found a file")
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            raise UserError(f"--out {self.out}: {error.strerror or error}; nothing was written") from None
+        return False
+
+
 def cmd_run(args) -> int:
-    from ispa_export.pipeline import run_artifact
-    run_artifact(Path(args.artifact), args.backend, args.chunks, Path(args.out), device=args.device,
-                 compile=args.compile, resume=args.resume, snapshot_every=args.snapshot_every)
+    from runtimes import run as rt
+
+    argv = [str(args.deployment), "--out", str(args.out), "--snapshot-every", str(args.snapshot_every)]
+    argv += ["--chunks", str(args.chunks)] if args.chunks is not None else []
+    argv += ["--resume"] if args.resume else []
+    argv += ["--instance", str(args.instance)] if args.instance else []
+    if args.backend in ("ort", "trt"):
+        argv += ["--backend", args.backend] + (["--engine", args.engine] if args.engine else [])
+        code = rt.main(argv)
+        if code:
+            raise SystemExit(code)
+        return 0
+    if args.backend != "torch":
+        raise UserError(f"--backend: expected torch, ort or trt, got {args.backend!r}")
+    from ispa_export.deployment import Deployment
+
+    dep = Deployment.open(args.deployment, backend="torch", device=args.device, compile=args.compile)
+    rt_args = rt.parser().parse_args(argv)
+    rt_args.backend = "torch"
+    rt.generate(rt_args, deployment=dep.runtime)
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from ispa_export.pipeline import inspect
+    from ispa_export.inspect import inspect
     info = inspect(args.target, args.kv_reduction, args.window, args.sink, args.dtype)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -147,17 +372,17 @@ def cmd_bench(args) -> int:
 
 def cmd_engine(args) -> int:
     from ispa_export.build.engine import build_for_artifact
-    build_for_artifact(Path(args.artifact), workspace_bytes=int(args.workspace_gib * 2**30))
+    build_for_artifact(Path(args.deployment), workspace_bytes=int(args.workspace_gib * 2**30))
     return 0
 
 
 def cmd_verify(args) -> int:
     from ispa_export.build.verify import verify
-    return verify(Path(args.artifact), trt=args.trt)
+    return verify(Path(args.deployment), trt=args.trt)
 
 
-COMMANDS = {"export": cmd_export, "run": cmd_run, "inspect": cmd_inspect, "eval": cmd_eval, "bench": cmd_bench,
-            "engine": cmd_engine, "verify": cmd_verify}
+COMMANDS = {"build": cmd_build, "absorb": cmd_absorb, "export": cmd_export, "run": cmd_run, "inspect": cmd_inspect,
+            "eval": cmd_eval, "bench": cmd_bench, "engine": cmd_engine, "verify": cmd_verify}
 
 if __name__ == "__main__":
     sys.exit(main())

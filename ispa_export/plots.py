@@ -39,3 +39,34 @@ def plot_discrepancy(report: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_calibration(report: dict, path: Path) -> Path:
+    """A build's decision: each candidate span's pooled predicted loss per layer (the chosen layout
+    marked), and each challenger's measured gain over the uniform prior against its 2-SE bar."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for name, x in sorted(report["pooled"].items()):
+        loss = [v if v is not None else float("nan") for v in x["loss"]]
+        a.plot(range(len(loss)), loss, marker="o", ms=3, label=f"{name} ({x['source']})")
+    chosen = [f"s{s['sink']}w{s['window']}" if s else "F" for s in report["layout"]]
+    a.set_xlabel("layer")
+    a.set_ylabel("pooled predicted loss")
+    a.set_yscale("log")
+    a.set_title("layout: " + " ".join(chosen), fontsize=8)
+    a.legend(fontsize=7)
+    sel = (report.get("selection") or {}).get("challengers") or []
+    if sel:
+        gains = [c["gain"] for c in sel]
+        bars = [2 * c["se"] if c["se"] is not None else 0.0 for c in sel]
+        b.bar(range(len(sel)), gains, yerr=bars, capsize=3, color="tab:blue")
+        b.axhline(0, color="k", lw=0.8)
+        b.set_xticks(range(len(sel)), ["/".join(sorted(set(c["spans"]))) for c in sel], rotation=45, fontsize=6,
+                     ha="right")
+    b.set_ylabel("paired gain over the uniform prior (error bar: 2 SE)")
+    b.set_title(f"{len(report['videos'])} calibration videos; chosen: "
+                f"{(report.get('selection') or {}).get('chosen', 'n/a')}", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,8 +1,10 @@
-"""Loads and validates an export directory (manifest.json, model.onnx, state.safetensors, report.json).
+"""Loads and validates a deployment directory (manifest.json, model.onnx, golden.safetensors, engine).
 
-Every refusal is one ArtifactError line that names the file, the field, what was expected and what
-was found, so a deployment fails before the first step instead of producing a wrong video. Imports
-numpy, safetensors and (lazily) onnx or onnxruntime; never torch, ispa_export or graphs.
+A deployment holds no video: the graph, its contract and the build's record. A video's state lives
+in an instance (runtimes.instance). Every refusal is one ArtifactError line that names the file, the
+field, what was expected and what was found, so a deployment fails before the first step instead of
+producing a wrong video. Imports numpy and (lazily) onnx or onnxruntime; never torch, ispa_export or
+graphs.
 """
 from __future__ import annotations
 
@@ -20,21 +22,23 @@ from .driver import Geometry
 from .files import sha256_file
 from .groups import group_name, new_kv_name
 from .manifest_schema import FLOAT_DTYPES, describe, schema_violation
-from .schedule import ring_slot
 
 # 2: RoPE angles as the input `rope_frame` (no 1,024-frame limit), bfloat16 graphs, `positions`.
 # 3: one cache group per distinct local span (`kv_s{sink}w{window}`), per-layer spans in
 #    `geometry.layout`, `caches` a list of groups.
-SCHEMA_VERSION = 3
+# 4: a deployment holds no video (no state.safetensors, no seed): every L-layer has a correction of
+#    fixed shape (`refit_names`/`refit_shapes`), each video's is an instance; `correction`,
+#    `calibration` record the build.
+SCHEMA_VERSION = 4
 # Why an older manifest cannot be run: its graph has another I/O contract.
 OLDER_VERSIONS = {1: "an artifact from before RoPE angles became a graph input",
-                  2: "an artifact with a single local cache group 'kv_local'"}
+                  2: "an artifact with a single local cache group 'kv_local'",
+                  3: "an export that held one video's state (state.safetensors) and graph: rebuild it with "
+                     "`ispa build` (or `ispa export`)"}
 FORMAT = "ispa-export"
 MANIFEST = "manifest.json"
 ONNX = "model.onnx"
-STATE = "state.safetensors"
-REPORT = "report.json"
-REQUIRED_FILES = (ONNX, STATE)
+REQUIRED_FILES = (ONNX,)
 # How the graph gets its positions (manifest `positions.scheme`): the runtime computes the chunk's
 # frame-axis RoPE angles in float64 modulo 2*pi from absolute frame indices and feeds their cos/sin.
 # Keys are cached after RoPE, so every cached frame keeps its absolute position; attention depends
@@ -62,10 +66,11 @@ class TensorSpec:
 
 @dataclass
 class Artifact:
+    """A validated deployment: its manifest, the graph's geometry and I/O."""
+
     directory: Path
     manifest: dict[str, Any]
     geometry: Geometry
-    state: dict[str, np.ndarray]
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
 
@@ -85,25 +90,14 @@ class Artifact:
         return self.directory / ONNX
 
     @property
-    def state_path(self) -> Path:
-        return self.directory / STATE
-
-    @property
     def modulation(self) -> str:
         return self.manifest["modulation"]
 
     @property
-    def cross_kv(self) -> np.ndarray:
-        return self.state["cross_kv"]
-
-    @property
-    def seed(self) -> int:
-        return int(self.state["seed"])
-
-    @property
-    def constants(self) -> dict[str, np.ndarray]:
-        """Per-instance graph inputs that stay fixed over the stream (modulation "input")."""
-        return {k: self.state[k] for k in ("ispa_weight", "ispa_bias") if k in self.state}
+    def default_instance(self) -> Path | None:
+        """The instance `ispa export` leaves inside its directory (DIR/instance), if any."""
+        path = self.directory / "instance"
+        return path if (path / "instance.json").is_file() else None
 
     def engine_path(self) -> Path | None:
         """The TensorRT engine listed in `files` (*.engine or *.plan), if one was built."""
@@ -277,6 +271,16 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
         if n in inputs and (not inputs[n].shape or inputs[n].shape[0] != n_local):
             raise _fail(MANIFEST, f"inputs[{n!r}].shape", f"a first dimension of {n_local} (one per L-layer)",
                         list(inputs[n].shape))
+    if modulation == "baked":
+        names, shapes = manifest.get("refit_names") or [], manifest.get("refit_shapes") or {}
+        local = [i for i, m in enumerate(geo.modes) if m == "L"]
+        owners = sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.") and n.split(".")[1].isdigit()})
+        if owners != local:
+            raise _fail(MANIFEST, "refit_names", f"the corrections of every L-layer {local} (a deployment gives each "
+                        "one, zero where a video keeps none)", f"layers {owners}")
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise _fail(MANIFEST, "refit_shapes", f"a shape for every refit name", f"none for {missing[:3]}")
     if outputs["prediction"].dtype not in FLOAT_DTYPES:
         raise _fail(MANIFEST, "outputs['prediction'].dtype", "a float type", repr(outputs["prediction"].dtype))
 
@@ -377,72 +381,10 @@ def _check_onnx(path: Path, files: dict, inputs: dict[str, TensorSpec], outputs:
                             got.describe())
 
 
-# -- state --------------------------------------------------------------------------------------
-
-def _load_state(directory: Path, manifest: dict, geo: Geometry, inputs: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    path = directory / STATE
-    if not path.is_file():
-        raise _fail(path, None, "the handoff state", "no such file")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _fail(path, None, "a readable safetensors file", _one_line(e, 200)) from None
-
-    want: dict[str, tuple[tuple[int, ...] | None, str]] = {}
-    for g in geo.groups:
-        want[g.name] = (geo.group_shape(g), geo.dtype)
-        want[g.name + "_frames"] = ((g.capacity,), "int64")
-    want["cross_kv"] = (inputs["cross_kv"].shape, inputs["cross_kv"].dtype)
-    for n in ("frame_index", "chunk", "seed"):
-        want[n] = ((), "int64")
-    want["latents"] = (None, "float32")
-    for n in ("ispa_weight", "ispa_bias"):
-        if n in inputs:
-            want[n] = (inputs[n].shape, inputs[n].dtype)
-    extra = sorted(set(state) - set(want))
-    if extra:
-        raise _fail(path, "tensors", f"only {sorted(want)}", f"unexpected {extra}")
-    for name, (shape, dtype) in want.items():
-        if name not in state:
-            expected = f"{dtype}{list(shape)}" if shape is not None else dtype
-            raise _fail(path, f"tensor {name!r}", expected, "no such tensor")
-        a = state[name]
-        if (shape is not None and a.shape != tuple(shape)) or a.dtype.name != dtype:
-            expected = f"{dtype}{list(shape)}" if shape is not None else dtype
-            raise _fail(path, f"tensor {name!r}", f"{expected} (from manifest.json geometry/inputs)",
-                        f"{a.dtype.name}{list(a.shape)}")
-
-    frame_index, chunk, seed = (int(state[n]) for n in ("frame_index", "chunk", "seed"))
-    if frame_index != chunk * geo.chunk_frames:
-        raise _fail(path, "tensor 'frame_index'", f"chunk*chunk_frames = {chunk}*{geo.chunk_frames}", frame_index)
-    if seed < 0:
-        raise _fail(path, "tensor 'seed'", "a non-negative integer", seed)
-    if "seed" in manifest and manifest["seed"] != seed:
-        raise _fail(path, "tensor 'seed'", f"{manifest['seed']} (manifest.json seed)", seed)
-    lat = state["latents"]
-    b, c, _, h, w = geo.chunk_shape
-    want_lat = (b, c, frame_index, h, w)
-    if lat.shape != want_lat:
-        raise _fail(path, "tensor 'latents'", f"float32{list(want_lat)} (every frame before frame_index)",
-                    f"{lat.dtype.name}{list(lat.shape)}")
-    for g in geo.groups:
-        for slot, fr in enumerate(state[g.name + "_frames"].tolist()):
-            if fr == -1:
-                continue
-            if not 0 <= fr < frame_index or ring_slot(fr, g.capacity, g.sink) != slot:
-                raise _fail(path, f"tensor '{g.name}_frames'[{slot}]",
-                            f"-1 or a frame < {frame_index} whose ring slot (capacity {g.capacity}, sink {g.sink}) "
-                            f"is {slot}", fr)
-    return state
-
-
 # -- entry point --------------------------------------------------------------------------------
 
 def load_artifact(directory: str | os.PathLike, *, verify_checksums: bool = True, check_onnx: bool = True) -> Artifact:
-    """Validate an export directory and load its handoff state; raises ArtifactError (one line).
+    """Validate a deployment directory; raises ArtifactError (one line).
 
     verify_checksums=False skips hashing (sizes are still compared); check_onnx=False skips reading
     the ONNX graph, for deployments that run a TensorRT engine only.
@@ -457,11 +399,10 @@ def load_artifact(directory: str | os.PathLike, *, verify_checksums: bool = True
         _check_files(directory, manifest, verify_checksums)
         if check_onnx:
             _check_onnx(directory / ONNX, manifest["files"], inputs, outputs)
-        state = _load_state(directory, manifest, geo, inputs)
     except ArtifactError as e:
         # Field checks name the manifest by its bare name; the user gets the path they can open.
         msg = str(e)
         if msg.startswith(MANIFEST + ":"):
             raise ArtifactError(f"{directory / MANIFEST}{msg[len(MANIFEST):]}") from None
         raise
-    return Artifact(directory, manifest, geo, state, inputs, outputs)
+    return Artifact(directory, manifest, geo, inputs, outputs)

@@ -180,6 +180,17 @@ class Stream:
         self.buffers.allocate(name, value.shape, value.dtype.name)
         self.buffers.upload(name, value)
 
+    def use(self, runner: Runner, constants: dict[str, np.ndarray]) -> None:
+        """Go on with another runner over the same buffers (a video's warmup hands its caches to the
+        deployment's step where both are PyTorch on one device), with these fixed inputs."""
+        if runner.buffers is not self.buffers:
+            raise ValueError("Stream.use: the runner must own this stream's buffers")
+        self.runner = runner
+        for name, value in constants.items():
+            self._upload(name, value)
+            if name not in self.static_inputs:
+                self.static_inputs.append(name)
+
     def _allocate(self, geo: Geometry, suffix: str = "") -> dict[str, CacheGroup]:
         """One buffer per cache group of `geo` (named `<group><suffix>`), keyed by group name."""
         groups = {}

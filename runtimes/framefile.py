@@ -9,6 +9,7 @@ survive a SIGKILL all the same. numpy only.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -46,6 +47,16 @@ class FrameFile:
         shape, dtype, offset = mm.shape, mm.dtype, mm.offset
         del mm
         return cls(path, shape, dtype, offset)
+
+    def allocate(self) -> None:
+        """Ask the file system for every block of the file now, so that a disk too small is known
+        before the first chunk (OSError ENOSPC) rather than in the middle of the run."""
+        size = os.fstat(self._fd).st_size
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it: sparse as before
+                raise
 
     @property
     def frames(self) -> int:

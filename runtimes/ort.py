@@ -68,24 +68,24 @@ def _static(shape: list[Any]) -> tuple[int, ...] | None:
     return tuple(shape) if all(isinstance(d, int) and d >= 0 for d in shape) else None
 
 
-class OrtRunner:
-    """Runs one ONNX model through onnxruntime with the driver's runner protocol.
+class OrtSession:
+    """One onnxruntime InferenceSession, loaded once per deployment and shared by every video's
+    runner (onnxruntime runs one session from several threads, each with its own IOBinding).
 
-    `run` returns the prediction on the host and the other outputs as the runner's own buffers,
-    overwritten by the next call: the driver copies what it keeps (the new K/V into its ring buffers)
-    before the next step. Pass copy_outputs=True to get fresh host arrays instead.
-    """
+    `overridable` are the graph's constants a video replaces by binding them like inputs: a baked
+    deployment's per-video correction (ispa_export.modulation), initializers listed as graph inputs."""
 
     def __init__(self, onnx_path: str | os.PathLike, providers: list[str] | None = None,
-                 threads: int | None = None, copy_outputs: bool = False,
-                 session_options: Any | None = None):
+                 threads: int | None = None, session_options: Any | None = None):
         import onnxruntime as ort
 
         self.onnx_path = os.fspath(onnx_path)
-        self.copy_outputs = copy_outputs
         opts = session_options or ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # A baked graph lists its correction constants as graph inputs on purpose (they are bound per
+        # video); onnxruntime warns about each at load. Errors still show.
+        opts.log_severity_level = max(opts.log_severity_level, 3)
         self.session = ort.InferenceSession(self.onnx_path, sess_options=opts,
                                             providers=list(providers) if providers else default_providers())
         self.providers: list[str] = self.session.get_providers()
@@ -96,9 +96,35 @@ class OrtRunner:
         self.input_shapes = {a.name: _static(a.shape) for a in ins}
         self.output_dtypes = {a.name: ort_type_to_numpy(a.type) for a in outs}
         self.output_shapes = {a.name: _static(a.shape) for a in outs}
-        cuda = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-        self.device = "cuda" if cuda else "cpu"
-        self.buffers = OrtCudaBuffers() if cuda else HostBuffers()
+        over = self.session.get_overridable_initializers()
+        self.overridable = {a.name for a in over}
+        self.overridable_dtypes = {a.name: ort_type_to_numpy(a.type) for a in over}
+        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+
+
+class OrtRunner:
+    """Runs one video through an onnxruntime session with the driver's runner protocol.
+
+    The session (OrtSession, or a path to load one from) may be shared; the runner owns its IOBinding
+    and its buffers (caches, text K/V, constants, outputs). `run` returns the prediction on the host
+    and the other outputs as the runner's own buffers, overwritten by the next call: the driver
+    copies what it keeps (the new K/V into its ring buffers) before the next step. Pass
+    copy_outputs=True to get fresh host arrays instead.
+    """
+
+    def __init__(self, model: "str | os.PathLike | OrtSession", providers: list[str] | None = None,
+                 threads: int | None = None, copy_outputs: bool = False,
+                 session_options: Any | None = None):
+        self.engine = model if isinstance(model, OrtSession) else OrtSession(model, providers, threads,
+                                                                              session_options)
+        e = self.engine
+        self.onnx_path, self.session, self.providers = e.onnx_path, e.session, e.providers
+        self.input_names, self.output_names = e.input_names, e.output_names
+        self.input_dtypes, self.input_shapes = e.input_dtypes, e.input_shapes
+        self.output_dtypes, self.output_shapes = e.output_dtypes, e.output_shapes
+        self.device = e.device
+        self.copy_outputs = copy_outputs
+        self.buffers = OrtCudaBuffers() if self.device == "cuda" else HostBuffers()
         self._binding = self.session.io_binding()
         self._values: dict[tuple[str, int], Any] = {}  # OrtValues of host buffers, by (name, address)
         # Static outputs are bound once to buffers that live as long as the runner; an output
@@ -150,6 +176,9 @@ class OrtRunner:
                 if self.device != "cpu":
                     self.buffers.traffic.h2d += a.nbytes
             else:
+                self._binding.bind_ortvalue_input(name, self._ortvalue(name))
+        for name in self.engine.overridable:
+            if name in self.buffers:  # a baked graph's constant, replaced by this video's value
                 self._binding.bind_ortvalue_input(name, self._ortvalue(name))
         self.session.run_with_iobinding(self._binding)
         dynamic = {}

@@ -6,9 +6,18 @@ deleted after). run.json is rewritten with one rename at most every RECORD_INTER
 while chunks come, without fsync: a SIGKILL loses nothing the kernel has (page cache), and a
 rewrite costs ~0.4 ms here, too much to pay on each 5 ms chunk. Frames and run.json are fsynced at
 every snapshot, on failure and at the end: the points a power loss falls back to.
+
+One run owns OUT at a time (`claim_out`: an exclusive lock the kernel drops when the process dies,
+so a killed run leaves no stale lock). frames.npy gets its whole size from the file system up
+front (posix_fallocate), so a disk too small is refused before the first chunk; a disk that fills
+later (a snapshot, another writer) stops the run with one line, run.json saying so: a small
+reserve file kept in OUT is given back first so that run.json can still be written.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import time
@@ -23,7 +32,58 @@ from .framefile import FrameFile
 from .snapshot import remove_snapshots, save_snapshot
 
 FRAMES, RECORD, PREVIEW = "frames.npy", "run.json", "preview.gif"
+LOCK, RESERVE = ".run.lock", ".run.reserve"
 RECORD_INTERVAL_S = 0.1
+# Bytes kept aside in OUT for the last run.json rewrites of a run the disk stops (a few KB each).
+RESERVE_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def claim_out(out: Path):
+    """OUT for this run alone: a second run on the same OUT (another process, or another video in
+    this one) is refused in one line naming the one that holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunError(f"--out {out}: expected no other run writing it, found one running (pid {holder}, "
+                           f"{path}); wait for it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (harmless, and removing it would race)
+
+
+def _holder(out: Path) -> str | None:
+    """The pid of a live run that holds OUT, or None (no lock file, or its run is gone)."""
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+
+
+def _reserve(out: Path) -> None:
+    """Claims RESERVE_BYTES in OUT (given back by _release_reserve when the disk fills)."""
+    with open(out / RESERVE, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+
+
+def _release_reserve(out: Path) -> None:
+    (out / RESERVE).unlink(missing_ok=True)
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
@@ -40,11 +100,15 @@ def read_record(out: Path) -> dict[str, Any] | None:
     return record
 
 
-def check_out(out: Path, resume: bool) -> dict[str, Any] | None:
+def check_out(out: Path, resume: bool, claimed: bool = False) -> dict[str, Any] | None:
     """Refuses an --out that cannot take this run, before anything is written; returns the previous
-    run.json (required with resume)."""
+    run.json (required with resume). `claimed`: this process holds OUT's lock (claim_out)."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: expected a directory (new, or a previous run's), found a file")
+    holder = _holder(out) if out.is_dir() and not claimed else None
+    if holder is not None:
+        raise RunError(f"--out {out}: expected no other run writing it, found one running (pid {holder}, "
+                       f"{out / LOCK}); wait for it, or choose another --out")
     record = read_record(out) if out.is_dir() else None
     if resume:
         if record is None:
@@ -79,7 +143,16 @@ class RunDir:
         for stale in out.glob(f".{FRAMES}.tmp-*"):  # a run killed while it sized its frames file
             stale.unlink(missing_ok=True)
         tmp = out / f".{FRAMES}.tmp-{os.getpid()}"
-        frames = FrameFile.create(tmp, shape)
+        try:
+            _reserve(out)
+            frames = FrameFile.create(tmp, shape)
+            frames.allocate()
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            _release_reserve(out)
+            need = int(np.prod(shape)) * 4
+            raise RunError(f"--out {out}: expected room for {FRAMES} ({need:,} bytes, the whole run), found "
+                           f"{os.strerror(e.errno) if e.errno else e}") from None
         frames.write(0, state_frames)
         os.replace(tmp, out / FRAMES)
         frames.path = out / FRAMES
@@ -103,7 +176,14 @@ class RunDir:
         first = shape[2] - record["chunks_requested"] * chunk_frames
         record.pop("error", None)  # a failed run resumed: the failure is made again or it is gone
         record.update(status="running", chunks_done=chunks_done, frames=first + chunks_done * chunk_frames)
-        write_json_atomic(out / RECORD, record)
+        try:
+            _reserve(out)
+            frames.allocate()
+            write_json_atomic(out / RECORD, record)
+        except OSError as e:
+            frames.close()
+            raise RunError(f"--out {out}: expected room to go on ({RESERVE_BYTES:,} bytes beside {FRAMES}), found "
+                           f"{os.strerror(e.errno) if e.errno else e}") from None
         return cls(out, record, frames, chunk_frames, first)
 
     # -- as the run goes ------------------------------------------------------------------------
@@ -117,12 +197,12 @@ class RunDir:
             self._write(durable=False)
             self._last_write = now
 
-    def snapshot(self, arrays: dict[str, np.ndarray], artifact: str) -> None:
+    def snapshot(self, arrays: dict[str, np.ndarray], identity: str) -> None:
         """Stores the stream state after the chunks done so far; then run.json points to it."""
         self.frames.sync()  # the snapshot must never get ahead of the frames it follows
         done = self.record["chunks_done"]
         old = (self.record.get("snapshot") or {}).get("file")
-        self.record["snapshot"] = save_snapshot(self.out, arrays, done, artifact)
+        self.record["snapshot"] = save_snapshot(self.out, arrays, done, identity)
         self._write()
         if old and old != self.record["snapshot"]["file"]:
             (self.out / old).unlink(missing_ok=True)
@@ -137,6 +217,23 @@ class RunDir:
         self.record.update(status="failed", error=message)
         self._write()
         self.frames.close()
+        raise RunError(message)
+
+    def fail_io(self, error: OSError) -> None:
+        """Stops the run on a write that failed (ENOSPC: the disk is full): the reserve is given back
+        so that run.json can say so; every chunk it counts is in frames.npy. Raises RunError."""
+        _release_reserve(self.out)
+        cause = os.strerror(error.errno) if error.errno else str(error)
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        hint = "; free space, then --resume" if error.errno == errno.ENOSPC else ""
+        message = (f"--out {self.out}: {cause}{where} after {self.record['chunks_done']} chunks; the frames of those "
+                   f"are in {self.out / FRAMES} ({self.record['frames']} frames, {RECORD}){hint}")
+        self.record.update(status="failed", error=message)
+        try:
+            self.frames.close()
+            self._write()
+        except OSError:
+            pass  # run.json keeps its last count, which the frames hold
         raise RunError(message)
 
     def flush(self) -> None:
@@ -157,6 +254,7 @@ class RunDir:
                            frames_sha256=sha256_file(self.out / FRAMES), snapshot=None)
         self._write()
         remove_snapshots(self.out)
+        _release_reserve(self.out)
 
     def preview_frames(self, limit: int) -> np.ndarray:
         """Up to `limit` frames spread evenly over the run, read from frames.npy."""

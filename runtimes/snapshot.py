@@ -2,7 +2,8 @@
 
 A snapshot holds what the stream changes as it goes (the ring-buffer caches and their frame
 tables, the chunk and frame counters, the seed); what stays fixed for the whole stream (the text
-K/V, per-instance constants) is read again from the artifact, whose identity the snapshot records,
+K/V, the video's modulation) is read again from its instance, whose identity (with its deployment's)
+the snapshot records,
 and the frames already made are on disk, so snapshots do not grow with the video. Written with
 safetensors.numpy under a name that carries the chunk count, so a new snapshot never replaces the
 one run.json still points to; numpy and safetensors only.
@@ -25,22 +26,22 @@ def snapshot_name(chunks_done: int) -> str:
     return f"snapshot-{chunks_done:09d}.safetensors"
 
 
-def save_snapshot(directory: Path, arrays: dict[str, np.ndarray], chunks_done: int, artifact: str) -> dict[str, Any]:
-    """Writes the snapshot atomically and returns its run.json record (file, sha256, chunks_done, artifact)."""
+def save_snapshot(directory: Path, arrays: dict[str, np.ndarray], chunks_done: int, identity: str) -> dict[str, Any]:
+    """Writes the snapshot atomically and returns its run.json record (file, sha256, chunks_done,
+    identity: the deployment's manifest sha256 and the instance's, joined by ':')."""
     from safetensors.numpy import save_file
 
     name = snapshot_name(chunks_done)
-    meta = {"format": FORMAT, "chunks_done": str(chunks_done), "artifact_manifest_sha256": artifact}
+    meta = {"format": FORMAT, "chunks_done": str(chunks_done), "identity": identity}
     with atomic_path(directory / name) as tmp:
         # asarray, not ascontiguousarray: that one turns the 0-d counters into 1-d arrays
         save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(tmp), metadata=meta)
-    return {"file": name, "sha256": sha256_file(directory / name), "chunks_done": chunks_done,
-            "artifact_manifest_sha256": artifact}
+    return {"file": name, "sha256": sha256_file(directory / name), "chunks_done": chunks_done, "identity": identity}
 
 
-def load_snapshot(directory: Path, record: dict[str, Any], artifact: str, artifact_dir: Path) -> dict[str, np.ndarray]:
+def load_snapshot(directory: Path, record: dict[str, Any], identity: str, deployment: Path) -> dict[str, np.ndarray]:
     """The arrays of the snapshot run.json points to, after checking its sha256 and that it was taken
-    from this artifact; RunError (one line) otherwise."""
+    of this deployment and instance; RunError (one line) otherwise."""
     from safetensors import SafetensorError, safe_open
 
     path = directory / str(record.get("file", ""))
@@ -58,9 +59,9 @@ def load_snapshot(directory: Path, record: dict[str, Any], artifact: str, artifa
         raise RunError(f"{path}: expected a readable safetensors snapshot, found {found}") from None
     if meta.get("format") != FORMAT:
         raise RunError(f"{path}: format: expected {FORMAT!r}, found {meta.get('format')!r}")
-    if meta.get("artifact_manifest_sha256") != artifact:
-        raise RunError(f"{path}: expected a snapshot of {artifact_dir} (manifest sha256 {artifact}), found one of "
-                       f"another artifact (manifest sha256 {meta.get('artifact_manifest_sha256')})")
+    if meta.get("identity") != identity:
+        raise RunError(f"{path}: identity: expected a snapshot of {deployment} with this instance ({identity}), "
+                       f"found one of another ({meta.get('identity')})")
     if meta.get("chunks_done") != str(record.get("chunks_done")):
         raise RunError(f"{path}: chunks_done: expected {record.get('chunks_done')} (run.json snapshot), "
                        f"found {meta.get('chunks_done')}")

@@ -18,14 +18,15 @@ import torch
 from graphs.wan import Absorption, WanModel
 from runtimes.driver import Stream
 from runtimes.groups import group_name
-from runtimes.schedule import warped_timesteps
 
+from ispa_export import memory
 from ispa_export.errors import UserError
 from ispa_export.kv import frame_bytes, kv_bytes
-from ispa_export.method.monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor, available_bytes, statistics_bytes
+from ispa_export.method.monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMonitors, WarmupMonitor
 from ispa_export.method.policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
                      eligible_spans, ready, reference_keeps_sink, select, span_losses)
 from ispa_export.method.solver import SITES
+from ispa_export.video.absorb import absorption_for
 from ispa_export.video.torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
@@ -136,32 +137,11 @@ def decide(monitor: WarmupMonitor, num_layers: int, n_local: int, opts: IspaOpti
                         opts.tol, last, opts.select_by)
 
 
-def absorption_for(monitor: WarmupMonitor, layer: int, opts: IspaOptions,
-                   rho: float | None = None) -> tuple[Absorption | None, dict]:
-    """The layer's correction from `monitor`'s statistics; `rho` overrides the monitor's ridge."""
-    if opts.variant == "none":
-        return None, {"variant": "none"}
-    over = {} if rho is None else {"rho": rho}
-    if opts.variant == "per_pass":
-        sols = [monitor.solution(layer, k, variant="full", **over) for k in monitor.kinds()]
-    else:
-        sols = [monitor.solution(layer, variant=opts.variant, **over)]
-    weight = None if opts.variant == "bias" else torch.stack([s.weight_delta for s in sols])
-    bias = torch.stack([s.bias_delta for s in sols])
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and not torch.isfinite(t).all():
-            raise UserError(f"layer {layer}: the absorption {name} is not finite; refusing to bake it")
-    # JSON has no inf: a singular G + lambda I (rho 0) has an infinite condition number, reported as
-    # null next to method 'eigh' (report.json and the manifest refuse non-finite numbers).
-    report = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
-               for k, v in asdict(s).items() if k not in ("weight_delta", "bias_delta")} for s in sols]
-    return Absorption(opts.site, weight, bias), {"variant": opts.variant, "solutions": report}
-
-
 def bake(model: WanModel, stream: Stream, monitors, spans: list[LocalSpan | None], opts: IspaOptions,
          corrections: dict[int, Correction | None] | None = None) -> dict:
     """Fold the corrections into the local layers (spans[l] not None), give every layer its span and
-    cut its cache to it (one cache group per distinct span).
+    cut its cache to it (one cache group per distinct span): one video's own layout, in process
+    (the evaluation's runs; a deployment's videos are absorbed by video.absorb instead).
 
     `monitors[span]` holds the statistics of the layers at `span` (monitor.SpanMonitors, or a dict of
     WarmupMonitors). Without `corrections` every local layer is corrected with its monitor's rho;
@@ -175,7 +155,8 @@ def bake(model: WanModel, stream: Stream, monitors, spans: list[LocalSpan | None
         if corrections is not None and (corr is None or not corr.kept):
             report[layer] = {"variant": "none", "gated_off": opts.variant != "none"}
             continue
-        absorption, report[layer] = absorption_for(monitors[span], layer, opts, None if corr is None else corr.rho)
+        absorption, report[layer] = absorption_for(monitors[span], layer, opts.variant, opts.site,
+                                                   None if corr is None else corr.rho)
         if absorption is not None:
             model.blocks[layer].self_attn.absorb(absorption)
     model.set_layout(spans)
@@ -190,30 +171,55 @@ def _allocation(losses: dict[LocalSpan, SpanLoss], cfg, opts: IspaOptions, per_l
         return None, {}
 
 
-def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: set, opts: IspaOptions, seed: int,
-            correct: bool):
-    """The allocation from the warmup so far: predicted losses, calibrated on the warmup's chain
-    (per-layer weights; between spans, each span's best allocation measured whole)."""
+def _measure(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: set, opts: IspaOptions, seed: int,
+             correct: bool) -> tuple[dict[LocalSpan, SpanLoss], dict | None, object]:
+    """One warmup's predicted losses, calibrated on its own chain: (losses, the sensitivity record,
+    the chain; None and None without calibration)."""
     from ispa_export.method.calibration import Chain, sensitivity
 
     cfg = model.cfg
-    calibration, chain = None, None
     losses = span_losses(monitors, cfg.num_layers, correct=correct, gate=opts.gate, allowed=allowed)
-    if opts.calibrate:
-        # The reference span: the shortest measured one (the largest, best-resolved discrepancies).
-        measured = [s for s, sl in losses.items() if sl.source != "extrapolated" and s in allowed]
-        if not measured:
-            raise UserError("no candidate span has been measured yet")
-        ref = min(measured, key=lambda s: (s.frames, s))
-        chain = Chain(model, stream.buffers["cross_kv"], np.concatenate(stream.latents, axis=2), seed,
-                      stream.geo.timesteps, score_chunks=opts.calibration_chunks)
-        sens = sensitivity(chain, ref, losses[ref].raw)
-        calibration = sens.to_dict()
-        losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
-                             allowed=allowed)
-    alloc, per_span = _allocate(losses, cfg, opts, allowed, chain, calibration)
-    # the per-layer optimum of the same predicted losses, for comparison in report.json
+    if not opts.calibrate:
+        return losses, None, None
+    # The reference span: the shortest measured one (the largest, best-resolved discrepancies).
+    measured = [s for s, sl in losses.items() if sl.source != "extrapolated" and s in allowed]
+    if not measured:
+        raise UserError("no candidate span has been measured yet")
+    ref = min(measured, key=lambda s: (s.frames, s))
+    chain = Chain(model, stream.buffers["cross_kv"], np.concatenate(stream.latents, axis=2), seed,
+                  stream.geo.timesteps, score_chunks=opts.calibration_chunks)
+    sens = sensitivity(chain, ref, losses[ref].raw)
+    losses = span_losses(monitors, cfg.num_layers, np.array(sens.weight), correct=correct, gate=opts.gate,
+                         allowed=allowed)
+    return losses, sens.to_dict(), chain
+
+
+def _choose(losses: dict[LocalSpan, SpanLoss], cfg, opts: IspaOptions, allowed: set, frame_errors) -> tuple:
+    """The allocation from (pooled) calibrated losses: the uniform prior against the DPs' allocations,
+    judged by `frame_errors(spans)` (the warmups' chains, uncorrected: the corrections were fit on
+    these frames, so they would score in-sample). Returns (allocation, per-span allocations, the
+    per-layer optimum for comparison, the selection record)."""
+    alloc, per_span = _allocation(losses, cfg, opts)
+    if alloc is None:
+        raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
+                        f"it ({', '.join(str(s) for s in losses)})")
+    selection = None
+    if frame_errors is not None and opts.layers is None:
+        alloc, selection = select({s: l for s, l in losses.items() if s in allowed}, cfg, opts.kv_reduction,
+                                  frame_errors, list(opts.sinks(cfg)), opts.per_layer_spans)
     general = _allocation(losses, cfg, opts, per_layer=True)[0] if opts.layers is None else None
+    return alloc, per_span, general, selection
+
+
+def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: set, opts: IspaOptions, seed: int,
+            correct: bool):
+    """The allocation from one warmup: predicted losses calibrated on its chain, the selection, and
+    the output gate on its own corrections."""
+    losses, calibration, chain = _measure(model, stream, monitors, allowed, opts, seed, correct)
+    alloc, per_span, general, selection = _choose(losses, model.cfg, opts, allowed,
+                                                  None if chain is None else chain.frame_errors)
+    if calibration is not None and selection is not None:
+        calibration["selection"] = selection
     if chain is not None and opts.gate and opts.variant in ("full", "bias"):
         calibration["output_gate"] = output_gate(model, monitors, chain, alloc, losses, opts)
         if not calibration["output_gate"]["kept"]:
@@ -222,20 +228,6 @@ def _decide(model: WanModel, stream: Stream, monitors: SpanMonitors, allowed: se
             for l in calibration["output_gate"]["layers"]:
                 _drop_correction(losses[alloc.spans[l]], l)
     return alloc, per_span, general, losses, calibration, chain
-
-
-def _allocate(losses: dict, cfg, opts: IspaOptions, allowed: set, chain, calibration: dict | None):
-    alloc, per_span = _allocation(losses, cfg, opts)
-    if alloc is None:
-        raise UserError(f"--kv-reduction {opts.kv_reduction}: no candidate span the warmup could measure reaches "
-                        f"it ({', '.join(str(s) for s in losses)})")
-    if chain is not None and opts.layers is None:
-        # The uniform prior against the DPs' allocations, judged on the warmup's chain (uncorrected:
-        # the corrections were fit on these frames, so they would score in-sample).
-        alloc, calibration["selection"] = select({s: l for s, l in losses.items() if s in allowed}, cfg,
-                                                 opts.kv_reduction, chain.frame_errors, list(opts.sinks(cfg)),
-                                                 opts.per_layer_spans)
-    return alloc, per_span
 
 
 def _drop_correction(sl: SpanLoss, layer: int) -> None:
@@ -257,7 +249,8 @@ def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocatio
     evidence they cost 6 dB over the rest of the video. Returns the verdict; changes nothing."""
     import copy
 
-    layers = [l for l in alloc.local_layers if (c := losses[alloc.spans[l]].corrections[l]) is not None and c.kept]
+    layers = [l for l in alloc.local_layers
+              if alloc.spans[l] in losses and (c := losses[alloc.spans[l]].corrections[l]) is not None and c.kept]
     if not layers:
         return {"layers": [], "kept": False, "reason": "no layer's correction passed its own gate"}
     f = chain.f
@@ -270,7 +263,7 @@ def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocatio
             stats = mon.stats_excluding(l, j + 1)
             if stats is None:
                 break
-            sol = mon._solve(stats, corr.rho)
+            sol = mon._solve(mon._on_compute(stats), corr.rho)
             w = None if opts.variant == "bias" else sol.weight_delta[None]
             trial.blocks[l].self_attn.absorb(Absorption(opts.site, w, sol.bias_delta[None]))
         else:
@@ -289,8 +282,9 @@ def output_gate(model: WanModel, monitors: SpanMonitors, chain, alloc: Allocatio
 def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
                progress: Callable[[int], None] | None = None,
                video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
-    """Warmup with every layer full, then the policy's decision and the bake. Returns the stream,
-    ready to go on, the monitors of every candidate span and the decision.
+    """One video's own layout, in process: the warmup with every layer full, the policy's decision
+    and the bake. Returns the stream, ready to go on, the monitors of every candidate span and the
+    decision (the evaluation compares this against a deployment's shared layout).
 
     With `video` latents [B, C, T, H, W] (T >= warmup_chunks * chunk_frames) each cache pass stores
     the video's frames instead of the sample (teacher forcing), so the monitor sees a known video.
@@ -302,11 +296,20 @@ def transition(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOpti
     return stream, monitors, tr
 
 
-def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
-         progress: Callable[[int], None] | None = None,
-         video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
-    """transition() up to, not including, the bake: the all-F model and stream at the transition
-    point, the monitors and the decision (the common start of every run an evaluation compares)."""
+def search_budget(cfg, n_spans: int, opts: IspaOptions, device: torch.device, dtype: str) -> memory.Budget:
+    """The span search's memory, planned before the warmup (ispa_export.memory): refused now, in one
+    line, rather than out of memory after minutes of warmup."""
+    def make(placement):
+        return memory.budget(cfg, dtype, monitored_layers=cfg.num_layers, spans=n_spans, per_kind=True,
+                             gate_chunks=GATE_CHUNKS, track_fit=True, holdout_gap=opts.holdout_gap, site=opts.site,
+                             placement=placement)
+    return memory.plan(f"warmup monitor: {n_spans} candidate spans x {cfg.num_layers} layers at dim {cfg.dim}",
+                       device, make, hint="; measure one span with --window W [--sink S]")
+
+
+def _warm(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
+          progress: Callable[[int], None] | None, video: np.ndarray | None):
+    """The calibration warmup: every candidate span measured on every layer until policy.ready."""
     cfg = model.cfg
     opts.check(cfg.num_layers)
     f = cfg.chunk_frames
@@ -330,18 +333,12 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
         if opts.kv_reduction > best + 1e-9:
             raise UserError(f"--kv-reduction/--window/--sink: KV reduction {opts.kv_reduction:.0%} is out of reach "
                             f"with {small}: at most {best:.0%} with every layer local")
-    # Real model widths: each span costs ~(D+1)^2 float64 matrices per layer and pass kind. Refuse
-    # now, in one line, what would run out of memory after minutes of warmup.
-    need = statistics_bytes(cfg.dim, cfg.num_layers, len(spans), len(warped_timesteps()) + 1, opts.holdout_gap)
-    free = available_bytes(next(model.parameters()).device)
-    if free is not None and need > 0.8 * free:
-        raise UserError(f"warmup monitor: {len(spans)} candidate spans x {cfg.num_layers} layers at dim {cfg.dim} "
-                        f"need up to {need / 2**30:.1f} GiB of float64 statistics, {free / 2**30:.1f} GiB is free "
-                        f"on {next(model.parameters()).device}; measure one span with --window W [--sink S]")
+    p = next(model.parameters())
+    need = search_budget(cfg, len(spans), opts, p.device, str(p.dtype).removeprefix("torch."))
     model.set_layout([None] * cfg.num_layers)
     monitors = SpanMonitors.build(spans, opts.rho, "full" if opts.variant in ("per_pass", "none") else opts.variant,
                                   opts.site, opts.rank, RHO_GRID if opts.rho is None else (opts.rho,),
-                                  opts.holdout_gap)
+                                  opts.holdout_gap, placement=need.placement)
     stream = torch_stream(model, context, seed, before_pass=monitors.before_pass)
     monitors.stream = stream
     correct = opts.select_by == "corrected" and opts.variant != "none"
@@ -370,13 +367,103 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
         if decision is not None:
             break
     stream.runner.before_pass = None
+    return stream, monitors, decision, correct
+
+
+def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
+         progress: Callable[[int], None] | None = None,
+         video: np.ndarray | None = None) -> tuple[Stream, SpanMonitors, Transition]:
+    """transition() up to, not including, the bake: the all-F model and stream at the transition
+    point, the monitors and the decision (the common start of every run an evaluation compares)."""
+    stream, monitors, decision, correct = _warm(model, context, seed, opts, progress, video)
     alloc, per_span, general, losses, calibration, chain = _decide(model, stream, monitors, set(decision.eligible),
                                                                    opts, seed, correct)
     if opts.per_layer_spans and general is not None and chain is None:
         alloc = general  # uncalibrated: the predicted loss is all there is
-    span = alloc.distinct_spans[0] if alloc.local_layers else spans[0]
+    span = alloc.distinct_spans[0] if alloc.local_layers else opts.spans(model.cfg)[0]
     return stream, monitors, Transition(stream.chunk, list(alloc.spans), span, decision.reason, alloc, per_span,
                                         losses, calibration, general, chain=chain)
+
+
+# -- a deployment's layout, from several calibration videos ------------------------------------------
+
+@dataclass
+class Measured:
+    """What one calibration warmup leaves for the pooled decision (its statistics are dropped)."""
+
+    seed: int
+    context: str
+    transition_chunk: int
+    reason: str
+    eligible: set
+    losses: dict
+    sensitivity: dict | None
+    chain: object
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "context": self.context, "transition_chunk": self.transition_chunk,
+                "reason": self.reason, "eligible_spans": sorted(f"s{s.sink}w{s.window}" for s in self.eligible),
+                "sensitivity": self.sensitivity,
+                "losses": {f"s{s.sink}w{s.window}": {"source": x.source, "raw": x.raw.tolist(),
+                                                     "effective": x.effective.tolist(), "loss": x.loss.tolist()}
+                           for s, x in self.losses.items()}}
+
+
+def pool(measured: list[Measured], num_layers: int) -> tuple[dict[LocalSpan, SpanLoss], set]:
+    """The calibration videos' predicted losses averaged per (span, layer), on the spans every
+    video could still cut to; a span is as measured as its least measured video."""
+    allowed = set.intersection(*(m.eligible for m in measured))
+    rank = {"measured": 0, "raw only": 1, "extrapolated": 2}
+    out = {}
+    for span in sorted(set.intersection(*(set(m.losses) for m in measured))):
+        parts = [m.losses[span] for m in measured]
+        mean = lambda key: np.mean([getattr(p, key) for p in parts], axis=0)  # noqa: E731
+        source = max((p.source for p in parts), key=rank.__getitem__)
+        chunks = sorted({c for p in parts for c in p.monitored_chunks})
+        out[span] = SpanLoss(span, mean("raw"), mean("effective"), mean("loss"), [None] * num_layers, source, chunks)
+    return out, allowed
+
+
+@dataclass
+class Calibration:
+    """One layout for every video, chosen from several calibration warmups."""
+
+    allocation: Allocation
+    measured: list[Measured]
+    losses: dict
+    selection: dict | None
+    general: Allocation | None
+    per_span: dict
+
+    @property
+    def layout(self) -> list[LocalSpan | None]:
+        return list(self.allocation.spans)
+
+
+def calibrate(model: WanModel, videos: list[tuple[torch.Tensor, int, str]], opts: IspaOptions,
+              progress: Callable[[int], None] | None = None) -> Calibration:
+    """The warmup of each calibration video (context, seed, its name) with every candidate span
+    measured, then the policy over their pooled statistics: the calibrated losses averaged, the
+    uniform prior against the DPs' allocations judged on every video's chain at once (paired per
+    frame). `model` is left all-F."""
+    cfg = model.cfg
+    measured = []
+    for context, seed, source in videos:
+        stream, monitors, decision, correct = _warm(model, context, seed, opts, progress, None)
+        losses, sensitivity, chain = _measure(model, stream, monitors, set(decision.eligible), opts, seed, correct)
+        measured.append(Measured(seed, source, stream.chunk, decision.reason, set(decision.eligible), losses,
+                                 sensitivity, chain))
+        del stream, monitors  # their statistics: the pooled decision needs only the losses and chains
+    losses, allowed = pool(measured, cfg.num_layers)
+    chains = [m.chain for m in measured if m.chain is not None]
+    frame_errors = None
+    if chains:
+        def frame_errors(spans, **kw):
+            return np.concatenate([c.frame_errors(spans, **kw) for c in chains])
+    alloc, per_span, general, selection = _choose(losses, cfg, opts, allowed, frame_errors)
+    if opts.per_layer_spans and general is not None and frame_errors is None:
+        alloc = general
+    return Calibration(alloc, measured, losses, selection, general, per_span)
 
 
 def _finite(x):

@@ -2,14 +2,15 @@
 against it.
 
 `save_golden` runs the PyTorch chunk step (the model that was traced) on the graph's example inputs
-and writes one binary file, golden.safetensors, that holds only what the artifact does not already
-hold: the step's per-step inputs (latents, timestep, RoPE angles, masks, pass kind), the prediction
-in full, and of each new K/V output a fixed, evenly strided set of at most KV_TOKENS tokens (axis 3),
-recorded in the file's metadata. The caches, text K/V and modulation constants are fed from
-state.safetensors, whose tensors the file fingerprints (sha256 of their bytes), so a golden file
-cannot be checked against another export's state. At Wan 1.3B (bf16) the file is about 13 MB.
+and writes one binary file, golden.safetensors, small whatever the model: the step's per-step
+inputs (latents, timestep, RoPE angles, masks, pass kind), the prediction in full, and of each new
+K/V output a fixed, evenly strided set of at most KV_TOKENS tokens (axis 3), recorded in the file's
+metadata. A deployment holds no video, so the large inputs (caches, text K/V, modulation inputs)
+are synthetic: seeded standard normal draws (`synthetic_state`, numpy's PCG64, the same on every
+platform) that verify draws again, and whose sha256 the file records. At Wan 1.3B (bf16) the file
+is about 13 MB.
 
-`verify` rebuilds the full feeds from the state and the golden inputs, runs ONNX Runtime
+`verify` rebuilds the full feeds from the seed and the golden inputs, runs ONNX Runtime
 (runtimes.ort.OrtRunner, CPU provider) and, when asked, TensorRT (Polygraphy's TrtRunner), slices
 their new K/V outputs the same way, and compares with Polygraphy's SimpleCompareFunc: an element
 fails only where it exceeds both the absolute and the relative tolerance (relative to the PyTorch
@@ -57,6 +58,7 @@ GOLDEN_RUNNER = "pytorch"
 KV_AXIS = 3
 KV_TOKENS = 64
 INPUT_PREFIX, OUTPUT_PREFIX, STATE_SHA_PREFIX = "input.", "output.", "state_sha256."
+STATE_SEED = 0  # the synthetic state's seed (recorded in the golden file)
 
 # (atol, rtol) per graph dtype and backend, elementwise. ONNX Runtime: measured on CPU against
 # PyTorch eager (tiny and medium configs, docs/tensorrt.md), max abs error 1.3e-6 (float32) and
@@ -75,8 +77,8 @@ TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
 # -- what the golden file holds ---------------------------------------------------------------------
 
 def is_state_input(name: str) -> bool:
-    """Graph inputs that state.safetensors holds (the cache groups, text K/V, modulation "input"
-    constants): the golden file leaves them out and verify feeds them from the state."""
+    """Graph inputs a video's state holds (the cache groups, text K/V, modulation "input" constants):
+    the golden file leaves them out and verify draws them again (synthetic_state)."""
     return is_cache_name(name) or name in ("cross_kv", "ispa_weight", "ispa_bias")
 
 
@@ -136,19 +138,51 @@ def golden_outputs(model: "WanModel", feeds: dict[str, np.ndarray]) -> dict[str,
     return {name: to_numpy(o) for name, o in zip(output_names(model.cache_groups()), outs)}
 
 
-def golden_feeds(stream: "Stream", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The export's example feeds turned into the first pass of the next chunk: the noise the runtime
-    will draw for it (runtimes.schedule.chunk_noise) at the first timestep, pass kind 0. The trace
-    uses zero latents, which would leave the patch embedding's weights out of the parity check."""
-    from runtimes.schedule import chunk_noise
+def synthetic_state(specs: dict[str, tuple[tuple[int, ...], str]], seed: int = STATE_SEED) -> dict[str, np.ndarray]:
+    """The golden step's large inputs: seeded standard normal draws of each state input's shape, in
+    name order, cast to its dtype; a modulation weight scaled by 1/sqrt(D) like a real projection."""
+    from runtimes.buffers import host_dtype
 
-    geo = stream.geo
-    out = dict(feeds)
-    out["latents"] = chunk_noise(stream.seed, stream.chunk, 0, geo.chunk_shape).astype(feeds["latents"].dtype)
-    out["timestep"] = np.full_like(feeds["timestep"], geo.timesteps[0])
-    if "pass_kind" in out:
-        out["pass_kind"] = np.zeros_like(feeds["pass_kind"])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(specs):
+        shape, dtype = specs[name]
+        a = rng.standard_normal(tuple(shape), dtype=np.float32)
+        if name == "ispa_weight":
+            a /= np.float32(np.sqrt(shape[-1]))
+        out[name] = a.astype(host_dtype(dtype))
     return out
+
+
+def example_feeds(model: "WanModel", geo, modulation: str, seed: int = STATE_SEED) -> dict[str, np.ndarray]:
+    """Inputs of one chunk step in the graph's contract (what the exporter traces and the golden step
+    runs): synthetic caches, text K/V and modulation (synthetic_state), the first pass of a chunk at
+    frame M/2 (half the full cache valid, the other masks as the ring leaves them), its noise, RoPE
+    angles and timestep."""
+    from runtimes.buffers import host_dtype
+    from runtimes.schedule import chunk_noise, frame_rope, ring_slot
+
+    dtype = geo.dtype
+    cfg = model.cfg
+    start = max(1, geo.full_capacity // 2)
+    specs = {"cross_kv": ((cfg.num_layers, 2, geo.batch, cfg.text_len, geo.heads, geo.head_dim), dtype)}
+    for g in geo.groups:
+        specs[g.name] = (geo.group_shape(g), dtype)
+    if modulation == "input":
+        n, d = geo.modes.count("L"), cfg.dim
+        specs.update(ispa_weight=((n, d, d), dtype), ispa_bias=((n, d), dtype))
+    feeds = synthetic_state(specs, seed)
+    for g in geo.groups:
+        mask = np.zeros(g.capacity, dtype=bool)
+        for frame in range(start):
+            mask[ring_slot(frame, g.capacity, g.sink)] = True
+        feeds[g.name + "_mask"] = mask
+    feeds["latents"] = chunk_noise(seed, 0, 0, geo.chunk_shape).astype(host_dtype(dtype))
+    feeds["timestep"] = np.full((geo.batch,), geo.timesteps[0], dtype=np.float32)
+    feeds["rope_frame"] = frame_rope(start, geo.chunk_frames, geo.rope_pairs, geo.rope_theta)
+    if model.per_pass_kind():
+        feeds["pass_kind"] = np.array(0, dtype=np.int64)
+    return feeds
 
 
 def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray], *,
@@ -156,8 +190,8 @@ def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray]
     """Write golden.safetensors into `directory` (atomically); returns [GOLDEN].
 
     `model` is the module that is exported (already cast to the export dtype), `feeds` its example
-    inputs by graph input name, the state's tensors (is_state_input) included: they are run but not
-    stored, only fingerprinted. New K/V outputs keep `kv_tokens` tokens (kv_token_slice).
+    inputs by graph input name (example_feeds), the synthetic state (is_state_input) included: it is
+    run but not stored, only fingerprinted. New K/V outputs keep `kv_tokens` tokens (kv_token_slice).
     """
     from safetensors.numpy import save_file
 
@@ -178,7 +212,7 @@ def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray]
     metadata = {"format": GOLDEN_FORMAT, "version": GOLDEN_VERSION, "runner": GOLDEN_RUNNER,
                 "seconds": f"{seconds:.3f}", "kv_axis": str(KV_AXIS),
                 "kv_slice": f"{kv.start}:{kv.stop}:{kv.step}",
-                "state_inputs": ",".join(sorted(k for k in feeds if is_state_input(k)))}
+                "state_inputs": ",".join(sorted(k for k in feeds if is_state_input(k))), "state_seed": str(STATE_SEED)}
     metadata.update({STATE_SHA_PREFIX + k: tensor_sha256(v) for k, v in feeds.items() if is_state_input(k)})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -257,8 +291,8 @@ def load_golden(art) -> tuple[dict[str, np.ndarray], Golden]:
     from_state = sorted(n for n in art.inputs if is_state_input(n))
     want = sorted(n for n in art.inputs if not is_state_input(n))
     if sorted(golden.inputs) != want:
-        raise UserError(f"{path}: inputs: expected {want} (manifest.json inputs, less {from_state} from "
-                        f"{art.state_path.name}), found {sorted(golden.inputs)}")
+        raise UserError(f"{path}: inputs: expected {want} (manifest.json inputs, less {from_state}, drawn from "
+                        f"the file's state_seed), found {sorted(golden.inputs)}")
     for name in want:
         spec, a = art.inputs[name], golden.inputs[name]
         if a.shape != spec.shape or a.dtype.name != spec.dtype:
@@ -279,15 +313,21 @@ def load_golden(art) -> tuple[dict[str, np.ndarray], Golden]:
         if a.shape != tuple(shape) or a.dtype.name != spec.dtype:
             raise UserError(f"{path}: output {name!r}: expected {spec.dtype}{list(shape)} (manifest.json, "
                             f"kv_slice {golden.metadata['kv_slice']}), found {_spec(a)}")
+    try:
+        seed = int(golden.metadata.get("state_seed", ""))
+    except ValueError:
+        raise UserError(f"{path}: metadata state_seed: expected an integer, found "
+                        f"{golden.metadata.get('state_seed')!r}") from None
+    state = synthetic_state({n: (s.shape, s.dtype) for n, s in art.inputs.items() if is_state_input(n)}, seed)
     feeds = {}
     for name in art.inputs:
         if is_state_input(name):
-            a = art.state[name]
+            a = state[name]
             want_sha = golden.metadata.get(STATE_SHA_PREFIX + name)
             got_sha = tensor_sha256(a)
             if want_sha != got_sha:
-                raise UserError(f"{path}: metadata {STATE_SHA_PREFIX + name}: expected {got_sha} (tensor {name!r} "
-                                f"of {art.state_path.name}), found {want_sha}: the golden pass ran on another state")
+                raise UserError(f"{path}: metadata {STATE_SHA_PREFIX + name}: expected {got_sha} (input {name!r} drawn "
+                                f"from seed {seed}), found {want_sha}: the golden pass ran on other inputs")
             feeds[name] = a
         else:
             feeds[name] = golden.inputs[name]

@@ -25,14 +25,13 @@ class _Fanout:
 
     def __init__(self, monitors: list[WarmupMonitor]):
         self.monitors = monitors
-        self.local_masks = []
 
     def before_pass(self, info):
         got = [m.before_pass(info) for m in self.monitors]
-        if got[0] is None:
-            return None
-        self.local_masks = self.monitors[0].local_masks
-        return self
+        return None if got[0] is None else self
+
+    def masks(self, layer: int) -> list:
+        return self.monitors[0].masks(layer)
 
     def record(self, *args) -> None:
         for m in self.monitors:

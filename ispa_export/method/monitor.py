@@ -45,13 +45,17 @@ class LocalSpan:
 # The issue-13 measurement (rolling, window 5, 4 seeds) found rho 1e-2 harmful and 10-100 safe,
 # so the grid spans the solver's default up to strong shrinkage.
 RHO_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+# Warmup chunks the output gate scores, each under a fit that never saw it (build.calibrate.output_gate);
+# also the held-out chunks the per-layer gate looks at (policy.choose_correction).
+GATE_CHUNKS = 3
 
 
 class HeldOutScore:
     """Token-weighted statistics of one chunk: d(M) = mean_i ||r_i - M z_i||^2 / ||y_i||^2 for any
     correction M = [dW | db], exactly, from Gw = sum w z z^T, Cw = sum w r z^T, rrw = sum w ||r||^2."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
         self.n = 0
         self.Gw: torch.Tensor | None = None
         self.Cw: torch.Tensor | None = None
@@ -61,10 +65,10 @@ class HeldOutScore:
         w = 1.0 / (y.square().sum(1) + eps)
         z = torch.cat([z_in, torch.ones(z_in.shape[0], 1, dtype=z_in.dtype, device=z_in.device)], 1)
         if self.Gw is None:
-            self.Gw = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
-            self.Cw = torch.zeros(r.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
-        self.Gw.addmm_((z * w[:, None]).mT, z)
-        self.Cw.addmm_((r * w[:, None]).mT, z)
+            self.Gw = torch.zeros(z.shape[1], z.shape[1], dtype=self.dtype, device=z.device)
+            self.Cw = torch.zeros(r.shape[1], z.shape[1], dtype=self.dtype, device=z.device)
+        self.Gw.addmm_((z * w[:, None]).mT.to(self.dtype), z.to(self.dtype))
+        self.Cw.addmm_((r * w[:, None]).mT.to(self.dtype), z.to(self.dtype))
         self.rrw += float((r.square().sum(1) * w).sum())
         self.n += r.shape[0]
 
@@ -74,8 +78,22 @@ class HeldOutScore:
 
     def corrected(self, sol: Solution) -> float:
         m = torch.cat([sol.weight_delta, sol.bias_delta[:, None]], 1).to(self.Gw.device)
-        quad = float(((m @ self.Gw) * m).sum())
-        return max(self.rrw - 2.0 * float((self.Cw * m).sum()) + quad, 0.0) / self.n
+        quad = float(((m @ self.Gw.double()) * m).sum())
+        return max(self.rrw - 2.0 * float((self.Cw.double() * m).sum()) + quad, 0.0) / self.n
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in (self.Gw, self.Cw) if v is not None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the statistics live. A chunk's partial sums accumulate next to the activations in
+    `partial_dtype`; the float64 totals of finished chunks live on `totals_device` (None: next to
+    the activations). Wan 14B keeps float32 partials on the GPU and float64 totals on the host
+    (statistics_bytes sizes both)."""
+
+    partial_dtype: torch.dtype = torch.float64
+    totals_device: str | None = None
 
 
 @dataclass
@@ -95,7 +113,20 @@ class WarmupMonitor:
     # Whether a pass whose full cache lost the span's sink frames is an error (a single-span warmup)
     # or just not monitored (one span among several: the policy then cannot pick it).
     strict_sink: bool = True
-    # (layer, kind) -> statistics of finished chunks, and of the chunk in progress (held out).
+    # The layers measured (None: every full layer). A video absorbed into a deployment measures
+    # only the layers the deployment makes local at this span.
+    layers: frozenset[int] | None = None
+    # Statistics per pass kind (what variant 'per_pass' solves from); otherwise one accumulator
+    # per layer, a fifth of the memory.
+    per_kind: bool = True
+    # Running totals kept for the output gate's refits without the latest chunks (ispa.output_gate);
+    # 0 where no output gate runs (a video's absorb).
+    gate_chunks: int = GATE_CHUNKS
+    # Keep a fit of the finished chunks to report each chunk's corrected d (`curves`).
+    track_fit: bool = True
+    placement: Placement = field(default_factory=Placement)
+    # (layer, kind) -> statistics of finished chunks, and of the chunk in progress (held out);
+    # kind 0 for every pass when not per_kind.
     stats: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
     # layer -> chunk -> kind -> (raw, corrected)
@@ -109,6 +140,12 @@ class WarmupMonitor:
     _totals: dict = field(default_factory=dict)  # layer -> deque of merged statistics after each chunk
     _info: PassInfo | None = None
     _chunk: int | None = None
+    _device: torch.device | None = None  # the activations' (where partial sums and solves run)
+
+    @property
+    def totals_depth(self) -> int:
+        """Totals kept per layer: the held-out fit `holdout_gap` chunks back, the output gate's refits."""
+        return max(self.holdout_gap, self.gate_chunks) + 1
 
     # -- driver side -------------------------------------------------------------------------
     def before_pass(self, info: PassInfo):
@@ -134,6 +171,10 @@ class WarmupMonitor:
         self._info = info
         return self
 
+    def masks(self, layer: int) -> list[torch.Tensor]:
+        """The local masks the model computes a_l under for `layer` in this pass (graphs.wan.Monitor)."""
+        return self.local_masks if self.layers is None or layer in self.layers else []
+
     def _finish_chunk(self) -> None:
         """Fold the finished chunk into the fit (after it was scored held-out) and refit."""
         if not self.pending:
@@ -143,20 +184,37 @@ class WarmupMonitor:
             past = self._totals.get(layer, ())
             entry = {"raw": score.raw, "rho": {}}
             if len(past) > self.holdout_gap:
-                fit_stats = past[-1 - self.holdout_gap]
+                fit_stats = self._on_compute(past[-1 - self.holdout_gap])
                 for rho in self.rhos:
                     entry["rho"][rho] = score.corrected(self._solve(fit_stats, rho))
             self.heldout[layer][chunk] = entry
         self._scores = {}
-        touched = set()
-        for key, s in self.pending.items():
-            self.stats[key] = s if key not in self.stats else self.stats[key].merge(s)
-            touched.add(key[0])
+        touched = sorted({key[0] for key in self.pending})
+        totals = self.placement.totals_device
+        if self.per_kind:
+            for key, s in self.pending.items():
+                if key not in self.stats:
+                    self.stats[key] = AbsorptionStats(s.name, device=totals)
+                self.stats[key].merge(s)
+        pending = self.pending
         self.pending = {}
         for layer in touched:
-            total = self.layer_stats(layer)
-            self._totals.setdefault(layer, deque(maxlen=max(self.holdout_gap, GATE_CHUNKS) + 1)).append(total)
-            self.fits[layer] = solve(total, rho=self.rho, variant=self.variant, rank=self.rank, site=self.site)
+            if self.per_kind:
+                total = self.layer_stats(layer)
+            else:
+                # The new total is a copy: the deque's older entries stay what they were.
+                past = self._totals.get(layer)
+                total = (past[-1].copy_to(totals) if past else AbsorptionStats(f"layer {layer}", device=totals))
+                total.merge(pending[(layer, 0)])
+                self.stats[(layer, 0)] = total
+            self._totals.setdefault(layer, deque(maxlen=self.totals_depth)).append(total)
+            if self.track_fit:
+                self.fits[layer] = solve(self._on_compute(total), rho=self.rho,
+                                         variant=self.variant, rank=self.rank, site=self.site)
+
+    def _on_compute(self, stats: AbsorptionStats) -> AbsorptionStats:
+        """Totals kept elsewhere (the host) are solved next to the activations, in float64."""
+        return stats if self._device is None or stats.G.device == self._device else stats.copy_to(self._device)
 
     def _solve(self, stats: AbsorptionStats, rho: float) -> Solution:
         variant = "full" if self.variant == "none" else self.variant
@@ -181,26 +239,35 @@ class WarmupMonitor:
         fit = self.fits.get(layer)
         z = a_l if self.site == "wo" else x
         corrected = raw if fit is None else discrepancy(corrected_residual(fit, z, r), y)
-        self._scores.setdefault(layer, HeldOutScore()).update(z, r, y)
+        partial = self.placement.partial_dtype
+        self._device = a_global.device
+        self._scores.setdefault(layer, HeldOutScore(partial)).update(z, r, y)
         kind = self._info.pass_kind
         self.curves[layer][self._info.chunk][kind] = (raw, corrected)
-        key = (layer, kind)
+        key = (layer, kind if self.per_kind else 0)
         if key not in self.pending:
-            self.pending[key] = AbsorptionStats(f"layer {layer} pass {kind}")
+            self.pending[key] = AbsorptionStats(f"layer {layer} pass {kind}" if self.per_kind else f"layer {layer}",
+                                                dtype=partial)
         self.pending[key].update(a_l, r, x if self.site == "adapter" else None)
 
     # -- results -----------------------------------------------------------------------------
     def layer_stats(self, layer: int, kind: int | None = None) -> AbsorptionStats:
+        if not self.per_kind:
+            if kind is not None:
+                raise ValueError(f"layer {layer}: statistics per pass kind were not kept (per_kind=False)")
+            if (layer, 0) not in self.stats:
+                raise ValueError(f"layer {layer}: no warmup statistics")
+            return self.stats[(layer, 0)]
         parts = [s for (l, k), s in self.stats.items() if l == layer and (kind is None or k == kind)]
         if not parts:
             raise ValueError(f"layer {layer}: no warmup statistics")
-        total = AbsorptionStats(f"layer {layer}")
+        total = AbsorptionStats(f"layer {layer}", device=self.placement.totals_device)
         for s in parts:
             total = total.merge(s)
         return total
 
     def kinds(self) -> list[int]:
-        return sorted({k for (_, k) in self.stats})
+        return sorted({k for c in self.curves.values() for kinds in c.values() for k in kinds})
 
     def chunk_discrepancy(self, layer: int, chunk: int) -> tuple[float, float]:
         """Mean over the chunk's passes of (raw, held-out corrected) discrepancy."""
@@ -218,20 +285,65 @@ class WarmupMonitor:
 
     def solution(self, layer: int, kind: int | None = None, **overrides) -> Solution:
         opts = dict(rho=self.rho, variant=self.variant, rank=self.rank, site=self.site) | overrides
-        return solve(self.layer_stats(layer, kind), **opts)
+        stats = self.layer_stats(layer, kind)
+        return solve(self._on_compute(stats), **opts)
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor of statistics this monitor holds now (tests check statistics_bytes)."""
+        seen, total = set(), 0
+        holders = [*self.stats.values(), *self.pending.values(), *(t for d in self._totals.values() for t in d)]
+        for s in holders:
+            if id(s) not in seen:
+                seen.add(id(s))
+                total += s.nbytes()
+        total += sum(s.nbytes() for s in self._scores.values())
+        total += sum(f.weight_delta.numel() * f.weight_delta.element_size()
+                     + f.bias_delta.numel() * f.bias_delta.element_size() for f in self.fits.values())
+        return total
 
 
-# Warmup chunks the output gate scores, each under a fit that never saw it (ispa.output_gate).
-GATE_CHUNKS = 3
+@dataclass(frozen=True)
+class StatsBytes:
+    """Bytes of the warmup's statistics next to the activations (`device`) and where the float64
+    totals live when that is elsewhere (`host`)."""
+
+    device: int
+    host: int
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host
 
 
-def statistics_bytes(dim: int, layers: int, spans: int, pass_kinds: int, holdout_gap: int) -> int:
-    """Upper bound of the float64 statistics the warmup keeps, all spans together: per span and layer,
-    G and C ((D+1)^2 each) for every pass kind twice (finished and pending chunk), the running totals
-    the held-out fits and the output gate use (max(holdout_gap, GATE_CHUNKS) + 1), the chunk's
-    held-out score and the current fit."""
-    per_matrix = 2 * (dim + 1) ** 2 * 8
-    return spans * layers * per_matrix * (2 * pass_kinds + max(holdout_gap, GATE_CHUNKS) + 1 + 2)
+def statistics_bytes(dim: int, layers: int, spans: int, pass_kinds: int, holdout_gap: int, *,
+                     per_kind: bool = True, gate_chunks: int = GATE_CHUNKS, track_fit: bool = True,
+                     site: str = "wo", placement: Placement = Placement()) -> StatsBytes:
+    """The statistics a warmup holds at its peak, exactly as WarmupMonitor allocates them, for
+    `layers` monitored layers at each of `spans` spans.
+
+    Per layer and span, at the last pass of a chunk: the chunk's partial sums (one accumulator per
+    pass kind, or one) and its held-out score, in placement.partial_dtype next to the activations;
+    the finished chunks' float64 sums (per pass kind) and the running totals (`totals_depth`), on
+    placement.totals_device; the current fit (float64, next to the activations). While a chunk is
+    folded in, one more total exists for the layer being folded: counted once. An accumulator is
+    G [(D+1)^2], C [D (D+1)], sum_r [D], sum_rr [1] (the adapter site adds G_x and C_x)."""
+    d1 = dim + 1
+    sums = d1 * d1 + dim * d1 + dim + 1
+    if site == "adapter":
+        sums += d1 * d1 + dim * d1
+    score = d1 * d1 + dim * d1
+    fit = dim * dim + dim if track_fit else 0
+    partial = torch.empty((), dtype=placement.partial_dtype).element_size()
+    depth = max(holdout_gap, gate_chunks) + 1
+    kinds = pass_kinds if per_kind else 1
+    near = (kinds * sums + score) * partial + fit * 8
+    # per kind: the finished sums by kind plus totals merged from them; else the totals are the sums
+    far = ((pass_kinds * sums if per_kind else 0) + depth * sums) * 8
+    n = layers * spans
+    near_total, far_total = n * near, n * far + sums * 8
+    if placement.totals_device is None:
+        return StatsBytes(near_total + far_total, 0)
+    return StatsBytes(near_total, far_total)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -257,10 +369,14 @@ class SpanMonitors:
 
     @classmethod
     def build(cls, spans: list[LocalSpan], rho: float | None, variant: str = "full", site: str = "wo",
-              rank: int | None = None, rhos: tuple[float, ...] = RHO_GRID, holdout_gap: int = 0) -> "SpanMonitors":
+              rank: int | None = None, rhos: tuple[float, ...] = RHO_GRID, holdout_gap: int = 0,
+              layers: dict[LocalSpan, frozenset[int]] | None = None, **settings) -> "SpanMonitors":
+        """One monitor per span; `layers` restricts each span to its layers (a deployment's layout),
+        `settings` are WarmupMonitor's memory settings (per_kind, gate_chunks, track_fit, placement)."""
         strict = len(spans) == 1  # one span: losing its sink ends the warmup with an error, as before
         return cls({s: WarmupMonitor(s, rho, variant, site, rank, rhos=rhos, holdout_gap=holdout_gap,
-                                     strict_sink=strict) for s in spans})
+                                     strict_sink=strict, layers=None if layers is None else layers[s], **settings)
+                    for s in spans})
 
     @property
     def stream(self) -> Stream | None:
@@ -280,13 +396,17 @@ class SpanMonitors:
 
     def before_pass(self, info: PassInfo):
         self._active = [m for m in self.monitors.values() if m.before_pass(info) is not None]
-        self.local_masks = [m.local_masks[0] for m in self._active]
         return self if self._active else None
+
+    def masks(self, layer: int) -> list[torch.Tensor]:
+        return [mask for m in self._active for mask in m.masks(layer)]
 
     def record(self, layer: int, x_in: torch.Tensor, a_global: torch.Tensor, a_locals: list[torch.Tensor],
                w_o: torch.Tensor) -> None:
-        for m, a_l in zip(self._active, a_locals):
-            m.record(layer, x_in, a_global, [a_l], w_o)
+        a_locals = iter(a_locals)
+        for m in self._active:
+            if m.masks(layer):
+                m.record(layer, x_in, a_global, [next(a_locals)], w_o)
 
     def finish(self) -> None:
         for m in self.monitors.values():

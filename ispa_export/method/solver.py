@@ -67,8 +67,13 @@ class AbsorptionStats:
     parallel-adapter site). Either every update carries x_in or none does.
     """
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, dtype: torch.dtype = _F64,
+                 device: torch.device | str | None = None) -> None:
         self.name = name
+        # Partial sums of one chunk may be float32 on a GPU (big models), folded into float64
+        # totals elsewhere (`copy_to`, `merge`); `device` None keeps the sums where the data are.
+        self.dtype = dtype
+        self.device = None if device is None else torch.device(device)
         self.count = 0
         self.G: torch.Tensor | None = None
         self.C: torch.Tensor | None = None
@@ -102,25 +107,26 @@ class AbsorptionStats:
                                      f"earlier updates' {want[key]}")
         if r.shape[0] == 0:
             return
-        t64 = {k: t.to(_F64) for k, t in tensors.items()}
+        dev = self.device or r.device
+        t64 = {k: t.to(device=dev, dtype=self.dtype) for k, t in tensors.items()}
         # One float64 sum per input is cheap and catches any NaN/Inf (bf16 values cannot overflow
         # it) before anything is accumulated, so a bad batch leaves the statistics untouched.
-        bad = [k for k, t in t64.items() if not torch.isfinite(t.sum())]
+        bad = [k for k, t in tensors.items() if not torch.isfinite(t.to(_F64).sum())]
         if bad:
             raise UserError(f"{self._who()}: non-finite values (NaN/Inf) in {', '.join(bad)} fed "
                             "to the absorption statistics; the warmup activations overflowed or "
                             "diverged")
         z, rr = _augment(t64["a_l"]), t64["r"]
         if self.G is None:
-            d, dout, dev = z.shape[1], rr.shape[1], z.device
-            self.G = torch.zeros(d, d, dtype=_F64, device=dev)
-            self.C = torch.zeros(dout, d, dtype=_F64, device=dev)
-            self.sum_r = torch.zeros(dout, dtype=_F64, device=dev)
-            self.sum_rr = torch.zeros((), dtype=_F64, device=dev)
+            d, dout, dt = z.shape[1], rr.shape[1], self.dtype
+            self.G = torch.zeros(d, d, dtype=dt, device=dev)
+            self.C = torch.zeros(dout, d, dtype=dt, device=dev)
+            self.sum_r = torch.zeros(dout, dtype=dt, device=dev)
+            self.sum_rr = torch.zeros((), dtype=dt, device=dev)
             if x_in is not None:
                 dx = x_in.shape[1] + 1
-                self.G_x = torch.zeros(dx, dx, dtype=_F64, device=dev)
-                self.C_x = torch.zeros(dout, dx, dtype=_F64, device=dev)
+                self.G_x = torch.zeros(dx, dx, dtype=dt, device=dev)
+                self.C_x = torch.zeros(dout, dx, dtype=dt, device=dev)
         self.G.addmm_(z.mT, z)
         self.C.addmm_(rr.mT, z)
         self.sum_r += rr.sum(0)
@@ -131,22 +137,36 @@ class AbsorptionStats:
             self.C_x.addmm_(rr.mT, zx)
         self.count += r.shape[0]
 
+    _SUMS = ("G", "C", "sum_r", "sum_rr", "G_x", "C_x")
+
     def merge(self, other: AbsorptionStats) -> AbsorptionStats:
-        """Add another accumulator's sums into this one (pass kinds into a layer); returns self."""
+        """Add another accumulator's sums into this one (pass kinds into a layer, a chunk's partial
+        sums into the totals), in this one's dtype and on its device; returns self."""
         if other.count == 0:
             return self
         if self.count == 0:
-            for k in ("G", "C", "sum_r", "sum_rr", "G_x", "C_x"):
+            for k in self._SUMS:
                 v = getattr(other, k)
-                setattr(self, k, None if v is None else v.clone())
+                setattr(self, k, None if v is None else v.to(device=self.device or v.device, dtype=self.dtype,
+                                                             copy=True))
             self.count = other.count
             return self
         if (self.has_x, self.G.shape, self.C.shape) != (other.has_x, other.G.shape, other.C.shape):
             raise ValueError(f"{self._who()}: cannot merge statistics of different shapes or sites")
         for k in ("G", "C", "sum_r", "sum_rr") + (("G_x", "C_x") if self.has_x else ()):
-            getattr(self, k).add_(getattr(other, k).to(getattr(self, k).device))
+            mine = getattr(self, k)
+            mine.add_(getattr(other, k).to(device=mine.device, dtype=mine.dtype))
         self.count += other.count
         return self
+
+    def copy_to(self, device: torch.device | str | None = None, dtype: torch.dtype = _F64) -> AbsorptionStats:
+        """A copy in `dtype` on `device` (None: where it is): the solve's float64 view of totals kept
+        on the host, or of float32 partial sums."""
+        return AbsorptionStats(self.name, dtype, device).merge(self)
+
+    def nbytes(self) -> int:
+        """Bytes of the sums held (exact: element counts times itemsize)."""
+        return sum(v.numel() * v.element_size() for k in self._SUMS if (v := getattr(self, k)) is not None)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor dict (safetensors-ready, contiguous, on CPU)."""
@@ -238,6 +258,8 @@ def solve(stats: AbsorptionStats, rho: float | None = None, variant: str = "full
     if site == "adapter" and not stats.has_x:
         raise UserError(f"{stats._who()}: site 'adapter' needs x_in in every update; "
                         "none was given")
+    if stats.dtype != _F64:  # float32 partial sums: the solve itself is always float64
+        stats = stats.copy_to(dtype=_F64)
     G, C = (stats.G_x, stats.C_x) if site == "adapter" else (stats.G, stats.C)
     if not all(bool(torch.isfinite(t).all()) for t in (G, C, stats.sum_r, stats.sum_rr)):
         raise UserError(f"{stats._who()}: the absorption statistics hold NaN/Inf (a corrupt or "

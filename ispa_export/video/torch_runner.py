@@ -88,17 +88,19 @@ class TorchRunner:
     None: the attention then runs without a mask (flash/cuDNN kernels on a GPU)."""
 
     def __init__(self, model: WanModel, device: str | torch.device | None = None,
-                 before_pass: Callable[[PassInfo], object] | None = None, compile: bool = False):
+                 before_pass: Callable[[PassInfo], object] | None = None, compile: bool = False,
+                 buffers: TorchBuffers | None = None, forward: Callable | None = None):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if next(model.parameters()).device != self.device:
             self.model = model.to(self.device)
         self.dtype = next(model.parameters()).dtype
-        self.buffers = TorchBuffers(self.device)
+        # Several runners (videos) share one model; each owns its buffers, unless handed a stream's.
+        self.buffers = buffers if buffers is not None else TorchBuffers(self.device)
         self.before_pass = before_pass
         # Fixed shapes and fixed cache addresses: one graph per layout, recompiled once when the masks
         # drop out (the cache has filled). Not with a monitor, which runs Python inside the step.
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.forward = forward or (torch.compile(self.model) if compile else self.model)
 
     # The model's layout changes at the transition (ispa.bake): its groups are read when asked.
     @property
