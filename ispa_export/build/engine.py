@@ -13,7 +13,8 @@ API references used (Python API, TensorRT 10.x / 11.x):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/parsers/Onnx/pyOnnx.html
 - IProgressMonitor: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ProgressMonitor.html
 - Refitter (set_named_weights, get_missing_weights, get_all_weights, refit_cuda_engine) and the
-  "Refitting an Engine" guide (11.3 known issue: REFIT may drop a GEMM bias):
+  "Refitting an Engine" guide (11.3 known issue: REFIT may drop a GEMM bias); each video's refit is
+  runtimes.trt.TrtEngine.refit, straight from its instance's tensors:
   https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/Core/Refitter.html
   https://docs.nvidia.com/deeplearning/tensorrt/11.3.0/inference-library/refitting-engines.html
 - 10.x -> 11.x: strong typing always on, STRONGLY_TYPED kept but ignored, weak-typing flags removed:
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ispa_export.errors import UserError
 from runtimes.files import write_bytes_atomic
@@ -166,70 +166,6 @@ def build_engine(
     }
 
 
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float -> bfloat16 bit patterns (uint16, round to nearest even), as TensorRT's refit takes them."""
-    from runtimes.buffers import host_dtype
-
-    return np.asarray(a, dtype=np.float32).astype(host_dtype("bfloat16")).view(np.uint16)
-
-
-def refit_engine(engine_path: str | os.PathLike, weights: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Replace named weights (ONNX initializer names) in a REFIT engine and rewrite it atomically.
-
-    Every name must be refittable and every weight must keep its element count; weights that
-    TensorRT fused with a given one must be given too (reported from get_missing_weights).
-    """
-    trt = _trt()
-    engine_path = Path(engine_path)
-    if not engine_path.is_file():
-        raise UserError(f"{engine_path}: engine file not found")
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-    if engine is None:
-        raise UserError(f"{engine_path}: not a TensorRT engine for this TensorRT version and GPU")
-    refitter = trt.Refitter(engine, logger)
-    refittable = set(refitter.get_all_weights())
-    if not refittable:
-        raise UserError(f"{engine_path}: engine has no refittable weights (built without refit)")
-    unknown = sorted(set(weights) - refittable)
-    if unknown:
-        raise UserError(f"{engine_path}: weights not refittable in this engine: {', '.join(unknown)}")
-
-    # get_weights_prototype (IRefitter::getWeightsPrototype, TensorRT 10+) gives the built dtype and
-    # count, so float32 arrays can be given for fp16/bf16 engines; without it TensorRT's own check is all.
-    prototype = getattr(refitter, "get_weights_prototype", None)
-    keep = []  # TensorRT reads host weights at refit time: they must stay alive until then
-    for name in sorted(weights):
-        arr = np.asarray(weights[name])
-        proto = prototype(name) if prototype is not None else None
-        if proto is not None and proto.size != arr.size:
-            raise UserError(
-                f"{engine_path}: weight '{name}' has {arr.size} elements; the engine's has {proto.size}"
-            )
-        if proto is not None and proto.dtype == getattr(trt, "bfloat16", None):
-            arr = np.ascontiguousarray(_bf16_bits(arr))
-            w = trt.Weights(trt.bfloat16, arr.ctypes.data, arr.size)
-        else:
-            if proto is not None:
-                arr = arr.astype(trt.nptype(proto.dtype), copy=False)
-            arr = np.require(arr, requirements="C")
-            w = trt.Weights(arr)
-        keep.append(arr)
-        if not refitter.set_named_weights(name, w):
-            raise UserError(
-                f"{engine_path}: refit rejected '{name}' (shape {arr.shape}, dtype {arr.dtype}): "
-                "count or type differs from the built weights"
-            )
-    missing = sorted(refitter.get_missing_weights())
-    if missing:
-        raise UserError(f"{engine_path}: refit also needs these weights: {', '.join(missing)}")
-    if not refitter.refit_cuda_engine():
-        raise UserError(f"{engine_path}: refit_cuda_engine failed (see the TensorRT log above)")
-    write_bytes_atomic(engine_path, memoryview(engine.serialize()))
-    del keep
-    return {"tensorrt_version": trt.__version__, "refitted": sorted(weights)}
-
-
 # -- artifacts ----------------------------------------------------------------------------------
 
 ENGINE = "model.engine"
@@ -254,8 +190,9 @@ def check_artifact(directory: str | os.PathLike) -> list[str]:
 
 
 def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, progress: bool = True) -> dict[str, Any]:
-    """`ispa engine DIR`: check the graph on the CPU side, build DIR/model.engine (timing cache
-    DIR/timing.cache), and record it in DIR/manifest.json (`files` and `tensorrt`).
+    """`ispa engine DEPLOY`: check the graph on the CPU side, build DEPLOY/model.engine (timing cache
+    DEPLOY/timing.cache), and record it in DEPLOY/manifest.json (`files` and `tensorrt`). Once per
+    deployment: every video runs on it (modulation bound as inputs, or refitted by name).
 
     The graph checks run first so their problems are reported even where TensorRT is missing. An
     engine in which one of the manifest's refit_names did not stay refittable is refused (per-video
@@ -300,126 +237,4 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     print(f"engine {directory / ENGINE}: TensorRT {record['tensorrt_version']} on {record['gpu']} "
           f"(sm {record['compute_capability']}), built in {record['build_seconds']:.1f} s, "
           f"{len(refit_names)} refit names")
-    return record
-
-
-# -- refit per video ----------------------------------------------------------------------------
-
-_COMPARED = ("inputs", "outputs", "layers", "modulation", "dtype", "refit_names")
-
-
-def _initializer_digest(init, base: Path) -> str:
-    """sha256 of an initializer's stored bytes (embedded or external), read in pieces."""
-    import hashlib
-
-    import onnx
-
-    h = hashlib.sha256()
-    h.update(f"{init.data_type}:{list(init.dims)}".encode())
-    if init.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in init.external_data}
-        with open(base / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            left = int(info["length"]) if "length" in info else -1
-            while left != 0:
-                block = f.read(1 << 20 if left < 0 else min(left, 1 << 20))
-                if not block:
-                    break
-                h.update(block)
-                left -= len(block) if left > 0 else 0
-    elif init.HasField("raw_data"):
-        h.update(init.raw_data)
-    else:
-        # Typed fields (float_data, int64_data, ...): their little-endian bytes, which is what raw_data
-        # or an external file holds for the same tensor, so the storage form does not matter.
-        from onnx import numpy_helper
-
-        arr = numpy_helper.to_array(init)
-        h.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
-    return h.hexdigest()
-
-
-def refit_plan(engine_artifact: str | os.PathLike, target: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The weights that turn the engine of `engine_artifact` into an engine of `target`, checked.
-
-    Refitting is exact only when the two ONNX graphs differ in nothing but the refit weights: the
-    manifests' I/O, layer modes, dtype, modulation and refit names must agree, the nodes must be
-    identical, and every other initializer must hold the same bytes (the same base model). Returns
-    {refit name: target value}; UserError names the first difference.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    from runtimes.artifact import load_artifact
-
-    src, dst = load_artifact(engine_artifact), load_artifact(target)
-    for key in _COMPARED + ("model",):
-        mine, theirs = src.manifest.get(key), dst.manifest.get(key)
-        if key == "model":  # the preset's name may differ; the architecture may not
-            mine, theirs = (mine or {}).get("config"), (theirs or {}).get("config")
-        if mine != theirs:
-            raise UserError(f"{dst.manifest_path}: {key}: expected the engine artifact's value "
-                            f"({src.manifest_path}) for a refit, found a different one; build a new engine")
-    names = list(dst.manifest.get("refit_names") or [])
-    if not names:
-        raise UserError(f"{dst.manifest_path}: refit_names: expected refittable weights (modulation 'baked' "
-                        f"with a correction), found none")
-    a = onnx.load(str(src.onnx_path), load_external_data=False)
-    b = onnx.load(str(dst.onnx_path), load_external_data=False)
-    if len(a.graph.node) != len(b.graph.node) or any(
-            x.SerializeToString() != y.SerializeToString() for x, y in zip(a.graph.node, b.graph.node)):
-        raise UserError(f"{dst.onnx_path}: graph nodes differ from {src.onnx_path}; a refit cannot change the "
-                        f"graph, build a new engine")
-    ia = {i.name: i for i in a.graph.initializer}
-    ib = {i.name: i for i in b.graph.initializer}
-    if set(ia) != set(ib):
-        diff = sorted(set(ia) ^ set(ib))[:5]
-        raise UserError(f"{dst.onnx_path}: initializers differ from {src.onnx_path} (e.g. {diff}); build a new engine")
-    wanted = set(names)
-    for name in sorted(set(ia) - wanted):
-        if _initializer_digest(ia[name], src.directory) != _initializer_digest(ib[name], dst.directory):
-            raise UserError(f"{dst.onnx_path}: initializer {name!r} differs from {src.onnx_path} but is not a refit "
-                            f"weight (another base model?); build a new engine")
-    out = {}
-    for name in names:
-        init = ib[name]
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            onnx.external_data_helper.load_external_data_for_tensor(init, str(dst.directory))
-        out[name] = numpy_helper.to_array(init)
-        if tuple(ia[name].dims) != out[name].shape:
-            raise UserError(f"{dst.onnx_path}: refit weight {name!r} has shape {list(out[name].shape)}; the engine's "
-                            f"has {list(ia[name].dims)}")
-    return out
-
-
-def refit_for_artifact(directory: str | os.PathLike, engine_artifact: str | os.PathLike) -> dict[str, Any]:
-    """Give `directory` an engine without a rebuild: copy the engine of `engine_artifact` (same graph,
-    same base model, another video), refit it with this artifact's refit weights, list it in the manifest."""
-    import shutil
-
-    from runtimes.artifact import load_artifact
-
-    from ispa_export.build.manifest import update_manifest_files
-
-    directory = Path(directory)
-    weights = refit_plan(engine_artifact, directory)
-    src = load_artifact(engine_artifact, check_onnx=False)
-    engine = src.engine_path()
-    if engine is None or "tensorrt" not in src.manifest:
-        raise UserError(f"{src.manifest_path}: files: expected a TensorRT engine built by `ispa engine`, found none")
-    _trt()
-    tmp = directory / f".{ENGINE}.refit-{os.getpid()}"
-    try:
-        shutil.copyfile(engine, tmp)
-        t0 = time.perf_counter()
-        refit_engine(tmp, weights)
-        seconds = time.perf_counter() - t0
-        os.replace(tmp, directory / ENGINE)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    record = dict(src.manifest["tensorrt"], engine=ENGINE, refitted_from=str(Path(engine_artifact).resolve()),
-                  refit_seconds=round(seconds, 3))
-    record.pop("timing_cache", None)
-    update_manifest_files(directory, [ENGINE], {"tensorrt": record})
     return record

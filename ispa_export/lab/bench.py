@@ -29,17 +29,17 @@ import torch
 
 from graphs.config import WanConfig, preset
 from graphs.wan import Absorption, WanModel
-from runtimes.artifact import ONNX, REPORT
+from runtimes.artifact import ONNX
 from runtimes.buffers import HostBuffers, host_dtype
 from runtimes.driver import Stream
 from runtimes.files import write_json_atomic
 from runtimes.groups import Span, is_cache_name
 from runtimes.schedule import ring_slot
 
-from ispa_export.build.export import export_onnx, graph_feeds, write_artifact
+from ispa_export.build.export import export_onnx
 from ispa_export.flops import step_flops
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions, report, transition
+from ispa_export.build.calibrate import IspaOptions
 from ispa_export.kv import frame_bytes, kv_bytes, layers_for_target, uniform_layout
 from ispa_export.method.monitor import LocalSpan, WarmupMonitor
 from ispa_export.pipeline import resolve_device
@@ -244,7 +244,20 @@ def step_feeds(model: WanModel, capacity: int, history: int, seed: int = 0, fill
     if allocated != expected:
         raise AssertionError(f"stream cache bytes {allocated} != kv_bytes {expected}")
     stream.frame_index = history
-    return graph_feeds(stream, stream.state_arrays(), model, "baked", host_dtype(dtype))
+    return graph_feeds(stream, model, host_dtype(dtype))
+
+
+def graph_feeds(stream: Stream, model: WanModel, np_dtype) -> dict[str, np.ndarray]:
+    """One step's inputs in the graph's contract, taken from a live stream (its caches and masks)."""
+    feeds = stream.feeds(np.zeros(stream.geo.chunk_shape, np.float32), 500.0, 0)
+    state = stream.state_arrays()
+    groups = [g.name for g in stream.geo.groups]
+    feeds.update({k: state[k] for k in ["cross_kv", *groups]})
+    names = ["latents", "timestep", "rope_frame", "cross_kv", *(n for g in groups for n in (g, g + "_mask"))]
+    names += ["pass_kind"] if model.per_pass_kind() else []
+    # timestep and rope_frame stay float32 in every graph: fp16 positions would blur the angles.
+    return {k: feeds[k].astype(np_dtype) if feeds[k].dtype.kind == "f" and k not in ("timestep", "rope_frame")
+            else feeds[k] for k in names}
 
 
 def on_device(model: WanModel, device: str, dtype: torch.dtype) -> WanModel:
@@ -417,29 +430,37 @@ def solve_rows(dims: list[int]) -> list[dict]:
 
 
 def export_section(name: str, out: Path, seed: int = 0) -> tuple[dict, WanModel, WanModel, Path]:
-    """The real path (warmup, solve, bake, write_artifact) on random weights; returns the all-F model,
-    the baked one and the artifact directory (its ONNX is reused for the ONNX Runtime timing)."""
+    """`ispa export`'s path (build with one calibration video, then its absorb) on random weights;
+    returns the all-F model, the deployment's model with the video's corrections and the directory
+    (its ONNX is reused for the ONNX Runtime timing)."""
+    from ispa_export.build.pipeline import Video, build
+    from ispa_export.modulation import with_corrections
+    from ispa_export.video.absorb import complete, write_instance
+    from runtimes.files import atomic_directory, sha256_file
+
     cfg = preset(name)
     torch.manual_seed(seed)
     base = WanModel(cfg).eval()
-    model = copy.deepcopy(base)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(seed))
     opts = IspaOptions(kv_reduction=TARGET, window=cfg.chunk_frames, sink=SINK)
-    t0 = time.perf_counter()
-    stream, monitor, tr = transition(model, ctx, seed, opts)
-    warmup_s = time.perf_counter() - t0
-    rep = dict(report(model, monitor, tr, opts), model=name, context=f"random embeddings (seed {seed})")
     directory = out / f"artifact-{name}"
     t0 = time.perf_counter()
-    manifest = write_artifact(directory, model, stream, rep, preset=name, progress=log)
+    with atomic_directory(directory) as tmp:
+        built = build(base, [Video(ctx, seed, f"random embeddings (seed {seed})")], opts, tmp, preset=name,
+                      modulation="baked", dtype="fp32", log=log, keep_warmups=True)
+        absorbed = complete(built.model, built.layout, built.warmups[0], built.rule, modulation="baked",
+                            dtype="float32")
+        write_instance(absorbed, tmp / "instance", deployment=directory,
+                       deployment_sha256=sha256_file(tmp / "manifest.json"), dtype="float32", context_source="random",
+                       atomic=False)
     write_s = time.perf_counter() - t0
-    files = {k: v["bytes"] for k, v in manifest["files"].items()}
-    files["manifest.json"] = (directory / "manifest.json").stat().st_size
-    onnx_s = json.loads((directory / REPORT).read_text())["export_seconds"]
-    info = {"config": name, "transition_chunk": tr.chunk, "local_layers": tr.layers, "warmup_and_solve_s": warmup_s,
-            "write_artifact_s": write_s, "onnx_export_s": onnx_s, "files": files,
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    baked = with_corrections(built.model, absorbed.corrections)
+    info = {"config": name, "transition_chunk": absorbed.transition_chunk, "local_layers": [i for i, s in enumerate(built.layout) if s is not None],
+            "warmup_and_solve_s": write_s - built.manifest["export_seconds"],
+            "write_artifact_s": write_s, "onnx_export_s": built.manifest["export_seconds"], "files": files,
             "total_bytes": sum(files.values()), "directory": str(directory)}
-    return info, base, model, directory
+    return info, base, baked, directory
 
 
 def real_export(name: str, out: Path, dtype: str = "float16") -> dict:
@@ -484,7 +505,7 @@ def run(plan: dict, out: Path, threads: int, command: str) -> dict:
             checks.append(dict(crosscheck(cfg, ispa_layout(cfg), dtype), config=name))
     res["kv"] = {"rows": kv_rows(), "crosscheck": checks}
     res["growth"] = kv_growth(REAL[0])
-    log(f"export: warmup, solve, bake and write_artifact on {plan['export']}")
+    log(f"export: build (calibration, verdict, trace) and absorb on {plan['export']}")
     res["export"], base, baked, directory = export_section(plan["export"], out)
     if plan.get("real_export"):
         log(f"export: {plan['real_export']} graph, fp16, in a process of its own (minutes, ~12 GB)")

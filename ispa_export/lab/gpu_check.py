@@ -3,9 +3,14 @@
     python3 -m ispa_export.lab.gpu_check --out artifacts/gpu_check                      # cuda, wan2.1-t2v-1.3b
     python3 -m ispa_export.lab.gpu_check --device cpu --model tiny --out /tmp/check     # the same code on a CPU
 
-Random weights of the preset in the warmup's dtype (bf16 on a GPU): the warmup with monitor, solve
-and bake on the device, and the same warmup without the monitor; chunks streamed with the caches on
-the device (wall time, the sum of the passes' graph times, host-device bytes per chunk); the step
+Random weights of the preset in the warmup's dtype (bf16 on a GPU), made on the device in that
+dtype. A build-free absorb, as a deployment runs one per video (ispa_export.video.absorb): the
+deployment's layout is the policy's uniform prior at 50%, every L-layer with a zero correction; its
+memory is planned first (ispa_export.memory: weights, the all-F cache, the L-layers' statistics,
+the activations); then the warmup with the monitor of the L-layers only, the solve and gates, the
+swap into the deployment's PyTorch step (modulation as inputs, the caches handed over on the
+device), the first engine chunk, and the same warmup without the monitor; chunks streamed with the
+caches on the device (wall time, the sum of the passes' graph times, host-device bytes per chunk); the step
 latency of the full and the ISPA layout with every cache slot valid (the attention runs unmasked),
 against their FLOP ratio; peak device memory; the CUDA copy path of ONNX Runtime and TensorRT
 (cuda-python) against numpy; and the device stream's parity with the CPU stream on the demo model.
@@ -32,8 +37,12 @@ from runtimes.files import write_bytes_atomic, write_json_atomic
 from runtimes.groups import Span
 from runtimes.schedule import warped_timesteps
 
-from ispa_export.flops import step_flops
 from ispa_export.build.calibrate import IspaOptions, transition
+from ispa_export.build.pipeline import _with_zero_corrections
+from ispa_export.flops import step_flops
+from ispa_export.method.policy import uniform
+from ispa_export.modulation import torch_inputs
+from ispa_export.video.absorb import CorrectionRule, absorb_budget, complete, warm_up
 from ispa_export.video.torch_runner import TorchRunner, geometry, to_numpy, torch_stream
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,9 +101,15 @@ class GraphTimer:
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
+    """Random weights made on the device in `dtype` (Wan 14B in float32 first would not fit 80 GB)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        return WanModel(preset(name)).eval().cast(dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return WanModel(preset(name)).eval()
+    finally:
+        torch.set_default_dtype(old)
 
 
 def context(cfg, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -102,33 +117,57 @@ def context(cfg, device: torch.device, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, min(cfg.text_len, 16), cfg.text_dim, generator=g).to(device)
 
 
-def warmups(name: str, device: torch.device, dtype: torch.dtype, chunks: int) -> tuple[dict, WanModel, Stream]:
-    """The warmup with monitor, solve and bake (ispa.transition), and the same chunks without the monitor."""
+def absorb_check(name: str, device: torch.device, dtype: torch.dtype, chunks: int) -> tuple[dict, WanModel, Stream]:
+    """A video absorbed into a deployment without a build (its layout: the uniform prior at 50%), as
+    `ispa absorb` runs it, timed stage by stage; then the same warmup without the monitor."""
     sync = Sync(device)
-    model = build(name, device, dtype)
-    ctx = context(model.cfg, device)
-    # One span (window of one chunk, no sink) and no calibration replay: the monitor, solve and bake
-    # that fit one GPU at 1.3B (the calibrated multi-span allocation needs ~118 GiB of statistics there:
-    # monitor.statistics_bytes).
-    opts = IspaOptions(kv_reduction=0.5, window=model.cfg.chunk_frames, sink=0, warmup_chunks=chunks,
-                       calibrate=False)
+    base = build(name, device, dtype)
+    cfg = base.cfg
+    layout = list(uniform(cfg, 0.5, 0).spans)
+    model = _with_zero_corrections(base, [Span(s.sink, s.window) for s in layout], IspaOptions())
+    layout = model.layout
+    rule = CorrectionRule(warmup_chunks=chunks, allowed=tuple(i for i, s in enumerate(layout) if s is not None))
+    ctx = context(cfg, device)
+    need = absorb_budget(model, layout, rule)
+    log(f"memory plan: {need.to_dict()}")
     # One untimed chunk first: CUDA context, cuBLAS/cuDNN handles and kernel selection are not the warmup.
-    torch_stream(model, ctx, 1).run(1)
+    torch_stream(base, ctx, 1).run(1)
     sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    stream, monitor, tr = transition(model, ctx, 0, opts)
+    warm = warm_up(model, layout, ctx, 0, rule, placement=need.placement)
     sync()
     seconds = time.perf_counter() - t0
-    log(f"warmup with monitor + solve + bake: {tr.chunk} chunks in {seconds:.2f} s, {len(tr.layers)} layers local")
-    plain_model = build(name, device, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     t0 = time.perf_counter()
-    torch_stream(plain_model, ctx, 0).run(tr.chunk)
+    absorbed = complete(model, layout, warm, rule, modulation="input", dtype=dtype_name)
+    sync()
+    solve = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stream = absorbed.stream
+    stream.use(TorchRunner(model, device, buffers=stream.buffers), torch_inputs(model, "input", absorbed.modulation))
+    stream.keep_latents, stream.latents = False, []
+    sync()
+    swap = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stream.step()
+    sync()
+    first = time.perf_counter() - t0
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    n_local = sum(s is not None for s in layout)
+    log(f"absorb: warmup {warm.chunk} chunks with the monitor of {n_local} L-layers {seconds:.2f} s, solve + gates + "
+        f"cut {solve:.3f} s, swap {swap:.3f} s, first engine chunk {first:.3f} s, peak {peak} bytes")
+    t0 = time.perf_counter()
+    torch_stream(base, ctx, 0).run(warm.chunk)
     sync()
     plain = time.perf_counter() - t0
-    del plain_model
-    log(f"the same {tr.chunk} chunks without the monitor: {plain:.2f} s")
-    return ({"warmup_seconds": seconds, "plain_warmup_seconds": plain, "warmup_chunks": tr.chunk,
-             "local_layers": tr.layers, "transition_reason": tr.reason}, model, stream)
+    log(f"the same {warm.chunk} chunks without the monitor: {plain:.2f} s")
+    return ({"warmup_seconds": seconds, "plain_warmup_seconds": plain, "warmup_chunks": warm.chunk,
+             "solve_seconds": solve, "swap_seconds": swap, "first_engine_chunk_seconds": first,
+             "stall_seconds": solve + swap, "absorb_peak_device_bytes": peak, "memory_plan": need.to_dict(),
+             "local_layers": [i for i, s in enumerate(layout) if s is not None],
+             "kept_corrections": absorbed.report["kept_corrections"], "transition_reason": warm.reason}, model, stream)
 
 
 def stream_chunks(model: WanModel, stream: Stream, chunks: int, device: torch.device) -> dict:
@@ -242,7 +281,7 @@ def parity(device: torch.device, chunks: int) -> dict:
     """The demo model's handoff stream continued on the device and on the CPU (fp32, TF32 off): max
     relative difference of the latents."""
     from ispa_export.demo import demo_context
-    from ispa_export.pipeline import load_model
+    from ispa_export.models import load_model
 
     _, model = load_model("demo")
     stream, _, _ = transition(model, demo_context(), 0, IspaOptions())
@@ -272,9 +311,17 @@ def markdown(r: dict) -> str:
     lines = [f"# gpu-check on {r['device']}", "",
              f"{r['model']} ({r['dtype']}, random weights), torch {r['versions']['torch']}", "",
              "| what | measured |", "|---|---|",
-             f"| warmup with monitor + solve + bake ({r['warmup_chunks']} chunks) | {r['warmup_seconds']:.2f} s |",
+             f"| absorb memory plan (device / host) | {r['memory_plan']['device']:,} / {r['memory_plan']['host']:,} "
+             f"bytes (statistics {r['memory_plan']['partial_dtype']} partials, totals "
+             f"{r['memory_plan']['totals_device']}) |",
+             f"| absorb warmup with the monitor of the L-layers ({r['warmup_chunks']} chunks) | "
+             f"{r['warmup_seconds']:.2f} s |",
              f"| the same chunks without the monitor | {r['plain_warmup_seconds']:.2f} s "
-             f"({r['warmup_seconds'] / r['plain_warmup_seconds']:.2f}x) |",
+             f"(monitor overhead {r['warmup_seconds'] / r['plain_warmup_seconds']:.2f}x) |",
+             f"| solve + gates + cut, swap (the stall) | {r['solve_seconds']:.3f} s + {r['swap_seconds']:.3f} s = "
+             f"{r['stall_seconds']:.3f} s |",
+             f"| first engine chunk | {r['first_engine_chunk_seconds']:.3f} s |",
+             f"| absorb peak device memory | {'n/a (CPU)' if r['absorb_peak_device_bytes'] is None else format(r['absorb_peak_device_bytes'], ',')} bytes |",
              f"| streaming chunk, median wall | {1e3 * np.median(r['chunk_seconds'][1:] or r['chunk_seconds']):.1f} ms |",
              f"| same, sum of its passes' graph times | "
              f"{1e3 * np.median(r['graph_seconds_per_chunk'][1:] or r['graph_seconds_per_chunk']):.1f} ms "
@@ -326,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"device": name, "model": args.model, "dtype": dtype_name,
                     "versions": {"torch": torch.__version__, "numpy": np.__version__, "cuda": torch.version.cuda}}
     log(f"{args.model} on {name}, {dtype_name}")
-    warm, model, stream = warmups(args.model, device, dtype, args.warmup_chunks)
+    warm, model, stream = absorb_check(args.model, device, dtype, args.warmup_chunks)
     result.update(warm)
     result.update(stream_chunks(model, stream, args.chunks, device))
     log(f"streamed {args.chunks} chunks: median {1e3 * np.median(result['chunk_seconds'][1:]):.1f} ms, "
