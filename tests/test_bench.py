@@ -86,7 +86,7 @@ def test_quick_bytes_are_exact(quick):
     g = res["growth"]
     assert g["full"][-1] == g["allocated_full"] and g["ispa_latest"][-1] == g["allocated_ispa"] == row["ispa_bytes"]
     files = res["export"]["files"]
-    assert {"model.onnx", "state.safetensors", "manifest.json", "report.json"} <= set(files)
+    assert {"model.onnx", "manifest.json", "instance/instance.safetensors", "instance/report.json"} <= set(files)
     for name, size in files.items():
         assert (out / "artifact-demo" / name).stat().st_size == size
 

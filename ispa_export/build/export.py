@@ -14,6 +14,7 @@ import io
 import logging
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -106,7 +107,10 @@ def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        # ... and torch.export raises deprecation FutureWarnings of its own internals: not the user's.
+        with torch.no_grad(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (), kwargs=kwargs, output_names=outputs, dynamo=True, optimize=True,
                                         verbose=False)
     finally:

@@ -42,7 +42,7 @@ from ispa_export.errors import UserError
 from ispa_export.build.calibrate import IspaOptions
 from ispa_export.kv import frame_bytes, kv_bytes, layers_for_target, uniform_layout
 from ispa_export.method.monitor import LocalSpan, WarmupMonitor
-from ispa_export.pipeline import resolve_device
+from ispa_export.models import resolve_device
 from ispa_export.method.solver import solve_timing
 from ispa_export.video.torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
 from ispa_export.lab.bench_report import markdown, plots

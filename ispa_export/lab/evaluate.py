@@ -343,7 +343,7 @@ def load(name: str, random_weights: bool = False, seed: int = 0,
     (with its sha256) was loaded, if any."""
     import hashlib
 
-    from ispa_export.pipeline import DATA, get_preset, load_context, load_model
+    from ispa_export.models import DATA, get_preset, load_context, load_model
 
     if random_weights:
         torch.manual_seed(seed)
@@ -373,7 +373,7 @@ def main(args) -> int:
 def on_device(model: WanModel, args) -> tuple[WanModel, int]:
     """The model on --device, and the parallel seed jobs: forked workers share one CPU model, a GPU
     runs the seeds one after another in this process."""
-    from ispa_export.pipeline import resolve_device
+    from ispa_export.models import resolve_device
 
     device = resolve_device(getattr(args, "device", None))
     jobs = getattr(args, "jobs", None) or os.cpu_count() or 1
