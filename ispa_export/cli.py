@@ -194,7 +194,8 @@ def _model(args):
     if args.modulation not in ("input", "baked"):
         raise UserError(f"--modulation: expected 'input' or 'baked', got {args.modulation!r}")
     device = resolve_device(args.device)
-    name, model = load_model(args.model, args.checkpoint, args.config, getattr(args, "seed", 0))
+    # A preset without weights gets random ones of seed 0: the deployment's, whatever video comes.
+    name, model = load_model(args.model, args.checkpoint, args.config, 0)
     return name, model.to(device).cast(warmup_dtype(device, args.dtype)), device
 
 
@@ -328,9 +329,7 @@ def cmd_run(args) -> int:
     argv += ["--instance", str(args.instance)] if args.instance else []
     if args.backend in ("ort", "trt"):
         argv += ["--backend", args.backend] + (["--engine", args.engine] if args.engine else [])
-        code = rt.main(argv)
-        if code:
-            raise SystemExit(code)
+        rt.generate(rt.parser().parse_args(argv))
         return 0
     if args.backend != "torch":
         raise UserError(f"--backend: expected torch, ort or trt, got {args.backend!r}")
