@@ -136,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("verify", help="parity of the exported graph with the golden PyTorch step")
     f.add_argument("deployment", metavar="DEPLOY")
     f.add_argument("--trt", action="store_true", help="compare TensorRT against ONNX Runtime as well")
+    f.add_argument("--instance", metavar="INSTANCE", help="check a video instead of the golden step: its next pass "
+                   "with its own caches and modulation, PyTorch run now against the engines")
     return p
 
 
@@ -377,7 +379,7 @@ def cmd_engine(args) -> int:
 
 def cmd_verify(args) -> int:
     from ispa_export.build.verify import verify
-    return verify(Path(args.deployment), trt=args.trt)
+    return verify(Path(args.deployment), trt=args.trt, instance=args.instance)
 
 
 COMMANDS = {"build": cmd_build, "absorb": cmd_absorb, "export": cmd_export, "run": cmd_run, "inspect": cmd_inspect,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -86,8 +86,19 @@ def _read_record(directory: Path) -> dict[str, Any]:
     for key in ("deployment_manifest_sha256", "files", "seed"):
         if key not in record:
             raise _fail(path, key, "a field written by `ispa absorb`", "no such field")
-    if not isinstance(record["files"], dict) or INSTANCE_STATE not in record["files"]:
-        raise _fail(path, "files", f"an entry for {INSTANCE_STATE!r}", _one_line(record["files"], 200))
+    seed = record["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _fail(path, "seed", "a non-negative integer", _one_line(repr(seed), 60))
+    files = record["files"]
+    if not isinstance(files, dict) or INSTANCE_STATE not in files:
+        raise _fail(path, "files", f"an object with an entry for {INSTANCE_STATE!r}", _one_line(files, 200))
+    for name, entry in files.items():
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or name in ("", INSTANCE_JSON) or "\\" in name:
+            raise _fail(path, "files", "relative paths inside the instance (instance.json excluded)", repr(name))
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or \
+                not isinstance(entry.get("sha256"), str):
+            raise _fail(path, f"files[{name!r}]", "an object {sha256, bytes}", _one_line(entry, 120))
     return record
 
 

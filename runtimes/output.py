@@ -151,8 +151,14 @@ class RunDir:
             tmp.unlink(missing_ok=True)
             _release_reserve(out)
             need = int(np.prod(shape)) * 4
-            raise RunError(f"--out {out}: expected room for {FRAMES} ({need:,} bytes, the whole run), found "
-                           f"{os.strerror(e.errno) if e.errno else e}") from None
+            free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+            message = (f"--out {out}: expected room for {FRAMES} ({need + RESERVE_BYTES:,} bytes: the whole run "
+                       f"and run.json's reserve), found {free:,} bytes free ({os.strerror(e.errno) if e.errno else e})")
+            # run.json already stopped vouching for an older run's frames: it says why this one did not start,
+            # so that OUT takes a run that fits.
+            record.update(status="failed", error=message)
+            write_json_atomic(out / RECORD, record)
+            raise RunError(message) from None
         frames.write(0, state_frames)
         os.replace(tmp, out / FRAMES)
         frames.path = out / FRAMES

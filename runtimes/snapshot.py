@@ -10,6 +10,8 @@ one run.json still points to; numpy and safetensors only.
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,19 @@ def snapshot_name(chunks_done: int) -> str:
 def save_snapshot(directory: Path, arrays: dict[str, np.ndarray], chunks_done: int, identity: str) -> dict[str, Any]:
     """Writes the snapshot atomically and returns its run.json record (file, sha256, chunks_done,
     identity: the deployment's manifest sha256 and the instance's, joined by ':')."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     name = snapshot_name(chunks_done)
     meta = {"format": FORMAT, "chunks_done": str(chunks_done), "identity": identity}
     with atomic_path(directory / name) as tmp:
         # asarray, not ascontiguousarray: that one turns the 0-d counters into 1-d arrays
-        save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(tmp), metadata=meta)
+        try:
+            save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(tmp), metadata=meta)
+        except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error type
+            full = "space" in str(e).lower()
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(e),
+                          str(directory / name)) from None
     return {"file": name, "sha256": sha256_file(directory / name), "chunks_done": chunks_done, "identity": identity}
 
 

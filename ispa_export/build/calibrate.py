@@ -1,10 +1,14 @@
-"""Warmup, transition and bake: measure in full attention, let the policy allocate, absorb, switch.
+"""Calibration warmups: measure in full attention, let the policy choose the layout.
 
-`transition(...)` runs the warmup with the multi-span monitor attached (monitor.SpanMonitors), ends
-it by the policy's rule, calibrates the predicted loss on the warmup frames (calibration.py),
-allocates spans under the KV byte target (policy.allocate), folds the corrections that pay into
-the model and cuts the caches. The model and stream it returns carry on generating; export and
-evaluation take them as they are. The decisions themselves live in policy.py.
+A calibration warmup (`_warm`) runs with every candidate span measured on every layer
+(monitor.SpanMonitors) and ends by the policy's rule; `_measure` calibrates its predicted losses on
+its own frames (calibration.py). `calibrate` pools several such warmups and lets the policy choose
+one layout for every video (policy.select over all their chains at once): the build's decision.
+`output_gate` judges kept corrections on a warmup's frames (the build's verdict).
+
+`plan`/`transition` are the same for one video alone, deciding and baking in process: the
+evaluation's "each video its own layout" (ispa_export.lab). A deployment's videos are absorbed by
+video.absorb instead. The decisions themselves live in policy.py.
 """
 from __future__ import annotations
 

@@ -386,6 +386,9 @@ def _run_ort(art, feeds: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarr
 
     try:
         runner = OrtRunner(art.onnx_path, providers=["CPUExecutionProvider"], copy_outputs=True)
+        for name in runner.engine.overridable & set(feeds):  # a baked graph's constants, as a video binds them
+            runner.buffers.allocate(name, feeds[name].shape, feeds[name].dtype.name)
+            runner.buffers.upload(name, feeds[name])
         return "onnxrt", runner.run(feeds)
     except Exception as e:  # onnxruntime's own exceptions (e.g. a kernel missing for a dtype on the CPU)
         why = " ".join(str(e).split())
@@ -417,13 +420,56 @@ def _quiet_polygraphy():
         yield
 
 
-def verify(directory: Path, trt: bool = False, *, atol: float | None = None, rtol: float | None = None) -> int:
-    """Compare ONNX Runtime (CPU), and with trt=True TensorRT, against the golden PyTorch outputs.
+def instance_step(art, directory: Path, kv_tokens: int = KV_TOKENS) -> tuple[dict[str, np.ndarray], Golden]:
+    """The next pass of a video (its instance's caches, text K/V and modulation; the first denoising
+    pass of its next chunk) and the PyTorch outputs of it, now: what `verify --instance` checks the
+    engine against, the swap of that video's modulation included."""
+    import torch
+
+    from graphs.config import WanConfig
+    from runtimes.buffers import host_dtype
+    from runtimes.instance import load_instance
+    from runtimes.schedule import chunk_noise, frame_rope
+
+    from ispa_export.models import BAKED, load_baked
+    from ispa_export.modulation import absorptions_from, torch_inputs, with_corrections
+    from ispa_export.video.torch_runner import TORCH_DTYPES
+
+    inst = load_instance(directory, art)
+    geo, state = art.geometry, inst.state
+    chunk, start = int(state["chunk"]), int(state["frame_index"])
+    feeds = {"latents": chunk_noise(inst.seed, chunk, 0, geo.chunk_shape).astype(host_dtype(geo.dtype)),
+             "timestep": np.full((geo.batch,), geo.timesteps[0], dtype=np.float32),
+             "rope_frame": frame_rope(start, geo.chunk_frames, geo.rope_pairs, geo.rope_theta),
+             "cross_kv": state["cross_kv"]}
+    if "pass_kind" in art.inputs:
+        feeds["pass_kind"] = np.array(0, dtype=np.int64)
+    for g in geo.groups:
+        feeds[g.name], feeds[g.name + "_mask"] = state[g.name], state[g.name + "_frames"] >= 0
+    cfg = WanConfig.from_dict(art.manifest["model"]["config"])
+    model = load_baked(cfg, art.directory / BAKED).cast(TORCH_DTYPES[geo.dtype])
+    inputs = torch_inputs(model, art.modulation, inst.constants)
+    torch_feeds = dict(feeds)
+    if inputs is None:
+        model = with_corrections(model, absorptions_from(model, inst.constants))
+    else:
+        torch_feeds.update(inputs)
+    with torch.no_grad():
+        outputs = golden_outputs(model, torch_feeds)
+    feeds.update(inst.constants)
+    kv = kv_token_slice(next((o.shape[KV_AXIS] for n, o in outputs.items() if is_new_kv_name(n)), 1), kv_tokens)
+    return feeds, Golden(inst.directory, {}, slice_outputs(outputs, kv), kv, {"kv_slice": f"{kv.start}:{kv.stop}:{kv.step}"})
+
+
+def verify(directory: Path, trt: bool = False, *, instance: Path | None = None, atol: float | None = None,
+           rtol: float | None = None) -> int:
+    """Compare ONNX Runtime (CPU), and with trt=True TensorRT, against the golden PyTorch outputs; with
+    `instance`, against PyTorch run now on that video's next pass (its caches and modulation).
 
     Prints one line per backend and output. Returns 0 when every output is within tolerance, 1
     otherwise. `atol`/`rtol` replace the per-dtype defaults (TOLERANCES) for every backend. User
-    errors (a missing or broken artifact or golden file, TensorRT not installed) raise UserError /
-    ArtifactError.
+    errors (a missing or broken artifact, golden file or instance, TensorRT not installed) raise
+    UserError / ArtifactError.
     """
     from runtimes.artifact import load_artifact
 
@@ -441,7 +487,7 @@ def verify(directory: Path, trt: bool = False, *, atol: float | None = None, rto
     directory = Path(directory)
     art = load_artifact(directory, check_onnx=True)
     dtype = art.manifest.get("dtype", art.geometry.dtype)
-    feeds, golden = load_golden(art)
+    feeds, golden = load_golden(art) if instance is None else instance_step(art, Path(instance))
 
     def tol(backend: str) -> tuple[float, float]:
         a, r = tolerances(dtype, backend)
@@ -478,7 +524,8 @@ def verify(directory: Path, trt: bool = False, *, atol: float | None = None, rto
 
     where = f"engine {engine}" if engine is not None else "CPU"
     kv = golden.metadata["kv_slice"]
-    print(f"verify {directory}: {dtype} graph vs PyTorch golden outputs ({golden.path.name}; new K/V tokens "
+    what = "golden outputs" if instance is None else "outputs on the video's next pass, run now"
+    print(f"verify {directory}: {dtype} graph vs PyTorch {what} ({golden.path.name}; new K/V tokens "
           f"{kv} of axis {KV_AXIS}; elementwise: an element fails where it exceeds both atol and rtol; "
           f"TensorRT: {where if trt else 'not run'})")
     print(f"{'backend':<10} {'output':<14} {'max abs err':>12} {'max rel err':>12} {'atol':>8} {'rtol':>8}  result")
