@@ -504,7 +504,7 @@ def test_deployment_refusals_name_file_field_and_expectation(art, case, expect):
     ("no_deployment_hash", "instance.json: deployment_manifest_sha256: expected a field written by `ispa absorb`"),
     ("other_deployment", "instance.json: deployment_manifest_sha256: expected {mine} ({manifest}), found {zeros} "
                          "(an instance absorbed into another deployment"),
-    ("unlisted_state", "instance.json: files: expected an entry for 'instance.safetensors'"),
+    ("unlisted_state", "instance.json: files: expected an object with an entry for 'instance.safetensors'"),
     ("missing_state", "instance.safetensors: expected the file listed in instance.json, found no such file"),
     ("state_size", "instance.safetensors: size: expected "),
     ("state_checksum", "instance.safetensors: sha256: expected "),
@@ -524,7 +524,7 @@ def test_deployment_refusals_name_file_field_and_expectation(art, case, expect):
     ("modulation_shape", "instance.safetensors: tensor 'blocks.1.self_attn.o.weight_t': expected float32[64, 64] "
                          "(from the deployment's manifest.json), found float32[64, 63]"),
     ("seed", "instance.safetensors: tensor 'seed': expected 8 (instance.json seed), found 7"),
-    ("negative_seed", "instance.safetensors: tensor 'seed': expected a non-negative integer, found -1"),
+    ("negative_seed", "instance.json: seed: expected a non-negative integer, found -1"),
 ])
 def test_instance_refusals_name_file_field_and_expectation(art, case, expect):
     inst = art.instance
