@@ -1,0 +1,389 @@
+"""Wan2.1 VAE decode, streamed chunk by chunk with the causal-conv caches carried over, and its export.
+
+diffusers' `AutoencoderKLWan._decode` already decodes one latent frame at a time: each causal conv
+keeps its last two input frames in `feat_cache[idx]` (idx counts the cached convs in call order), so
+the whole-video decode is a stream of one-frame steps. It has no public call for that stream, so
+`StreamingDecoder` keeps the cache list itself around `post_quant_conv` + `decoder` and calls the
+decoder per latent frame exactly as `_decode` does: its output equals `vae.decode` bitwise.
+
+diffusers' caches start as None and change shape: a conv's cache holds 1 frame after the first
+latent frame and 2 afterwards, and a temporal upsampler's holds the marker "Rep" after the first
+frame (which it passes through un-upsampled: 1 latent frame gives 1 pixel frame at the start of the
+video, 4 afterwards). A static graph needs fixed shapes, so after the first frame every cache is
+made [B, C, 2, h, w]: a missing frame and "Rep" become zeros. That is exact, not an approximation:
+diffusers zero-pads a causal conv's missing frames (and "Rep" means "pad with zeros"), so the conv
+sees the same numbers. The same fixed-shape path runs eagerly and in the exported graphs.
+
+The export writes two static graphs (`decoder_first.onnx`: a chunk from empty caches;
+`decoder_next.onnx`: a chunk from carried caches) and a record the torch-free
+`runtimes.decoder.StreamDecoder` runs them from.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+import torch
+from torch import nn
+
+from runtimes.files import atomic_path, file_record, write_json_atomic
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+
+# Record format of an exported decoder, and the names the runtime binds.
+FORMAT = "ispa-wan-vae-decoder"
+FORMAT_VERSION = 1
+RECORD = "decoder.json"
+FIRST, NEXT = "decoder_first.onnx", "decoder_next.onnx"
+LATENTS, PIXELS = "latents", "pixels"
+CACHE_FRAMES = 2  # diffusers' CACHE_T: a causal conv with a 3-frame kernel keeps its last 2 input frames
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def cache_name(i: int) -> str:
+    return f"cache_{i:02d}"
+
+
+def new_cache_name(i: int) -> str:
+    return f"new_cache_{i:02d}"
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def _vae_dir(directory: Path) -> Path:
+    """`directory/vae` for a Wan diffusers root, else `directory` itself (the vae folder)."""
+    return directory / "vae" if (directory / "vae").is_dir() else directory
+
+
+def load_vae(directory: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
+    """The `AutoencoderKLWan` of a Wan diffusers root (its `vae/`) or of a vae folder; local safetensors only."""
+    from diffusers import AutoencoderKLWan
+
+    root = _vae_dir(Path(directory))
+    config = root / "config.json"
+    if not config.is_file():
+        raise UserError(f"{config}: file: expected the VAE's config (a Wan diffusers root with vae/, or the vae "
+                        f"folder), found none")
+    try:
+        fields = json.loads(config.read_text())
+    except ValueError as e:
+        raise UserError(f"{config}: not JSON ({e})") from None
+    if fields.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+        raise UserError(f"{config}: _class_name: expected 'AutoencoderKLWan', found {fields['_class_name']!r}")
+    weights = [root / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")]
+    if not any(w.is_file() for w in weights):
+        raise UserError(f"{weights[0]}: file: expected the VAE's safetensors weights, found none")
+    try:
+        vae = AutoencoderKLWan.from_pretrained(root, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{root}: not a loadable AutoencoderKLWan ({' '.join(str(e).split())[:300]})") from None
+    vae.to(device).eval().requires_grad_(False)
+    vae.config_path = str(config)  # for one-line refusals that name the file
+    return vae
+
+
+def check_vae(vae: nn.Module, latent_channels: int) -> None:
+    """Refuse a VAE that does not decode the DiT's latents, or one this streaming decoder does not handle."""
+    where = getattr(vae, "config_path", "vae/config.json")
+    cfg = vae.config
+    if cfg.z_dim != latent_channels:
+        raise UserError(f"{where}: z_dim: expected {latent_channels} (the DiT's in_dim), found {cfg.z_dim}")
+    for field in ("latents_mean", "latents_std"):
+        if len(cfg[field]) != cfg.z_dim:
+            raise UserError(f"{where}: {field}: expected {cfg.z_dim} values (z_dim), found {len(cfg[field])}")
+    # The Wan2.2 VAE (residual up-blocks, patchified 48-channel latents) has another cache protocol.
+    if cfg.get("is_residual", False):
+        raise UserError(f"{where}: is_residual: expected false (the Wan2.1 VAE), found true")
+    if cfg.get("patch_size") is not None:
+        raise UserError(f"{where}: patch_size: expected null (the Wan2.1 VAE), found {cfg['patch_size']}")
+
+
+# -- normalisation ------------------------------------------------------------------------------
+
+def latent_stats(vae: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents_mean, 1/latents_std) [1, z, 1, 1, 1] as WanPipeline makes them: cast to the VAE's dtype
+    first, then the reciprocal in that dtype (so fp16 rounds exactly as the pipeline does)."""
+    cfg = vae.config
+    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
+    return mean, inv_std
+
+
+def unnormalise(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """WanPipeline's `latents / latents_std + latents_mean` (its latents_std is 1/std), in the VAE's dtype."""
+    z = z.to(vae.dtype)
+    mean, inv_std = latent_stats(vae, z.dtype, z.device)
+    return z / inv_std + mean
+
+
+# -- the fixed-shape cache protocol ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One causal conv's cache: its position in diffusers' feat_cache list, its module, its shape."""
+
+    index: int
+    module: str
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return cache_name(self.index)
+
+    @property
+    def new_name(self) -> str:
+        return new_cache_name(self.index)
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_modules(decoder: nn.Module) -> list[str]:
+    """The decoder's cached convs in feat_idx order (the order WanDecoder3d.forward consumes them)."""
+    names = ["decoder.conv_in"]
+    for i, _ in enumerate(decoder.mid_block.resnets):
+        names += [f"decoder.mid_block.resnets.{i}.conv1", f"decoder.mid_block.resnets.{i}.conv2"]
+    for j, block in enumerate(decoder.up_blocks):
+        for k, _ in enumerate(block.resnets):
+            names += [f"decoder.up_blocks.{j}.resnets.{k}.conv1", f"decoder.up_blocks.{j}.resnets.{k}.conv2"]
+        if block.upsamplers is not None and block.upsamplers[0].mode == "upsample3d":
+            names.append(f"decoder.up_blocks.{j}.upsamplers.0.time_conv")
+    names.append("decoder.conv_out")
+    return names
+
+
+def _fill(cache: Any, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A first-frame cache (None, "Rep" or 1 frame) as the fixed 2-frame cache that decodes the same."""
+    if isinstance(cache, torch.Tensor):
+        if cache.shape[2] == CACHE_FRAMES:
+            return cache
+        pad = torch.zeros(*cache.shape[:2], CACHE_FRAMES - cache.shape[2], *cache.shape[3:],
+                          dtype=cache.dtype, device=cache.device)
+        return torch.cat([pad, cache], 2)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def decode_frames(vae: nn.Module, x: torch.Tensor, caches: list[torch.Tensor] | None,
+                  specs: list[CacheSpec]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Decode post-quant latents x [B, z, f, h, w] frame by frame, as AutoencoderKLWan._decode does.
+
+    `caches` None means the start of the video (its first frame takes diffusers' first-chunk path);
+    returns the unclamped pixels and the fixed-shape caches after the last frame."""
+    outs = []
+    for i in range(x.shape[2]):
+        frame = x[:, :, i:i + 1]
+        if caches is None:
+            feat: list[Any] = [None] * len(specs)
+            idx = [0]
+            outs.append(vae.decoder(frame, feat_cache=feat, feat_idx=idx, first_chunk=True))
+            caches = [_fill(c, s.shape, frame) for c, s in zip(feat, specs)]
+        else:
+            feat, idx = list(caches), [0]
+            outs.append(vae.decoder(frame, feat_cache=feat, feat_idx=idx))
+            caches = feat
+        if idx[0] != len(specs):
+            raise RuntimeError(f"the decoder used {idx[0]} caches, expected {len(specs)}: another cache protocol")
+    return torch.cat(outs, 2), caches
+
+
+def cache_specs(vae_or_config: Any, batch: int, latent_height: int, latent_width: int) -> list[CacheSpec]:
+    """Every cache's fixed shape for latents [batch, z, *, latent_height, latent_width], found by decoding
+    two frames on the meta device (no memory, no weights needed)."""
+    from diffusers import AutoencoderKLWan
+
+    config = getattr(vae_or_config, "config", vae_or_config)
+    with torch.device("meta"):
+        meta = AutoencoderKLWan.from_config(dict(config))
+    x = torch.zeros(batch, config["z_dim"], 2, latent_height, latent_width, device="meta")
+    modules = cache_modules(meta.decoder)
+    placeholder = [CacheSpec(i, m, ()) for i, m in enumerate(modules)]
+    feat: list[Any] = [None] * len(modules)
+    with torch.no_grad():
+        for i, first in ((0, True), (1, False)):  # after the second frame every cache is at full size
+            idx = [0]
+            meta.decoder(x[:, :, i:i + 1], feat_cache=feat, feat_idx=idx, first_chunk=first)
+            if idx[0] != len(placeholder):
+                raise RuntimeError(f"the decoder used {idx[0]} caches, expected {len(placeholder)}")
+    return [CacheSpec(i, m, tuple(c.shape)) for i, (m, c) in enumerate(zip(modules, feat))]
+
+
+def pixel_frames(chunk_frames: int, first: bool, temporal: int = 4) -> int:
+    """Pixel frames from one chunk: the video's first latent frame gives 1, every other `temporal`."""
+    return 1 + temporal * (chunk_frames - 1) if first else temporal * chunk_frames
+
+
+# -- streaming in PyTorch -----------------------------------------------------------------------
+
+class StreamingDecoder:
+    """Decodes a video chunk by chunk, the causal-conv caches carried over; equals `vae.decode` of the
+    whole video bitwise (CPU fp32), whatever the chunk sizes.
+
+        dec = StreamingDecoder(vae)
+        for z in chunks:                  # normalised latents [B, z_dim, f, h, w], as the DiT makes them
+            pixels = dec.decode_chunk(z)  # [B, 3, 1 + 4(f-1) or 4f, 8h, 8w] in [-1, 1]
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        self.vae = vae
+        self.caches: list[torch.Tensor] | None = None
+        self.latent_frames = 0
+        self._specs: dict[tuple[int, int, int], list[CacheSpec]] = {}
+
+    def reset(self) -> None:
+        """Start a new video: the next chunk is decoded from empty caches."""
+        self.caches, self.latent_frames = None, 0
+
+    def specs(self, batch: int, latent_height: int, latent_width: int) -> list[CacheSpec]:
+        key = (batch, latent_height, latent_width)
+        if key not in self._specs:  # found once per size, not per video
+            self._specs[key] = cache_specs(self.vae, *key)
+        return self._specs[key]
+
+    @torch.no_grad()
+    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        b, _, f, h, w = z.shape
+        if self.caches is not None and (self.caches[0].shape[0], *self.caches[0].shape[3:]) != (b, h, w):
+            raise ValueError(f"chunk latents {list(z.shape)}: batch or size differs from the stream's first chunk")
+        x = self.vae.post_quant_conv(unnormalise(self.vae, z))
+        out, self.caches = decode_frames(self.vae, x, self.caches, self.specs(b, h, w))
+        self.latent_frames += f
+        return torch.clamp(out, min=-1.0, max=1.0)
+
+    def cache_bytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.caches or [])
+
+
+# -- export -------------------------------------------------------------------------------------
+
+class _ChunkGraph(nn.Module):
+    """One chunk of `frames` normalised latents -> clamped pixels and every cache; `first` starts from
+    empty caches (no cache inputs), otherwise the caches are inputs. The un-normalisation is inside,
+    with WanPipeline's constants in the graph's dtype, so the graph eats the DiT's latents as they are."""
+
+    def __init__(self, vae: nn.Module, specs: list[CacheSpec], first: bool) -> None:
+        super().__init__()
+        self.vae, self.specs, self.first = vae, specs, first
+        mean, inv_std = latent_stats(vae, vae.dtype)
+        self.register_buffer("latents_mean", mean)
+        self.register_buffer("latents_inv_std", inv_std)
+
+    def forward(self, latents: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.vae.post_quant_conv(latents / self.latents_inv_std + self.latents_mean)
+        out, new = decode_frames(self.vae, x, None if self.first else list(caches), self.specs)
+        return (torch.clamp(out, min=-1.0, max=1.0), *new)
+
+
+def _io(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    def spec(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "shape": [d.dim_value for d in t.shape.dim],
+                "dtype": _ONNX_DTYPES.get(t.elem_type, onnx.TensorProto.DataType.Name(t.elem_type))}
+
+    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
+
+
+def _outputs_from_nodes(proto: onnx.ModelProto) -> None:
+    """Give every graph output a producing node. With one-frame chunks the temporal upsamplers' caches
+    after the video's first frame are constant zeros, which the optimiser turns into initializers that
+    are graph outputs. ONNX Runtime copes (tested), but an output that is a weight is a corner TensorRT
+    and other tools handle least well, so each such output becomes an Identity of the weight."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    for out in proto.graph.output:
+        if out.name in inits:
+            inits[out.name].name = value = out.name + "_value"
+            for node in proto.graph.node:
+                node.input[:] = [value if n == out.name else n for n in node.input]
+            proto.graph.node.append(onnx.helper.make_node("Identity", [value], [out.name]))
+
+
+def _export_graph(graph: _ChunkGraph, args: tuple[torch.Tensor, ...], input_names: list[str],
+                  output_names: list[str], path: Path) -> onnx.ModelProto:
+    log = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(log):
+        program = torch.onnx.export(graph, args, input_names=input_names, output_names=output_names,
+                                    dynamo=True, optimize=True, verbose=False)
+    proto = program.model_proto
+    _outputs_from_nodes(proto)
+    got = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
+    if got != (input_names, output_names):
+        raise RuntimeError(f"{path.name}: exported I/O {got} is not the contract {(input_names, output_names)}")
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return proto
+
+
+def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_width: int, chunk_frames: int,
+                   dtype: str, out_dir: str | Path, check_tensorrt: bool = True) -> dict[str, Any]:
+    """Write `decoder_first.onnx`, `decoder_next.onnx` and their record `decoder.json` into `out_dir`.
+
+    Each file is written atomically, the record last: it holds the sha256 of both graphs, so a crash
+    part-way leaves no record, or an old one whose checksums the runtime refuses. Returns the record.
+    """
+    from .build.trt_support import check_onnx_for_tensorrt
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if chunk_frames < 1:
+        raise UserError(f"chunk_frames: expected at least 1, got {chunk_frames}")
+    check_vae(vae, vae.config.z_dim)
+    torch_dtype = DTYPES[dtype]
+    out_dir = Path(out_dir)
+    if vae.dtype != torch_dtype or vae.device.type != "cpu":
+        # Traced on the CPU (the graph does not depend on the device), on a copy: the caller's VAE stays as it is.
+        vae = copy.deepcopy(vae).to("cpu", torch_dtype)
+    specs = cache_specs(vae, batch, latent_height, latent_width)
+    cfg = vae.config
+    latents = torch.zeros(batch, cfg.z_dim, chunk_frames, latent_height, latent_width, dtype=torch_dtype)
+    caches = [torch.zeros(s.shape, dtype=torch_dtype) for s in specs]
+    cache_in, cache_out = [s.name for s in specs], [s.new_name for s in specs]
+    graphs = {}
+    for file, first in ((FIRST, True), (NEXT, False)):
+        graph = _ChunkGraph(vae, specs, first).eval()
+        args = (latents,) if first else (latents, *caches)
+        names = [LATENTS] if first else [LATENTS, *cache_in]
+        proto = _export_graph(graph, args, names, [PIXELS, *cache_out], out_dir / file)
+        inputs, outputs = _io(proto)
+        problems = check_onnx_for_tensorrt(proto) if check_tensorrt else []
+        graphs["first" if first else "next"] = {"file": file, "inputs": inputs, "outputs": outputs,
+                                                "tensorrt_problems": problems}
+        del proto
+    item = torch.empty((), dtype=torch_dtype).element_size()
+    spatial = 2 ** sum(1 for b in vae.decoder.up_blocks if b.upsamplers is not None)
+    temporal = 2 ** sum(bool(t) for t in vae.temperal_upsample)
+    record = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "dtype": dtype, "batch": batch, "latent_channels": cfg.z_dim,
+        "latent_height": latent_height, "latent_width": latent_width, "chunk_frames": chunk_frames,
+        "height": latent_height * spatial, "width": latent_width * spatial,
+        "scale_factor_spatial": spatial, "scale_factor_temporal": temporal,
+        "pixel_frames": {"first": pixel_frames(chunk_frames, True, temporal),
+                         "next": pixel_frames(chunk_frames, False, temporal)},
+        "latents": {"name": LATENTS, "shape": list(latents.shape), "dtype": dtype, "normalised": True},
+        "pixels": {"name": PIXELS, "dtype": dtype, "range": [-1.0, 1.0],
+                   "shape": {k: [batch, cfg.out_channels, pixel_frames(chunk_frames, k == "first", temporal),
+                                 latent_height * spatial, latent_width * spatial] for k in ("first", "next")}},
+        # In the graph: z / inv_std + mean with these rounded to `dtype` (WanPipeline's formula).
+        "unnormalise": {"in_graph": True, "formula": "latents / (1 / latents_std) + latents_mean",
+                        "latents_mean": list(cfg.latents_mean), "latents_std": list(cfg.latents_std)},
+        "caches": [{"input": s.name, "output": s.new_name, "module": s.module, "shape": list(s.shape),
+                    "dtype": dtype, "bytes": math.prod(s.shape) * item} for s in specs],
+        "cache_bytes": sum(math.prod(s.shape) for s in specs) * item,
+        "graphs": graphs,
+        "vae_config": {k: v for k, v in dict(cfg).items() if not k.startswith("_")},
+    }
+    record["files"] = {g["file"]: file_record(out_dir / g["file"]) for g in graphs.values()}
+    write_json_atomic(out_dir / RECORD, record)
+    return record
