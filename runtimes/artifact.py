@@ -39,6 +39,9 @@ FORMAT = "ispa-export"
 MANIFEST = "manifest.json"
 ONNX = "model.onnx"
 REQUIRED_FILES = (ONNX,)
+# The TensorRT engine's record, beside manifest.json: `ispa engine` writes it after the build, so the
+# manifest (whose sha256 every instance holds) never changes once the deployment exists.
+ENGINE_RECORD = "engine.json"
 # How the graph gets its positions (manifest `positions.scheme`): the runtime computes the chunk's
 # frame-axis RoPE angles in float64 modulo 2*pi from absolute frame indices and feeds their cos/sin.
 # Keys are cached after RoPE, so every cached frame keeps its absolute position; attention depends
@@ -100,11 +103,25 @@ class Artifact:
         return path if (path / "instance.json").is_file() else None
 
     def engine_path(self) -> Path | None:
-        """The TensorRT engine listed in `files` (*.engine or *.plan), if one was built."""
-        for name in self.manifest["files"]:
-            if name.endswith((".engine", ".plan")):
-                return self.directory / name
-        return None
+        """The TensorRT engine `ispa engine` built for this deployment (ENGINE_RECORD), if any, checked:
+        the record names this manifest and the engine has its recorded size."""
+        path = self.directory / ENGINE_RECORD
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            name, size, owner = record["engine"], record["bytes"], record["deployment_manifest_sha256"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise _fail(path, None, "the engine record written by `ispa engine`", _one_line(e, 120)) from None
+        mine = sha256_file(self.manifest_path)
+        if owner != mine:
+            raise _fail(path, "deployment_manifest_sha256", f"{mine} ({self.manifest_path})",
+                        f"{owner} (an engine of another deployment: rebuild it with `ispa engine {self.directory}`)")
+        engine = self.directory / str(name)
+        if not engine.is_file() or engine.stat().st_size != size:
+            found = "no such file" if not engine.is_file() else f"{engine.stat().st_size} bytes"
+            raise _fail(engine, None, f"the engine of {ENGINE_RECORD} ({size} bytes)", found)
+        return engine
 
 
 # -- helpers ------------------------------------------------------------------------------------

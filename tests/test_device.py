@@ -11,12 +11,13 @@ import torch
 
 from graphs.config import preset
 from graphs.wan import WanModel
-from ispa_export.build.export import write_artifact
+from exports import export_transitioned
 from ispa_export.build.calibrate import IspaOptions, transition
-from ispa_export.video.torch_runner import to_numpy, torch_stream
 from runtimes.artifact import load_artifact
 from runtimes.buffers import HostBuffers, host_dtype
+from runtimes.deployment import Deployment
 from runtimes.driver import Stream
+from runtimes.instance import load_instance
 from runtimes.ort import OrtRunner
 from runtimes.schedule import frame_rope
 
@@ -53,22 +54,23 @@ def test_torch_caches_keep_their_addresses_and_copy_only_the_chunk():
 
 def test_ort_caches_are_bound_by_address_and_copy_only_the_chunk(tmp_path):
     model, stream = baked()
-    write_artifact(tmp_path / "a", model, stream, {"options": {"variant": "full", "site": "wo"},
-                                                  "selected_layers": [], "transition_chunk": stream.chunk,
-                                                  "kv_reduction": 0.0}, preset="tiny", progress=lambda s: None)
-    art = load_artifact(tmp_path / "a")
-    runner = OrtRunner(art.onnx_path)
-    s = Stream(runner, art.geometry, art.cross_kv, art.seed, keep_latents=False)
-    s.load_state(art.state)
+    d = tmp_path / "a"
+    export_transitioned(d, model, stream)
+    video = Deployment.open(d, "ort").start(d / "instance")  # keep_latents=False: frames stream out
+    s = video.stream
+    runner = s.runner
     names = ["kv_full", "kv_s1w2", "cross_kv", "new_kv_full", "new_kv_s1w2", "prediction"]
-    before = {n: runner.buffers.address(n) for n in names}
+    # A baked deployment's per-video constants (overridable initializers) live in the runner's buffers too.
+    refit = sorted(video.instance.constants)
+    assert refit and set(refit) <= set(runner.engine.overridable)
+    before = {n: runner.buffers.address(n) for n in names + refit}
     # The OrtValues bound to the caches wrap the same memory: the engine reads the ring in place.
     assert runner._ortvalue("kv_full").data_ptr() == before["kv_full"]
     for _ in range(10):
         t0 = runner.buffers.traffic.snapshot()
-        s.step()
+        video.step()
         assert runner.buffers.traffic.since(t0).d2d == chunk_kv_bytes(s)
-        assert {n: runner.buffers.address(n) for n in names} == before
+        assert {n: runner.buffers.address(n) for n in names + refit} == before
     assert not s.latents
 
 
@@ -93,28 +95,35 @@ def test_bf16_caches_in_the_torch_backend():
 def test_half_precision_exports_match_pytorch(tmp_path, dtype, tol):
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     model, stream = baked()
-    rep = {"options": {"variant": "full", "site": "wo"}, "selected_layers": [], "transition_chunk": stream.chunk,
-           "kv_reduction": 0.0}
-    write_artifact(tmp_path / dtype, model, stream, rep, preset="tiny", dtype=dtype, progress=lambda s: None)
-    art = load_artifact(tmp_path / dtype)
+    d = tmp_path / dtype
+    export_transitioned(d, model, stream, dtype=dtype)
+    art = load_artifact(d)
+    inst = load_instance(d / "instance", art)
     assert art.geometry.dtype == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
-    feeds = stream.feeds(np.random.default_rng(0).standard_normal(stream.geo.chunk_shape, dtype=np.float32), 500.0, 0)
     half = host_dtype(art.geometry.dtype)
+    # The instance holds the caches, text K/V and this video's corrections (refit constants) in the graph's dtype.
+    assert all(inst.state[k].dtype == half for k in ("kv_full", "kv_s1w2", "cross_kv", *inst.constants))
+    feeds = stream.feeds(np.random.default_rng(0).standard_normal(stream.geo.chunk_shape, dtype=np.float32), 500.0, 0)
     feeds = {k: v for k, v in feeds.items() if k in art.inputs}
     feeds["latents"] = feeds["latents"].astype(half)
-    feeds.update({k: art.state[k] for k in ("kv_full", "kv_s1w2", "cross_kv")})
+    feeds.update({k: inst.state[k] for k in ("kv_full", "kv_s1w2", "cross_kv")})
     ref_model = copy.deepcopy(model).cast(torch_dtype)
     args = {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) if v.dtype.name == "bfloat16"
             else torch.from_numpy(np.require(v, requirements="C")) for k, v in feeds.items()}
     with torch.no_grad():
         want = ref_model(**args)[0].float().numpy()
     try:
-        got = OrtRunner(art.onnx_path).run(feeds)["prediction"].astype(np.float32)
+        runner = OrtRunner(art.onnx_path)
+        for k, v in inst.constants.items():  # bound over the graph's zero corrections, as a deployment does
+            runner.buffers.allocate(k, v.shape, v.dtype.name)
+            runner.buffers.upload(k, v)
+        got = runner.run(feeds)["prediction"].astype(np.float32)
         engine = "onnxruntime"
     except Exception:  # onnxruntime's CPU provider has no kernels for some bf16 ops
         from onnx.reference import ReferenceEvaluator
 
-        got = ReferenceEvaluator(onnx.load(str(art.onnx_path))).run(["prediction"], feeds)[0].astype(np.float32)
+        got = ReferenceEvaluator(onnx.load(str(art.onnx_path))).run(["prediction"], {**feeds, **inst.constants})[0]
+        got = got.astype(np.float32)
         engine = "onnx.reference"
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < tol, (engine, err)
@@ -173,18 +182,19 @@ def test_host_buffers_frame_copies_match_slicing():
 
 
 def test_a_span_search_that_cannot_fit_is_refused_before_the_warmup(monkeypatch):
-    from ispa_export.build import calibrate
     from ispa_export.errors import UserError
+    from ispa_export.method import monitor
     from ispa_export.method.monitor import statistics_bytes
 
-    # At Wan 1.3B the 8 candidate spans need ~118 GiB of float64 statistics, one span ~15 GiB.
+    # At Wan 1.3B the 8 candidate spans need ~131 GiB of float64 statistics, one span ~16 GiB.
     big = preset("wan2.1-t2v-1.3b")
-    assert statistics_bytes(big.dim, big.num_layers, 8, 5, 1) > 100 * 2**30 > 10 * 2**30 > \
-        statistics_bytes(big.dim, big.num_layers, 1, 5, 1) / 2
+    assert statistics_bytes(big.dim, big.num_layers, 8, 5, 1).total > 100 * 2**30 > 10 * 2**30 > \
+        statistics_bytes(big.dim, big.num_layers, 1, 5, 1).total / 2
     torch.manual_seed(0)
     model = WanModel(CFG).eval()
-    need = statistics_bytes(CFG.dim, CFG.num_layers, len(IspaOptions().spans(CFG)), 5, 1)
-    monkeypatch.setattr(ispa, "available_bytes", lambda device: need // 2)
-    with pytest.raises(UserError, match=r"warmup monitor: \d+ candidate spans x 4 layers at dim 64 need up to .* GiB "
+    need = statistics_bytes(CFG.dim, CFG.num_layers, len(IspaOptions().spans(CFG)), 5, 1).total
+    # The span search plans its memory (ispa_export.memory) from what method.monitor.available_bytes measures.
+    monkeypatch.setattr(monitor, "available_bytes", lambda device: need // 2)
+    with pytest.raises(UserError, match=r"^warmup monitor: \d+ candidate spans x 4 layers at dim 64: needs .* GiB "
                                         r".*; measure one span with --window W \[--sink S\]$"):
         transition(model, torch.randn(1, 5, CFG.text_dim), 0, IspaOptions(warmup_chunks=6))

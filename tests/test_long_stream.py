@@ -2,15 +2,13 @@
 import numpy as np
 import torch
 
-from graphs.config import WanConfig, preset
+from exports import export_transitioned
+from graphs.config import preset
 from graphs.wan import WanModel
-from ispa_export.build.export import write_artifact
 from ispa_export.build.calibrate import IspaOptions, report, transition
-from ispa_export.pipeline import BAKED, load_baked, save_baked
 from ispa_export.video.torch_runner import TorchRunner
-from runtimes.artifact import load_artifact
+from runtimes.deployment import Deployment
 from runtimes.driver import Stream
-from runtimes.ort import OrtRunner
 
 
 def shifted(state: dict, offset: int, chunk_frames: int) -> dict:
@@ -30,16 +28,20 @@ def test_ort_and_torch_agree_past_frame_1024(tmp_path):
     model = WanModel(cfg).eval()
     opts = IspaOptions(kv_reduction=0.3, window=2, sink=0, warmup_chunks=6)
     stream, monitor, tr = transition(model, torch.randn(1, 5, cfg.text_dim), 0, opts)
-    write_artifact(tmp_path / "a", model, stream, report(model, monitor, tr, opts), preset="tiny",
-                   progress=lambda s: None, extras={BAKED: lambda p: save_baked(model, p)})
-    art = load_artifact(tmp_path / "a")
+    d = tmp_path / "a"
+    export_transitioned(d, model, stream, report(model, monitor, tr, opts))
+    video = Deployment.open(d, "ort").start(d / "instance")
     offset = 1000  # a multiple of both rings (8 and 2 frames): the next chunk starts at frame 1012
-    state = shifted(art.state, offset, cfg.chunk_frames)
-    baked = load_baked(WanConfig.from_dict(art.manifest["model"]["config"]), tmp_path / "a" / BAKED)
+    state = shifted(video.instance.state, offset, cfg.chunk_frames)
+    assert int(state["frame_index"]) == 1012
+    # ONNX Runtime: the deployment's graph with this video's corrections (the instance's); PyTorch: the
+    # transitioned model itself, continued from the same relabelled caches.
+    video.restore(state)
+    reference = Stream(TorchRunner(model), stream.geo, stream.state_arrays()["cross_kv"], stream.seed,
+                       keep_latents=False)
+    reference.load_state(state)
     outs = []
-    for runner in (OrtRunner(art.onnx_path), TorchRunner(baked)):
-        s = Stream(runner, art.geometry, art.cross_kv, art.seed, keep_latents=False)
-        s.load_state(state)
+    for s in (video.stream, reference):
         outs.append(s.run(12))  # frames 1012..1035: across the old table's end
         assert s.frame_index > 1024
     a, b = outs

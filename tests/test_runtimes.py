@@ -988,11 +988,11 @@ def fake_trt(monkeypatch):
 
 
 def add_engine(d: Path) -> None:
+    """What `ispa engine` leaves: the engine and its record beside the manifest, which stays as it was
+    (so the instance absorbed before still belongs to the deployment)."""
     (d / "model.engine").write_bytes(b"engine bytes")
-    refresh_record(d, "model.engine")
-    # The manifest changed: the instance is re-pointed at it (what `ispa engine` leaves is a new manifest).
-    for inst in [d / "instance"]:
-        edit_instance(inst, lambda r: r.__setitem__("deployment_manifest_sha256", sha256_file(d / "manifest.json")))
+    write_json_atomic(d / "engine.json", {"engine": "model.engine", "bytes": len(b"engine bytes"),
+                                          "deployment_manifest_sha256": sha256_file(d / "manifest.json")})
 
 
 def test_cli_trt_backend_runs_the_listed_engine(art, tmp_path, fake_trt, streams):

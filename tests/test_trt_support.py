@@ -214,24 +214,26 @@ def test_sanitize_folds_constants_and_keeps_outputs(tmp_path):
     np.testing.assert_allclose(y, x + 1.5625, rtol=0, atol=0)
 
 
-def test_build_and_refit_raise_one_line_user_error_without_tensorrt(monkeypatch, tmp_path):
+def test_build_and_refit_raise_one_line_errors_without_tensorrt(monkeypatch, tmp_path):
+    """The build (ispa_export.build.engine) and the per-video refit (runtimes.trt.TrtEngine, which loads
+    the engine a refit changes) each stop in one line where tensorrt cannot be imported."""
     from ispa_export.build import engine
+    from runtimes.trt import TrtEngine
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
-    for call in (lambda: engine.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", workspace_bytes=1 << 30,
-                                             timing_cache_path=None),
-                 lambda: engine.refit_engine(tmp_path / "m.plan", {})):
-        with pytest.raises(UserError) as e:
-            call()
-        assert str(e.value) == ("TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU and driver); "
-                                "use --backend ort to run without it")
-        assert "\n" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        engine.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", workspace_bytes=1 << 30, timing_cache_path=None)
+    assert str(e.value) == ("TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU and driver); "
+                            "use --backend ort to run without it")
+    with pytest.raises(RuntimeError) as e:
+        TrtEngine(tmp_path / "m.plan")
+    assert str(e.value) == "TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU and driver)"
     assert not (tmp_path / "m.plan").exists()
 
 
 def test_bfloat16_refit_bits_round_to_nearest_even():
     # numpy has no bfloat16: refit weights go to TensorRT as bit patterns, rounded to nearest even.
-    from ispa_export.build.engine import _bf16_bits as refit_bits
+    from runtimes.trt import _bf16_bits as refit_bits
 
     x = np.float32([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -0.0, np.inf, 65504.0])
     np.testing.assert_array_equal(refit_bits(x), np.uint16([0x3F80, 0x3F80, 0x3F82, 0x8000, 0x7F80, 0x4780]))
@@ -271,8 +273,8 @@ def _refit_graph(w, b):
 
 @needs_trt
 def test_engine_build_and_refit_change_the_output_as_they_should(tmp_path):
-    from ispa_export.build.engine import build_engine, refit_engine
-    from runtimes.trt import TrtRunner
+    from ispa_export.build.engine import build_engine
+    from runtimes.trt import TrtEngine, TrtRunner
 
     rng = np.random.default_rng(1)
     w0, b0 = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
@@ -286,21 +288,23 @@ def test_engine_build_and_refit_change_the_output_as_they_should(tmp_path):
 
     x = rng.standard_normal((16, 32)).astype(np.float32)
     tol = dict(rtol=2e-2, atol=2e-2)  # TF32 matmuls on Ampere and later
-    with TrtRunner(plan) as r:
+    engine = TrtEngine(plan)  # once per deployment; a video's refit changes it in place
+    with TrtRunner(engine) as r:
         np.testing.assert_allclose(r.run({"x": x})["y"], x @ w0 + b0, **tol)
 
     w1, b1 = w0 + 0.5 * rng.standard_normal((32, 32)).astype(np.float32), b0 + 3.0
-    assert refit_engine(plan, {"blocks.0.self_attn.o.weight": w1, "blocks.0.self_attn.o.bias": b1})["refitted"]
-    with TrtRunner(plan) as r:
-        y1 = r.run({"x": x})["y"]
+    weights = {"blocks.0.self_attn.o.weight": w1, "blocks.0.self_attn.o.bias": b1}
+    assert engine.refit(weights) == sorted(weights)
+    with TrtRunner(engine) as r:
+        y1 = r.run({"x": x})["y"].copy()
     np.testing.assert_allclose(y1, x @ w1 + b1, **tol)
     # The bias alone moves the output by exactly +3 in expectation: a dropped bias (TensorRT 11.3 REFIT issue) fails here.
     assert abs(float(np.mean(y1 - x @ w1)) - float(np.mean(b1))) < 0.05
 
-    with pytest.raises(UserError, match="weights not refittable in this engine: nope"):
-        refit_engine(plan, {"nope": w1})
-    with pytest.raises(UserError, match="blocks.0.self_attn.o.bias"):
-        refit_engine(plan, {"blocks.0.self_attn.o.bias": np.ones(31, np.float32)})
+    with pytest.raises(ValueError, match="weights not refittable in this engine: nope$"):
+        engine.refit({"nope": w1})
+    with pytest.raises(ValueError, match=r"weight 'blocks\.0\.self_attn\.o\.bias' has 31 elements"):
+        engine.refit({"blocks.0.self_attn.o.bias": np.ones(31, np.float32)})
 
 
 @needs_trt

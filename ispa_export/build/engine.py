@@ -191,8 +191,9 @@ def check_artifact(directory: str | os.PathLike) -> list[str]:
 
 def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, progress: bool = True) -> dict[str, Any]:
     """`ispa engine DEPLOY`: check the graph on the CPU side, build DEPLOY/model.engine (timing cache
-    DEPLOY/timing.cache), and record it in DEPLOY/manifest.json (`files` and `tensorrt`). Once per
-    deployment: every video runs on it (modulation bound as inputs, or refitted by name).
+    DEPLOY/timing.cache), and record it in DEPLOY/engine.json (with the sha256 of the manifest it was
+    built for). Once per deployment: every video runs on it (modulation bound as inputs, or refitted
+    by name), and the instances absorbed before it stay valid.
 
     The graph checks run first so their problems are reported even where TensorRT is missing. An
     engine in which one of the manifest's refit_names did not stay refittable is refused (per-video
@@ -200,8 +201,10 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     """
     from runtimes.artifact import load_artifact
 
+    from runtimes.artifact import ENGINE_RECORD
+    from runtimes.files import file_record, sha256_file, write_json_atomic
+
     from ispa_export.build.trt_support import check_onnx_for_tensorrt
-    from ispa_export.build.manifest import update_manifest_files
 
     directory = Path(directory)
     art = load_artifact(directory)
@@ -227,13 +230,15 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
         if tmp.exists():
             tmp.unlink()
     record = {
-        "engine": ENGINE, "timing_cache": TIMING_CACHE,
+        "engine": ENGINE, "timing_cache": TIMING_CACHE, **file_record(directory / ENGINE),
+        "deployment_manifest_sha256": sha256_file(art.manifest_path),
         "tensorrt_version": meta["tensorrt_version"], "gpu": meta["gpu"],
         "compute_capability": meta["compute_capability"], "build_seconds": round(meta["build_seconds"], 3),
         "workspace_bytes": meta["workspace_bytes"], "strongly_typed": True, "refittable": meta["refittable"],
         "refit_names": refit_names, "refittable_weight_count": len(meta["refittable_weights"]),
     }
-    update_manifest_files(directory, [ENGINE], {"tensorrt": record})
+    # Beside the manifest, not in it: the deployment (and every instance absorbed into it) stays as it was.
+    write_json_atomic(directory / ENGINE_RECORD, record)
     print(f"engine {directory / ENGINE}: TensorRT {record['tensorrt_version']} on {record['gpu']} "
           f"(sm {record['compute_capability']}), built in {record['build_seconds']:.1f} s, "
           f"{len(refit_names)} refit names")

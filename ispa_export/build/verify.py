@@ -41,7 +41,6 @@ from runtimes.files import atomic_path
 from runtimes.groups import is_cache_name, is_new_kv_name, output_names
 
 from ispa_export.errors import UserError
-from ispa_export.build.manifest import update_manifest_files
 
 if TYPE_CHECKING:  # torch and the model stay lazy imports: `ispa verify` does not need them
     from graphs.wan import WanModel
@@ -217,14 +216,6 @@ def save_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray]
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return [GOLDEN]
-
-
-def add_golden(directory: Path, model: "WanModel", feeds: dict[str, np.ndarray], *,
-               kv_tokens: int = KV_TOKENS) -> list[str]:
-    """save_golden on an existing artifact, then list the file in its manifest."""
-    names = save_golden(directory, model, feeds, kv_tokens=kv_tokens)
-    update_manifest_files(directory, names)
-    return names
 
 
 # -- reading it back ---------------------------------------------------------------------------------
