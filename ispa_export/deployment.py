@@ -116,6 +116,13 @@ class Deployment:
         return dep
 
     # -- per video ---------------------------------------------------------------------------------
+    def default_context(self, seed: int = 0) -> torch.Tensor:
+        """The model's default text embeddings (the demo's fixed prompt; seeded noise for a preset
+        without one), what `ispa absorb` uses without --context or --prompt."""
+        from .models import load_context
+
+        return load_context(None, self.artifact.manifest["model"]["preset"], self.model.cfg, seed)[0]
+
     def absorb(self, context: torch.Tensor, seed: int, progress: Callable[[int], None] | None = None) -> Absorbed:
         """One video's warmup, solve and gates, in memory (nothing is traced or written)."""
         self.check_context(context)

@@ -13,7 +13,7 @@ import torch
 
 from graphs.config import WanConfig
 from graphs.wan import WanModel, parameter_count
-from runtimes.groups import cache_groups, group_name
+from runtimes.groups import as_layout, cache_groups, group_name
 
 from . import memory
 from .errors import UserError
@@ -36,7 +36,7 @@ def _predicted(cfg: WanConfig, reduction: float, window: int | None, sink: int |
         if prior is None:
             raise UserError(f"--kv-reduction {reduction}: out of reach for a uniform layout of this preset")
         s = prior.spans[0]
-        return (prior.spans, f"the policy's uniform prior (every layer at sink {s.sink} + window {s.window}); the "
+        return (as_layout(prior.spans), f"the policy's uniform prior (every layer at sink {s.sink} + window {s.window}); the "
                 f"build keeps it unless an allocation of the {n_spans} candidate spans beats it by more than 2 standard "
                 "errors on the calibration warmups' chains", n_spans)
     sink = sink or 0
