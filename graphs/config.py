@@ -102,6 +102,13 @@ PRESETS: dict[str, WanConfig] = {
         dim=64, ffn_dim=128, num_heads=4, num_layers=4, in_dim=4, out_dim=4, text_dim=32,
         freq_dim=32, text_len=8, latent_height=4, latent_width=6, chunk_frames=2, max_frames=8,
     ),
+    # "tiny" with Wan's interfaces, for the prompt-to-mp4 chain in tests: 16 latent channels (a Wan2.1
+    # VAE's z_dim), patch (1, 2, 2), text_dim 32 (the tiny umT5's d_model, tests/text_fixtures.py) and
+    # Wan's 512 text tokens, so `ispa encode`'s default output is its context. Latent 4x6 = 32x48 pixels.
+    "tiny-wan": WanConfig(
+        dim=64, ffn_dim=128, num_heads=4, num_layers=4, in_dim=16, out_dim=16, text_dim=32,
+        freq_dim=32, text_len=512, latent_height=4, latent_width=6, chunk_frames=2, max_frames=8,
+    ),
 }
 
 

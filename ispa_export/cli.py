@@ -58,6 +58,9 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
                    "videos at once) | baked (refittable constants)")
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16: the graph's dtype, and the warmup's "
                    "on a GPU (on a CPU the warmup runs in fp32)")
+    p.add_argument("--vae", metavar="DIR", help="a Wan2.1 VAE (diffusers AutoencoderKLWan: a Wan diffusers root with "
+                   "vae/, or the vae folder): its streaming decoder is exported beside the DiT (DEPLOY/decoder), so "
+                   "runs write video.mp4")
 
 
 def _context_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +99,26 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="directory (replaced atomically): a deployment and DIR/instance")
 
+    c = sub.add_parser("encode", help="a prompt -> umT5 text embeddings (the --context file), as WanPipeline "
+                       "makes them")
+    c.add_argument("prompt")
+    c.add_argument("--text-encoder", metavar="DIR", required=True, help="a umT5 encoder and its tokenizer (a Wan "
+                   "diffusers checkpoint's root, or one directory holding both)")
+    c.add_argument("--out", required=True, help="safetensors file with tensor 'context' [1, max_length, d_model]")
+    c.add_argument("--max-length", type=int, default=512, help="tokens (padded, truncated), 512 as Wan (default)")
+    c.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+
+    d = sub.add_parser("decode", help="a finished latent run (its frames.npy) -> H.264 mp4, with the PyTorch "
+                       "streaming decode of a Wan VAE")
+    d.add_argument("frames", metavar="FRAMES.npy")
+    d.add_argument("--vae", metavar="DIR", required=True, help="a Wan2.1 VAE (a Wan diffusers root with vae/, or "
+                   "the vae folder)")
+    d.add_argument("--out", required=True, help="the mp4 to write (replaced atomically at the end)")
+    d.add_argument("--chunk-frames", type=int, default=3, help="latent frames decoded a step (default 3; the "
+                   "pixels do not depend on it)")
+    d.add_argument("--fps", type=float, default=16.0, help="frame rate (default 16, Wan's)")
+    d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when PyTorch sees one)")
+
     r = sub.add_parser("run", help="generate a video's chunks from its instance")
     r.add_argument("deployment", metavar="DEPLOY")
     r.add_argument("--instance", metavar="INSTANCE", help="from `ispa absorb` (default: DEPLOY/instance, as "
@@ -109,6 +132,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                    help="store the stream state every N chunks for --resume (0: never)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
+    r.add_argument("--vae", metavar="DIR", help="decode the chunks into OUT/video.mp4 with this Wan2.1 VAE in "
+                   "PyTorch (default: with DEPLOY's exported decoder, torch-free, when it has one)")
+    r.add_argument("--no-video", action="store_true", help="write no video.mp4")
 
     i = sub.add_parser("inspect", help="configuration, layer modes, exact KV bytes (preset, deployment or instance)")
     i.add_argument("target", metavar="PRESET|DEPLOY|INSTANCE")
@@ -180,8 +206,10 @@ def _context(args, name: str, cfg, seed: int, device=None):
             raise UserError("--context and --prompt: expected one of them, found both")
         if args.prompt is None or args.text_encoder is None:
             raise UserError("--prompt/--text-encoder: expected both (a prompt and the umT5 directory that encodes it)")
-        from ispa_export.text import load_text_encoder
+        from ispa_export.text import clean, load_text_encoder
 
+        if not clean(args.prompt):
+            raise UserError(f"--prompt: empty after cleaning ({args.prompt[:40]!r}); expected a description of the video")
         encoder = load_text_encoder(args.text_encoder, text_dim=cfg.text_dim)
         ctx = encoder.encode(args.prompt, max_length=cfg.text_len).float().cpu()
         return ctx, f"prompt {args.prompt!r} ({args.text_encoder})"
@@ -201,6 +229,18 @@ def _model(args):
     return name, model.to(device).cast(warmup_dtype(device, args.dtype)), device
 
 
+def _vae(args, cfg):
+    """--vae loaded on the CPU (the decoder is traced there) and checked against the DiT, before any
+    slow work; None without --vae."""
+    if not getattr(args, "vae", None):
+        return None
+    from ispa_export.vae import check_vae, load_vae
+
+    vae = load_vae(args.vae)
+    check_vae(vae, cfg.in_dim)
+    return vae
+
+
 def _progress(total: int, desc: str):
     from ispa_export.models import Progress
     return Progress(total, desc)
@@ -215,6 +255,7 @@ def cmd_build(args) -> int:
     from runtimes.files import atomic_directory
 
     name, model, _ = _model(args)
+    vae = _vae(args, model.cfg)
     opts = _options(args)
     files = [f for f in (args.calibration_contexts or "").split(",") if f] or [None]
     n = max(len(args.calibration_seeds), len(files))
@@ -228,7 +269,7 @@ def cmd_build(args) -> int:
     out = Path(args.out)
     with _writable(out), atomic_directory(out) as tmp:
         built = build(model, videos, opts, tmp, preset=name, modulation=args.modulation, dtype=args.dtype,
-                      progress=bar, log=_log)
+                      progress=bar, log=_log, vae=vae)
     bar.close()
     print(f"built {out}: {''.join('F' if s is None else 'L' for s in built.layout)}, "
           f"{built.manifest['calibration']['kv_reduction']:.1%} KV removed, corrections "
@@ -273,13 +314,15 @@ def cmd_export(args) -> int:
     from runtimes.files import atomic_directory, sha256_file
 
     name, model, _ = _model(args)
+    vae = _vae(args, model.cfg)
     opts = _options(args)
     ctx, src = _context(args, name, model.cfg, args.seed)
     out = Path(args.out)
     bar = _progress(2 * opts.warmup_chunks, "warmups (chunks)")
     with _writable(out), atomic_directory(out) as tmp:
         built = build(model, [Video(ctx.to(next(model.parameters()).device), args.seed, src)], opts, tmp, preset=name,
-                      modulation=args.modulation, dtype=args.dtype, progress=bar, log=_log, keep_warmups=True)
+                      modulation=args.modulation, dtype=args.dtype, progress=bar, log=_log, keep_warmups=True,
+                      vae=vae)
         bar.close()
         dtype = built.manifest["dtype"]
         absorbed = complete(built.model, built.layout, built.warmups[0], built.rule, modulation=args.modulation,
@@ -292,7 +335,8 @@ def cmd_export(args) -> int:
     print(f"exported {out}: {len(rep['selected_layers'])}/{model.cfg.num_layers} layers local (cache groups {groups}), "
           f"transition at chunk {rep['transition_chunk']} ({rep['transition_reason']}), KV bytes "
           f"{rep['kv_bytes_before']} -> {rep['kv_bytes_after']} ({rep['kv_reduction']:.1%} removed), corrections kept "
-          f"on {len(rep['kept_corrections'])} layers")
+          f"on {len(rep['kept_corrections'])} layers"
+          + (f"; VAE decoder in {out / 'decoder'}" if vae is not None else ""))
     return 0
 
 
@@ -322,6 +366,21 @@ class _writable:
         return False
 
 
+def _torch_decoder(args):
+    """--vae: the PyTorch streaming decode (ispa_export.vae) for `runtimes.run`, checked against the
+    deployment's latents before anything runs."""
+    from ispa_export.models import resolve_device
+    from ispa_export.vae import TorchVideoDecoder, check_vae, load_vae
+    from runtimes.artifact import load_artifact
+    from runtimes.run import VideoDecoder
+
+    geo = load_artifact(args.deployment, verify_checksums=False, check_onnx=False).geometry
+    vae = load_vae(args.vae, device=resolve_device(args.device))
+    check_vae(vae, geo.channels)
+    dec = TorchVideoDecoder(vae, batch=geo.batch, latent_height=geo.height, latent_width=geo.width)
+    return VideoDecoder(dec, "torch", str(Path(args.vae).resolve()), dec.width * geo.batch, dec.height)
+
+
 def cmd_run(args) -> int:
     from runtimes import run as rt
 
@@ -329,9 +388,13 @@ def cmd_run(args) -> int:
     argv += ["--chunks", str(args.chunks)] if args.chunks is not None else []
     argv += ["--resume"] if args.resume else []
     argv += ["--instance", str(args.instance)] if args.instance else []
+    argv += ["--no-video"] if args.no_video else []
+    if args.vae and args.no_video:
+        raise UserError("--vae and --no-video: expected one of them, found both")
+    decoder = _torch_decoder(args) if args.vae else None
     if args.backend in ("ort", "trt"):
         argv += ["--backend", args.backend] + (["--engine", args.engine] if args.engine else [])
-        rt.generate(rt.parser().parse_args(argv))
+        rt.generate(rt.parser().parse_args(argv), decoder=decoder)
         return 0
     if args.backend != "torch":
         raise UserError(f"--backend: expected torch, ort or trt, got {args.backend!r}")
@@ -340,7 +403,33 @@ def cmd_run(args) -> int:
     dep = Deployment.open(args.deployment, backend="torch", device=args.device, compile=args.compile)
     rt_args = rt.parser().parse_args(argv)
     rt_args.backend = "torch"
-    rt.generate(rt_args, deployment=dep.runtime)
+    rt.generate(rt_args, deployment=dep.runtime, decoder=decoder)
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from ispa_export.models import resolve_device
+    from ispa_export.text import encode_to_file
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars: the summary line says it
+
+    info = encode_to_file(args.prompt, args.text_encoder, args.out, device=resolve_device(args.device),
+                          max_length=args.max_length)
+    print(f"encoded {info['path']}: context {info['shape']}, {info['tokens']} tokens"
+          f"{' (truncated)' if info['truncated'] else ''}; encoder loaded in {info['load_seconds']:.2f} s, "
+          f"prompt encoded in {info['seconds']:.3f} s")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from ispa_export.vae import decode_run
+
+    info = decode_run(args.frames, args.vae, args.out, chunk_frames=args.chunk_frames, fps=args.fps,
+                      device=args.device, log=_log)
+    print(f"decoded {info['path']}: {info['frames']} frames {info['width']}x{info['height']} at {info['fps']:g} fps "
+          f"from {info['latent_frames']} latent frames ({info['seconds']:.1f} s)")
     return 0
 
 
@@ -382,7 +471,8 @@ def cmd_verify(args) -> int:
     return verify(Path(args.deployment), trt=args.trt, instance=args.instance)
 
 
-COMMANDS = {"build": cmd_build, "absorb": cmd_absorb, "export": cmd_export, "run": cmd_run, "inspect": cmd_inspect,
+COMMANDS = {"build": cmd_build, "absorb": cmd_absorb, "export": cmd_export, "run": cmd_run, "encode": cmd_encode,
+            "decode": cmd_decode, "inspect": cmd_inspect,
             "eval": cmd_eval, "bench": cmd_bench, "engine": cmd_engine, "verify": cmd_verify}
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu",
     if not any(w.is_file() for w in weights):
         raise UserError(f"{weights[0]}: file: expected the VAE's safetensors weights, found none")
     try:
-        vae = AutoencoderKLWan.from_pretrained(root, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+        # low_cpu_mem_usage=False: the default asks for `accelerate` and says so on stderr when it is absent.
+        vae = AutoencoderKLWan.from_pretrained(root, local_files_only=True, use_safetensors=True, torch_dtype=dtype,
+                                               low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{root}: not a loadable AutoencoderKLWan ({' '.join(str(e).split())[:300]})") from None
     vae.to(device).eval().requires_grad_(False)
@@ -266,6 +268,77 @@ class StreamingDecoder:
         return sum(c.numel() * c.element_size() for c in self.caches or [])
 
 
+def scale_factors(vae: nn.Module) -> tuple[int, int]:
+    """(spatial, temporal) upsampling of the decoder: (8, 4) for the Wan2.1 VAE."""
+    spatial = 2 ** sum(1 for b in vae.decoder.up_blocks if b.upsamplers is not None)
+    temporal = 2 ** sum(bool(t) for t in vae.temperal_upsample)
+    return spatial, temporal
+
+
+class TorchVideoDecoder:
+    """`StreamingDecoder` behind the decoder interface of `runtimes.run` (the one runtimes.decoder's
+    StreamDecoder has): numpy latents in, float32 pixels out, and `state()`/`load_state()` holding
+    the caches under the exported graphs' names, so a run snapshots and resumes its video.
+
+        dec = TorchVideoDecoder(load_vae(DIR), batch=1, latent_height=60, latent_width=104)
+        pixels = dec.decode_chunk(latents)   # [B, 3, T, 8h, 8w] float32 in [-1, 1]
+    """
+
+    def __init__(self, vae: nn.Module, *, batch: int, latent_height: int, latent_width: int) -> None:
+        self.vae = vae
+        self.stream = StreamingDecoder(vae)
+        self.specs = self.stream.specs(batch, latent_height, latent_width)
+        self.latent_shape = (batch, vae.config.z_dim, latent_height, latent_width)
+        spatial, self.temporal = scale_factors(vae)
+        self.height, self.width = latent_height * spatial, latent_width * spatial
+        self.chunks = 0
+
+    def reset(self) -> None:
+        self.stream.reset()
+        self.chunks = 0
+
+    def decode_chunk(self, latents: Any) -> Any:
+        import numpy as np
+
+        a = np.asarray(latents)
+        if a.ndim != 5 or (a.shape[0], a.shape[1], *a.shape[3:]) != self.latent_shape:
+            b, z, h, w = self.latent_shape
+            raise ValueError(f"latents: expected [{b}, {z}, frames, {h}, {w}], got {list(a.shape)}")
+        z = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.vae.device)
+        pixels = self.stream.decode_chunk(z)
+        self.chunks += 1
+        return pixels.to("cpu", torch.float32).numpy()
+
+    def state(self) -> dict[str, Any]:
+        """{"chunks": n} and, after the first chunk, every cache by graph input name (bfloat16 ones as
+        float32, which holds them exactly)."""
+        import numpy as np
+
+        out: dict[str, Any] = {"chunks": np.asarray(self.chunks, dtype=np.int64)}
+        for spec, c in zip(self.specs, self.stream.caches or []):
+            c = c.detach().to("cpu")
+            out[spec.name] = (c.float() if c.dtype == torch.bfloat16 else c).numpy().copy()
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        import numpy as np
+
+        chunks = int(np.asarray(state.get("chunks", -1)))
+        if chunks < 0:
+            raise ValueError("decoder state: chunks: expected a count >= 0, found none")
+        if chunks == 0:
+            self.reset()
+            return
+        caches = []
+        for spec in self.specs:
+            got = state.get(spec.name)
+            if got is None or tuple(got.shape) != spec.shape:
+                found = "none" if got is None else list(got.shape)
+                raise ValueError(f"decoder state: {spec.name}: expected shape {list(spec.shape)}, found {found}")
+            caches.append(torch.from_numpy(np.array(got)).to(self.vae.device, self.vae.dtype))
+        self.stream.caches, self.chunks = caches, chunks
+
+
 # -- export -------------------------------------------------------------------------------------
 
 class _ChunkGraph(nn.Module):
@@ -361,8 +434,7 @@ def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_wid
                                                 "tensorrt_problems": problems}
         del proto
     item = torch.empty((), dtype=torch_dtype).element_size()
-    spatial = 2 ** sum(1 for b in vae.decoder.up_blocks if b.upsamplers is not None)
-    temporal = 2 ** sum(bool(t) for t in vae.temperal_upsample)
+    spatial, temporal = scale_factors(vae)
     record = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "dtype": dtype, "batch": batch, "latent_channels": cfg.z_dim,
@@ -387,3 +459,102 @@ def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_wid
     record["files"] = {g["file"]: file_record(out_dir / g["file"]) for g in graphs.values()}
     write_json_atomic(out_dir / RECORD, record)
     return record
+
+
+# -- a finished run to mp4 ----------------------------------------------------------------------
+
+def _check_out_file(out: Path) -> None:
+    """Refuse an output path that cannot be written, before the VAE loads and the decode runs."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; expected an .mp4 file path")
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink():  # atomic_path creates the missing ones
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a directory; expected a writable directory above the output")
+    import os
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: directory {parent} is not writable")
+
+
+def _run_frames(path: Path, frames: int) -> int:
+    """The frames a run's run.json (beside its frames.npy) counts, or `frames` when there is none: a
+    run stopped part-way has room for frames it never made."""
+    record = path.parent / "run.json"
+    if not record.is_file():
+        return frames
+    try:
+        rec = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{record}: not readable JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(rec, dict) or rec.get("frames_file", path.name) != path.name:
+        return frames
+    counted = rec.get("frames")
+    if not isinstance(counted, int) or not 0 <= counted <= frames:
+        raise UserError(f"{record}: frames: expected the count of latent frames in {path.name} (0..{frames}), "
+                        f"found {counted!r}")
+    return counted
+
+
+def decode_run(frames_path: str | Path, vae_dir: str | Path, out_path: str | Path, *, chunk_frames: int = 3,
+               fps: float = 16.0, device: str | None = None, log=print) -> dict[str, Any]:
+    """`ispa decode`: a run's latents (frames.npy, [B, z, T, h, w], normalised as the DiT makes them)
+    decoded by the PyTorch streaming decode, `chunk_frames` latent frames a step, into an H.264 mp4
+    at `out_path` (written under a temporary name, renamed at the end). Only the frames the run's
+    run.json counts are decoded, when it lies beside them. Refusals (UserError, one line) come before
+    anything is written."""
+    import time
+
+    import numpy as np
+
+    from runtimes.run import _Progress
+    from runtimes.video import Mp4Writer, ffmpeg_exe, pixels_to_uint8
+
+    from .models import resolve_device
+
+    src, out = Path(frames_path), Path(out_path)
+    if chunk_frames < 1:
+        raise UserError(f"--chunk-frames: expected an integer >= 1, got {chunk_frames}")
+    if not fps > 0:
+        raise UserError(f"--fps: expected a positive frame rate, got {fps}")
+    if not src.is_file():
+        raise UserError(f"{src}: no such file; expected a run's latents (frames.npy)")
+    _check_out_file(out)
+    try:
+        latents = np.load(src, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{src}: not a .npy array ({' '.join(str(e).split())[:160]})") from None
+    if latents.ndim != 5:
+        raise UserError(f"{src}: shape: expected latents [B, C, T, H, W], found {list(latents.shape)}")
+    if latents.dtype.kind != "f":
+        raise UserError(f"{src}: dtype: expected float latents, found {latents.dtype}")
+    b, c, total, h, w = latents.shape
+    total = _run_frames(src, total)
+    if total < 1:
+        raise UserError(f"{src}: frames: expected at least one latent frame, found none")
+    ffmpeg_exe()  # the clear line when the encoder is missing, before the VAE loads
+    t0 = time.perf_counter()
+    vae = load_vae(vae_dir, device=resolve_device(device))
+    where = getattr(vae, "config_path", "vae/config.json")
+    if vae.config.z_dim != c:
+        raise UserError(f"{where}: z_dim: expected {c} (the latent channels of {src}), found {vae.config.z_dim}")
+    check_vae(vae, c)
+    spatial, temporal = scale_factors(vae)
+    width, height = w * spatial * b, h * spatial
+    dec = StreamingDecoder(vae)
+    steps = math.ceil(total / chunk_frames)
+    progress = _Progress(steps)
+    with atomic_path(out) as tmp:
+        writer = Mp4Writer.create(tmp, width, height, fps)
+        try:
+            for i in range(0, total, chunk_frames):
+                z = torch.from_numpy(np.array(latents[:, :, i:min(i + chunk_frames, total)], dtype=np.float32))
+                pixels = dec.decode_chunk(z.to(vae.device))
+                writer.append(pixels_to_uint8(pixels.to("cpu", torch.float32).numpy()))
+                progress(1)
+        except BaseException:
+            writer.abort()
+            raise
+        state = writer.close()
+    return {"path": str(out), "frames": state["frames"], "bytes": state["bytes"], "width": width, "height": height,
+            "fps": fps, "latent_frames": total, "seconds": time.perf_counter() - t0}

@@ -39,6 +39,10 @@ FORMAT = "ispa-export"
 MANIFEST = "manifest.json"
 ONNX = "model.onnx"
 REQUIRED_FILES = (ONNX,)
+# The VAE decoder exported beside the DiT (optional; manifest `decoder`): its graphs and decoder.json here.
+DECODER_DIR = "decoder"
+DECODER_RECORD_FORMAT = "ispa-wan-vae-decoder"  # runtimes.decoder.FORMAT (not imported: it imports this module)
+WAN_FPS = 16  # Wan2.1's frame rate
 # The TensorRT engine's record, beside manifest.json: `ispa engine` writes it after the build, so the
 # manifest (whose sha256 every instance holds) never changes once the deployment exists.
 ENGINE_RECORD = "engine.json"
@@ -101,6 +105,17 @@ class Artifact:
         """The instance `ispa export` leaves inside its directory (DIR/instance), if any."""
         path = self.directory / "instance"
         return path if (path / "instance.json").is_file() else None
+
+    @property
+    def decoder(self) -> dict[str, Any] | None:
+        """The manifest's `decoder` record (the VAE decoder exported beside the DiT), if any."""
+        return self.manifest.get("decoder")
+
+    @property
+    def decoder_dir(self) -> Path | None:
+        """Where the exported decoder's graphs and decoder.json are, if the deployment has one."""
+        d = self.decoder
+        return None if d is None else self.directory / d["directory"]
 
     def engine_path(self) -> Path | None:
         """The TensorRT engine `ispa engine` built for this deployment (ENGINE_RECORD), if any, checked:
@@ -329,6 +344,71 @@ def _check_files(directory: Path, manifest: dict, verify_checksums: bool) -> Non
                             f"{record['sha256']} (manifest.json files[{name!r}].sha256)", got)
 
 
+def _check_decoder(directory: Path, manifest: dict, geo: Geometry) -> None:
+    """The `decoder` record (present when the build exported a VAE decoder): its graphs and record
+    listed in `files`, its latents the DiT's chunk, its pixel frames and cache bytes consistent, and
+    decoder.json saying the same as the manifest."""
+    d = manifest.get("decoder")
+    if d is None:
+        return
+    files = manifest["files"]
+    folder = PurePosixPath(d["directory"])
+    if folder.is_absolute() or ".." in folder.parts or "\\" in d["directory"]:
+        raise _fail(MANIFEST, "decoder.directory", "a relative folder inside the deployment", repr(d["directory"]))
+    for field, name in (("record", d["record"]), ("graphs.first", d["graphs"]["first"]),
+                        ("graphs.next", d["graphs"]["next"])):
+        if PurePosixPath(name).parent != folder:
+            raise _fail(MANIFEST, f"decoder.{field}", f"a file in decoder.directory {d['directory']!r}", repr(name))
+        if name not in files:
+            raise _fail(MANIFEST, f"decoder.{field}", f"a file listed in files ({name!r})", f"entries {sorted(files)}")
+    want = {"batch": geo.batch, "latent_channels": geo.channels, "latent_height": geo.height,
+            "latent_width": geo.width, "chunk_frames": geo.chunk_frames}
+    for field, value in want.items():
+        if d[field] != value:
+            raise _fail(MANIFEST, f"decoder.{field}", f"{value} (the DiT's chunk, from geometry)", d[field])
+    s, t, f = d["scale_factor_spatial"], d["scale_factor_temporal"], d["chunk_frames"]
+    for field, value in (("height", d["latent_height"] * s), ("width", d["latent_width"] * s)):
+        if d[field] != value:
+            raise _fail(MANIFEST, f"decoder.{field}", f"{value} (latent_{field} x scale_factor_spatial)", d[field])
+    frames = {"first": 1 + t * (f - 1), "next": t * f}
+    for k, value in frames.items():
+        if d["pixel_frames"][k] != value:
+            raise _fail(MANIFEST, f"decoder.pixel_frames.{k}", f"{value} (from chunk_frames and "
+                        f"scale_factor_temporal)", d["pixel_frames"][k])
+    names = [c["name"] for c in d["caches"]]
+    if len(set(names)) != len(names):
+        raise _fail(MANIFEST, "decoder.caches", "unique names", f"{len(names) - len(set(names))} repeated")
+    for c in d["caches"]:
+        nbytes = math.prod(c["shape"]) * host_dtype(c["dtype"]).itemsize
+        if c["bytes"] != nbytes:
+            raise _fail(MANIFEST, f"decoder.caches[{c['name']!r}].bytes", f"{nbytes} (shape x itemsize)", c["bytes"])
+    total = sum(c["bytes"] for c in d["caches"])
+    if d["cache_bytes"] != total:
+        raise _fail(MANIFEST, "decoder.cache_bytes", f"{total} (the sum of decoder.caches' bytes)", d["cache_bytes"])
+    path = directory / d["record"]
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _fail(path, None, "the decoder record (JSON)", _one_line(e, 160)) from None
+    if not isinstance(record, dict) or record.get("format") != DECODER_RECORD_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise _fail(path, "format", repr(DECODER_RECORD_FORMAT), repr(found))
+    for field in ("dtype", "batch", "latent_channels", "latent_height", "latent_width", "chunk_frames", "height",
+                  "width", "pixel_frames", "cache_bytes"):
+        if record.get(field) != d[field]:
+            raise _fail(path, field, f"{d[field]!r} (manifest.json decoder.{field})", repr(record.get(field)))
+    theirs = [{"name": c.get("input"), "output": c.get("output"), "shape": c.get("shape"), "dtype": c.get("dtype"),
+               "bytes": c.get("bytes")} for c in record.get("caches", [])]
+    if theirs != d["caches"]:
+        raise _fail(path, "caches", "the caches of manifest.json decoder.caches (names, shapes, dtypes, bytes)",
+                    f"{len(theirs)} caches that differ")
+    for g in ("first", "next"):
+        name = PurePosixPath(d["graphs"][g]).name
+        got = (record.get("files") or {}).get(name, {}).get("sha256")
+        if got != files[d["graphs"][g]]["sha256"]:
+            raise _fail(path, f"files.{name}.sha256", f"{files[d['graphs'][g]]['sha256']} (manifest.json files)", got)
+
+
 # -- ONNX ---------------------------------------------------------------------------------------
 
 def _onnx_io(path: Path, files: dict) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
@@ -414,6 +494,7 @@ def load_artifact(directory: str | os.PathLike, *, verify_checksums: bool = True
         inputs, outputs = _specs(manifest, "inputs"), _specs(manifest, "outputs")
         _check_io_contract(manifest, geo, inputs, outputs)
         _check_files(directory, manifest, verify_checksums)
+        _check_decoder(directory, manifest, geo)
         if check_onnx:
             _check_onnx(directory / ONNX, manifest["files"], inputs, outputs)
     except ArtifactError as e:

@@ -66,6 +66,35 @@ _geometry = {
     },
 }
 
+# The VAE decoder exported beside the DiT (`ispa build/export --vae`): where its graphs are, the video it
+# makes and its causal-conv caches. Agreement with geometry and with decoder.json: runtimes.artifact.
+_decoder_cache = {
+    "type": "object",
+    "required": ["name", "output", "shape", "dtype", "bytes"],
+    "properties": {"name": {"type": "string", "minLength": 1}, "output": {"type": "string", "minLength": 1},
+                   "shape": _shape, "dtype": {"enum": FLOAT_DTYPES}, "bytes": _count},
+}
+_decoder = {
+    "type": "object",
+    "required": ["directory", "record", "graphs", "dtype", "batch", "latent_channels", "latent_height",
+                 "latent_width", "chunk_frames", "height", "width", "scale_factor_spatial", "scale_factor_temporal",
+                 "pixel_frames", "fps", "caches", "cache_bytes"],
+    "properties": {
+        "directory": {"type": "string", "minLength": 1}, "record": {"type": "string", "minLength": 1},
+        "graphs": {"type": "object", "required": ["first", "next"], "additionalProperties": False,
+                   "properties": {"first": {"type": "string"}, "next": {"type": "string"}}},
+        "dtype": {"enum": FLOAT_DTYPES},
+        **{k: _positive for k in ("batch", "latent_channels", "latent_height", "latent_width", "chunk_frames",
+                                  "height", "width", "scale_factor_spatial", "scale_factor_temporal")},
+        "pixel_frames": {"type": "object", "required": ["first", "next"],
+                         "properties": {"first": _positive, "next": _positive}},
+        "fps": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000,
+                "expected": "a frame rate in (0, 1000] frames per second"},
+        "caches": {"type": "array", "minItems": 1, "items": _decoder_cache},
+        "cache_bytes": _count,
+    },
+}
+
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -101,6 +130,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "correction": {"type": "object"},
         "calibration": {"type": "object"},
         "absorption": {"type": "object"},
+        "decoder": _decoder,
         "versions": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }

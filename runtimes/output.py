@@ -7,6 +7,11 @@ while chunks come, without fsync: a SIGKILL loses nothing the kernel has (page c
 rewrite costs ~0.4 ms here, too much to pay on each 5 ms chunk. Frames and run.json are fsynced at
 every snapshot, on failure and at the end: the points a power loss falls back to.
 
+With a decoder, video.mp4 (runtimes.video: H.264 in a fragmented MP4) gets each chunk's pixels right
+after frames.npy gets its latents, and run.json's `video` counts a chunk only after both hold it
+(`bytes` and `frames`: the point Mp4Writer.resume cuts the file back to). The mp4 commits each
+fragment with one byte, so a kill leaves a playable file holding at least what run.json counts.
+
 One run owns OUT at a time (`claim_out`: an exclusive lock the kernel drops when the process dies,
 so a killed run leaves no stale lock). frames.npy gets its whole size from the file system up
 front (posix_fallocate), so a disk too small is refused before the first chunk; a disk that fills
@@ -30,8 +35,13 @@ from .errors import RunError
 from .files import sha256_file, write_json_atomic
 from .framefile import FrameFile
 from .snapshot import remove_snapshots, save_snapshot
+from .video import Mp4Writer, pixels_to_uint8
 
-FRAMES, RECORD, PREVIEW = "frames.npy", "run.json", "preview.gif"
+FRAMES, RECORD, PREVIEW, VIDEO = "frames.npy", "run.json", "preview.gif", "video.mp4"
+# Snapshot entries of the video (besides the stream's own): the decoder's caches under this prefix, and
+# the mp4's committed length and frame count.
+DECODER_PREFIX = "decoder."
+VIDEO_KEYS = ("video.bytes", "video.frames", "video.chunks")
 LOCK, RESERVE = ".run.lock", ".run.reserve"
 RECORD_INTERVAL_S = 0.1
 # Bytes kept aside in OUT for the last run.json rewrites of a run the disk stops (a few KB each).
@@ -123,6 +133,14 @@ def check_out(out: Path, resume: bool, claimed: bool = False) -> dict[str, Any] 
     return record
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class RunDir:
     """Writes one run into `out`; `record` is run.json's content, updated as the run goes."""
 
@@ -130,6 +148,8 @@ class RunDir:
         self.out, self.record, self.frames = out, record, frames
         self.chunk_frames, self.first_frame = chunk_frames, first_frame  # first_frame: the state's frames
         self._last_write = 0.0
+        self.video: Mp4Writer | None = None
+        self.append_seconds = 0.0  # time spent turning pixels into uint8 and appending them to the mp4
 
     @classmethod
     def start(cls, out: Path, record: dict[str, Any], shape: tuple[int, ...], state_frames: np.ndarray,
@@ -137,9 +157,13 @@ class RunDir:
         """A new run: run.json first (0 chunks done), so it never vouches for a previous run's frames."""
         out.mkdir(parents=True, exist_ok=True)
         record.update(status="running", chunks_done=0, frames=int(state_frames.shape[2]), snapshot=None)
+        if record.get("video") is not None:
+            record["video"].update(file=VIDEO, bytes=0, frames=0, chunks=0)
         write_json_atomic(out / RECORD, record)
         remove_snapshots(out)
         (out / PREVIEW).unlink(missing_ok=True)
+        if record.get("video") is None:
+            (out / VIDEO).unlink(missing_ok=True)  # a previous run's: run.json no longer vouches for it
         for stale in out.glob(f".{FRAMES}.tmp-*"):  # a run killed while it sized its frames file
             stale.unlink(missing_ok=True)
         tmp = out / f".{FRAMES}.tmp-{os.getpid()}"
@@ -192,10 +216,49 @@ class RunDir:
                            f"{os.strerror(e.errno) if e.errno else e}") from None
         return cls(out, record, frames, chunk_frames, first)
 
+    # -- the video ----------------------------------------------------------------------------------
+    def open_video(self, state: dict[str, int] | None = None) -> None:
+        """Starts video.mp4 (a new run: run.json's `video` says 0 frames), or goes on with it from a
+        snapshot's `state` {"bytes", "frames", "chunks"}: the file is cut back to that point."""
+        v = self.record["video"]
+        path = self.out / VIDEO
+        if state is None:
+            self.video = Mp4Writer.create(path, v["width"], v["height"], v["fps"])
+            v.update(bytes=0, frames=0, chunks=0)
+        else:
+            self.video = Mp4Writer.resume(path, v["width"], v["height"], v["fps"], state["bytes"], state["frames"])
+            v.update(bytes=state["bytes"], frames=state["frames"], chunks=state["chunks"])
+
+    def add_video(self, pixels: np.ndarray) -> None:
+        """A chunk's decoded pixels (float [B, 3, T, H, W] in [-1, 1]) appended to video.mp4 as one
+        fragment; counted in run.json's `video` (the next time it is written)."""
+        t0 = time.perf_counter()
+        state = self.video.append(pixels_to_uint8(pixels))
+        self.append_seconds += time.perf_counter() - t0
+        v = self.record["video"]
+        v.update(bytes=state["bytes"], frames=state["frames"], chunks=v["chunks"] + 1)
+
+    def video_state(self) -> dict[str, np.ndarray]:
+        """The mp4's committed point, for a snapshot (its entries VIDEO_KEYS)."""
+        v = self.record["video"]
+        return {f"video.{k}": np.asarray(v[k], dtype=np.int64) for k in ("bytes", "frames", "chunks")}
+
+    def close_video(self, abort: bool = False) -> None:
+        """Stops the encoder: closed (a finished run) or killed (a stopped one; committed fragments stay)."""
+        if self.video is not None:
+            if abort:
+                self.video.abort()
+            else:
+                self.video.close()
+            self.video = None
+
     # -- as the run goes ------------------------------------------------------------------------
-    def add_chunk(self, index: int, x: np.ndarray) -> None:
-        """Frames of the run's chunk `index` (0-based) are stored; run.json counts them soon after."""
+    def add_chunk(self, index: int, x: np.ndarray, pixels: np.ndarray | None = None) -> None:
+        """Frames of the run's chunk `index` (0-based) are stored, then (with a video) its pixels are
+        appended to video.mp4; run.json counts the chunk soon after, never before both hold it."""
         self.frames.write(self.first_frame + index * self.chunk_frames, x)
+        if pixels is not None:
+            self.add_video(pixels)
         self.record["chunks_done"] = index + 1
         self.record["frames"] = self.first_frame + (index + 1) * self.chunk_frames
         now = time.monotonic()
@@ -206,9 +269,15 @@ class RunDir:
     def snapshot(self, arrays: dict[str, np.ndarray], identity: str) -> None:
         """Stores the stream state after the chunks done so far; then run.json points to it."""
         self.frames.sync()  # the snapshot must never get ahead of the frames it follows
+        if self.video is not None:
+            self.video.sync()  # nor of the video
+            arrays = {**arrays, **self.video_state()}
         done = self.record["chunks_done"]
         old = (self.record.get("snapshot") or {}).get("file")
         self.record["snapshot"] = save_snapshot(self.out, arrays, done, identity)
+        if self.video is not None:
+            v = self.record["video"]
+            self.record["snapshot"]["video"] = {k: v[k] for k in ("bytes", "frames", "chunks")}
         self._write()
         if old and old != self.record["snapshot"]["file"]:
             (self.out / old).unlink(missing_ok=True)
@@ -220,9 +289,18 @@ class RunDir:
                    f"{self.record['chunks_done']} chunks before it are in {self.out / FRAMES} "
                    f"({self.record['frames']} frames, {RECORD})")
         self.frames.sync()
+        self.close_video(abort=True)
         self.record.update(status="failed", error=message)
         self._write()
         self.frames.close()
+        raise RunError(message)
+
+    def fail(self, message: str) -> None:
+        """Stops the run before its loop (the video could not be opened): run.json says why; RunError."""
+        self.close_video(abort=True)
+        self.record.update(status="failed", error=message)
+        self.frames.close()
+        self._write()
         raise RunError(message)
 
     def fail_io(self, error: OSError) -> None:
@@ -235,6 +313,7 @@ class RunDir:
         message = (f"--out {self.out}: {cause}{where} after {self.record['chunks_done']} chunks; the frames of those "
                    f"are in {self.out / FRAMES} ({self.record['frames']} frames, {RECORD}){hint}")
         self.record.update(status="failed", error=message)
+        self.close_video(abort=True)
         try:
             self.frames.close()
             self._write()
@@ -253,6 +332,10 @@ class RunDir:
         finished run has nothing to resume, and a large model's snapshot is gigabytes."""
         self.frames.sync()
         self.frames.close()
+        if self.video is not None:
+            self.video.close()  # every fragment is committed already; this stops the encoder
+            self.video = None
+            _fsync_file(self.out / VIDEO)  # a finished run's video survives a power loss, like its frames
         wrote = False
         if preview is not None and self.record["frames"]:
             wrote = preview(self.out / PREVIEW, self.preview_frames(max_preview_frames))

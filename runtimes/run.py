@@ -6,6 +6,14 @@ Opens the deployment (runtimes.deployment), starts the video from its instance (
 frame, the warmup's and the new ones) gets each chunk as it is made, run.json says how many are
 done, a snapshot every --snapshot-every chunks lets --resume go on after a crash, and preview.gif is
 made at the end. One run owns OUTDIR at a time. Torch-free.
+
+Video: where the deployment has an exported VAE decoder (`ispa build/export --vae`, manifest
+`decoder`), each chunk is decoded torch-free (runtimes.decoder, its caches carried from chunk to
+chunk) and appended to OUTDIR/video.mp4 (runtimes.video: H.264, 16 fps) in the same loop that
+writes frames.npy: the instance's warmup latents first, as the video's first chunks, then each
+new chunk. `generate(decoder=...)` takes another decoder with the same interface (`ispa run --vae`
+passes PyTorch's); `--no-video` skips it. Snapshots hold the decoder's caches and the mp4's
+committed length, so --resume cuts video.mp4 back to the snapshot and goes on.
 """
 from __future__ import annotations
 
@@ -13,17 +21,18 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifact import ArtifactError
+from .artifact import WAN_FPS, ArtifactError
 from .deployment import BACKENDS, BackendError, Deployment, Video
 from .errors import RunError
 from .files import atomic_path
 from .instance import load_instance
-from .output import FRAMES, RunDir, check_out, claim_out
+from .output import DECODER_PREFIX, FRAMES, VIDEO, VIDEO_KEYS, RunDir, check_out, claim_out
 from .snapshot import load_snapshot
 
 PREVIEW_MIN_PX = 128
@@ -79,6 +88,93 @@ class _Progress:
         print(line, end=end, file=self.out, flush=True)
 
 
+# -- video --------------------------------------------------------------------------------------
+
+@dataclass
+class VideoDecoder:
+    """A stream decoder for video.mp4 and what run.json records of it.
+
+    `decoder` has `decode_chunk(latents [B, z, f, h, w]) -> float32 pixels [B, 3, T, H, W]` in
+    [-1, 1] (T = 1 + 4(f-1) for the video's first chunk, 4f after), `state()` -> arrays and
+    `load_state(arrays)`: runtimes.decoder.StreamDecoder, or ispa_export.vae.TorchVideoDecoder."""
+
+    decoder: Any
+    kind: str  # "exported" (DEPLOY's graphs, runtimes.decoder) or "torch" (ispa run --vae)
+    source: str  # where its weights are, for run.json
+    width: int  # the mp4's frames: the batch's videos side by side
+    height: int
+    fps: float = WAN_FPS
+
+    def record(self) -> dict[str, Any]:
+        return {"file": VIDEO, "decoder": self.kind, "source": self.source, "fps": self.fps, "width": self.width,
+                "height": self.height, "bytes": 0, "frames": 0, "chunks": 0}
+
+
+def exported_decoder(args: argparse.Namespace, deployment: Deployment) -> VideoDecoder | None:
+    """The deployment's exported decoder on ONNX Runtime (TensorRT engines of its graphs when the
+    backend is trt and they were built beside them), or None when it has none."""
+    art = deployment.artifact
+    d = art.decoder
+    if d is None:
+        return None
+    directory = art.decoder_dir
+    from .decoder import GRAPHS, StreamDecoder, TrtStreamDecoder
+
+    engines = {g: Path(d["graphs"][g]).with_suffix(".engine").name for g in GRAPHS}
+    try:
+        if deployment.backend == "trt" and all((directory / e).is_file() for e in engines.values()):
+            dec = TrtStreamDecoder(directory, engines=engines, verify=False)
+        else:
+            providers = [p.strip() for p in args.providers.split(",") if p.strip()] \
+                if getattr(args, "providers", None) else None
+            dec = StreamDecoder(directory, providers=providers, threads=getattr(args, "threads", None), verify=False)
+    except (ArtifactError, RunError):
+        raise
+    except Exception as e:  # onnxruntime's own error types for a graph it cannot load
+        raise ArtifactError(f"{directory}: expected decoder graphs the runtime can load, found: "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+    return VideoDecoder(dec, "exported", str(directory.resolve()), d["width"] * d["batch"], d["height"],
+                        d.get("fps", WAN_FPS))
+
+
+def _video_decoder(args: argparse.Namespace, deployment: Deployment, given: VideoDecoder | None,
+                   prior: dict[str, Any] | None) -> VideoDecoder | None:
+    """The decoder of this run: the one given (--vae), else the deployment's exported one, unless
+    --no-video; a resumed run keeps the kind it began with."""
+    no_video = getattr(args, "no_video", False)
+    if given is not None and no_video:
+        raise RunError("--no-video: expected no decoder, found one given (--vae); leave one of them out")
+    if not args.resume:
+        return given if given is not None else (None if no_video else exported_decoder(args, deployment))
+    began = (prior or {}).get("video")
+    record = Path(args.out) / "run.json"
+    if began is None:
+        if given is not None:
+            raise RunError(f"{record}: video: expected a run with a video to continue with --vae, found one that "
+                           f"began without (resume it without --vae)")
+        return None
+    if no_video:
+        raise RunError(f"{record}: video: the run began writing {VIDEO} ({began.get('decoder')} decoder); resume it "
+                       f"with its decoder, without --no-video")
+    dec = given if given is not None else exported_decoder(args, deployment)
+    kind = None if dec is None else dec.kind
+    if kind != began.get("decoder"):
+        want = "--vae DIR (PyTorch)" if began.get("decoder") == "torch" else \
+            f"the exported decoder of {deployment.artifact.directory}"
+        raise RunError(f"{record}: video.decoder: expected {began.get('decoder')!r}: resume with {want}, as the run "
+                       f"began; found {kind!r}")
+    return dec
+
+
+def _split_snapshot(snap: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                          dict[str, int] | None]:
+    """(the stream's arrays, the decoder's, the mp4's committed point) of a snapshot."""
+    stream = {k: v for k, v in snap.items() if not k.startswith(DECODER_PREFIX) and k not in VIDEO_KEYS}
+    decoder = {k[len(DECODER_PREFIX):]: v for k, v in snap.items() if k.startswith(DECODER_PREFIX)}
+    video = {k.split(".", 1)[1]: int(snap[k]) for k in VIDEO_KEYS if k in snap} or None
+    return stream, decoder, video
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
@@ -106,6 +202,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip sha256 checks of the deployment's and the instance's files (sizes still checked)")
     p.add_argument("--no-preview", action="store_true", help="do not write preview.gif")
+    p.add_argument("--no-video", action="store_true",
+                   help="do not decode the chunks into video.mp4 (default: decode them when DEPLOY has a decoder)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -160,28 +258,62 @@ def _restore(video: Video, snap: dict[str, np.ndarray], path: Path, chunk: int) 
         raise RunError(f"{path}: chunk: expected {chunk} (the instance's chunk + chunks done), found {video.stream.chunk}")
 
 
+@dataclass
+class _Timing:
+    step: float = 0.0  # the DiT's chunks
+    decode: float = 0.0  # the decoder's chunks (the warmup's included)
+    decoded: int = 0
+
+
+def _decode(dec: VideoDecoder, rundir: RunDir, latents: np.ndarray, chunk: int, frame: int,
+            timing: _Timing) -> np.ndarray:
+    t0 = time.perf_counter()
+    try:
+        pixels = dec.decoder.decode_chunk(latents)
+    except Exception as e:  # onnxruntime's, TensorRT's or PyTorch's own error types
+        rundir.fail_chunk(chunk, frame, f"{dec.kind} decoder failed: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]}")
+    timing.decode += time.perf_counter() - t0
+    timing.decoded += 1
+    return pixels
+
+
 def _stream_chunks(video: Video, rundir: RunDir, args: argparse.Namespace, done: int, total: int, identity: str,
-                   on_chunk: Callable[[int], None] | None) -> float:
-    """Chunks done..total-1, each stored as it comes; returns the seconds they took."""
+                   on_chunk: Callable[[int], None] | None, dec: VideoDecoder | None = None,
+                   warmup: np.ndarray | None = None, timing: _Timing | None = None) -> float:
+    """Chunks done..total-1, each stored as it comes (with `dec`: decoded into video.mp4 too, after
+    the `warmup` latents of a new run); returns the seconds they took."""
     stream = video.stream
     f = stream.geo.chunk_frames
+    timing = timing if timing is not None else _Timing()
     progress = None if args.quiet else _Progress(total, start=done)
     t0 = time.perf_counter()
     try:
+        if dec is not None and warmup is not None:  # the video's first chunks: the instance's warmup
+            first = video.first_chunk - warmup.shape[2] // f
+            for k in range(warmup.shape[2] // f):
+                rundir.add_video(_decode(dec, rundir, warmup[:, :, k * f:(k + 1) * f], first + k, k * f, timing))
+            rundir.flush()
         for i in range(done, total):
+            t1 = time.perf_counter()
             try:
                 x0 = video.step()
             except Exception as e:  # the engine's own error types (onnxruntime Fail, TensorRT, ...)
                 rundir.fail_chunk(stream.chunk, stream.frame_index, f"{args.backend} runner failed: "
                                   f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            timing.step += time.perf_counter() - t1
             # One pass over a chunk's latents on the host: cheap next to the chunk's four graph runs.
             if not np.isfinite(x0).all():
                 bad = int(x0.size - np.count_nonzero(np.isfinite(x0)))
                 rundir.fail_chunk(stream.chunk - 1, stream.frame_index - f, f"expected a finite prediction, found "
                                   f"{bad} of {x0.size} values NaN or inf")
-            rundir.add_chunk(i, x0)
+            pixels = None if dec is None else _decode(dec, rundir, x0, stream.chunk - 1, stream.frame_index - f, timing)
+            rundir.add_chunk(i, x0, pixels)
             if args.snapshot_every and (i + 1) % args.snapshot_every == 0 and i + 1 < total:
-                rundir.snapshot(video.state(), identity)
+                arrays = video.state()
+                if dec is not None:
+                    arrays.update({DECODER_PREFIX + k: v for k, v in dec.decoder.state().items()})
+                rundir.snapshot(arrays, identity)
             if progress is not None:
                 progress(1)
             if on_chunk is not None:
@@ -189,20 +321,22 @@ def _stream_chunks(video: Video, rundir: RunDir, args: argparse.Namespace, done:
     except OSError as e:
         rundir.fail_io(e)  # a full disk, a vanished directory: one line, run.json says so, frames kept
     except BaseException:
+        rundir.close_video(abort=True)  # every committed fragment stays; the encoder goes
         rundir.flush()  # run.json counts every chunk on disk, whatever stopped the loop (Ctrl-C)
         raise
     return time.perf_counter() - t0
 
 
 def generate(args: argparse.Namespace, deployment: Deployment | None = None, constants=None,
-             on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_chunk: Callable[[int], None] | None = None, decoder: VideoDecoder | None = None) -> dict[str, Any]:
     """Continue a video into args.out, or resume the run there (args.resume).
 
     `deployment` is an opened one (the PyTorch backend's, from ispa_export, or one shared by several
     runs); `constants` the instance's modulation in the form its runner takes; `on_chunk(chunks_done)`
-    is called after each chunk is stored (benchmarks). Refusals are RunError/ArtifactError/
-    BackendError, raised before anything in args.out is touched; a non-finite chunk is a RunError
-    raised after run.json records the chunks before it."""
+    is called after each chunk is stored (benchmarks); `decoder` decodes the chunks into video.mp4
+    (default: the deployment's exported decoder, if any, unless args.no_video). Refusals are
+    RunError/ArtifactError/BackendError, raised before anything in args.out is touched; a non-finite
+    chunk is a RunError raised after run.json records the chunks before it."""
     _check_counts(args)
     out = Path(args.out)
     prior = check_out(out, args.resume)
@@ -217,16 +351,35 @@ def generate(args: argparse.Namespace, deployment: Deployment | None = None, con
                                      engine=args.engine, verify_checksums=not args.no_verify)
     instance = load_instance(instance_dir(args, deployment), deployment.artifact, verify_checksums=not args.no_verify)
     instance_sha = instance.sha256
+    dec = _video_decoder(args, deployment, decoder, prior)
+    if dec is not None:
+        from .video import ffmpeg_exe
+
+        ffmpeg_exe()  # a missing encoder is refused before OUT is touched
+        _check_decoder_fits(dec, deployment, instance.state["latents"])
     identity = deployment.identity + ":" + instance_sha
     with claim_out(out):
         prior = check_out(out, args.resume, claimed=True)  # again, now that this run owns OUT
         total, done, snap = (_resume_point(args, prior, deployment, instance_sha, out) if args.resume
                              else (args.chunks, 0, None))
+        snap_decoder, snap_video = {}, None
+        if snap is not None:
+            snap, snap_decoder, snap_video = _split_snapshot(snap)
+            if dec is not None and (snap_video is None or not snap_decoder):
+                raise RunError(f"{out / prior['snapshot']['file']}: expected the decoder's caches and {VIDEO}'s "
+                               f"length (the run writes a video), found none")
         video = deployment.start(instance, constants=constants)
+        timing = _Timing()
         try:
             start_chunk = video.first_chunk
             if snap is not None:
                 _restore(video, snap, out / prior["snapshot"]["file"], start_chunk + done)
+                if dec is not None:
+                    try:
+                        dec.decoder.load_state(snap_decoder)
+                    except (KeyError, TypeError, ValueError) as e:
+                        raise RunError(f"{out / prior['snapshot']['file']}: expected the state of this run's "
+                                       f"decoder, found {' '.join(str(e).split())[:200]}") from None
             state_frames = instance.state["latents"]
             geo = deployment.artifact.geometry
             b, c, f, h, w = geo.chunk_shape
@@ -245,22 +398,48 @@ def generate(args: argparse.Namespace, deployment: Deployment | None = None, con
                 "frames_file": FRAMES,
             }
             if args.resume:
+                # run.json counts the video only up to the snapshot before the file is cut back there
+                record["video"] = None if prior.get("video") is None else {**prior["video"], **(snap_video or {})}
                 rundir = RunDir.resume(out, {**prior, **record, "resumed_from": done}, shape, done, f)
             else:
+                record["video"] = None if dec is None else dec.record()
                 rundir = RunDir.start(out, record, shape, state_frames, f)
-            seconds = _stream_chunks(video, rundir, args, done, total, identity, on_chunk)
+            if dec is not None:
+                try:
+                    rundir.open_video(snap_video)
+                except OSError as e:
+                    rundir.fail_io(e)
+                except RunError as e:  # VideoError: the file to resume is not what the snapshot says
+                    rundir.fail(str(e))
+            seconds = _stream_chunks(video, rundir, args, done, total, identity, on_chunk, dec,
+                                     None if args.resume else state_frames, timing)
         finally:
             video.close()
+            if dec is not None and hasattr(dec.decoder, "close"):
+                dec.decoder.close()  # TensorRT's device buffers now, not at garbage collection
         made = total - done
+        extra = {"chunks_generated": total, "seconds": round(seconds, 6),
+                 "seconds_per_chunk": round(seconds / made, 6) if made else None,
+                 "step_seconds_per_chunk": round(timing.step / made, 6) if made else None}
+        if dec is not None:
+            rundir.record["video"].update(
+                decode_seconds_per_chunk=round(timing.decode / timing.decoded, 6) if timing.decoded else None,
+                append_seconds_per_chunk=round(rundir.append_seconds / timing.decoded, 6) if timing.decoded else None)
         try:
-            rundir.finish({"chunks_generated": total, "seconds": round(seconds, 6),
-                           "seconds_per_chunk": round(seconds / made, 6) if made else None},
-                          None if args.no_preview else write_preview, PREVIEW_MAX_FRAMES)
+            rundir.finish(extra, None if args.no_preview else write_preview, PREVIEW_MAX_FRAMES)
         except OSError as e:
             rundir.fail_io(e)
     if not args.no_preview and not rundir.record["preview"]:
         print("note: imageio is not importable; preview.gif not written", file=sys.stderr)
     return rundir.record
+
+
+def _check_decoder_fits(dec: VideoDecoder, deployment: Deployment, warmup: np.ndarray) -> None:
+    """The warmup decodes in the DiT's chunks: its frames must be a whole number of them."""
+    f = deployment.artifact.geometry.chunk_frames
+    if warmup.shape[2] % f:
+        raise RunError(f"instance latents: expected a whole number of {f}-frame chunks to decode into {VIDEO}, "
+                       f"found {warmup.shape[2]} frames")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

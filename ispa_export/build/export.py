@@ -23,8 +23,10 @@ import onnx
 import torch
 
 from graphs.wan import WanModel
-from runtimes.artifact import FORMAT, ONNX, POSITION_SCHEME, SCHEMA_VERSION, cache_records, layer_records
+from runtimes.artifact import (DECODER_DIR, FORMAT, ONNX, POSITION_SCHEME, SCHEMA_VERSION, WAN_FPS, cache_records,
+                               layer_records)
 from runtimes.buffers import host_dtype
+from runtimes.decoder import RECORD as DECODER_RECORD
 from runtimes.driver import Geometry
 from runtimes.files import file_records, write_json_atomic
 from runtimes.groups import output_names
@@ -146,12 +148,56 @@ def versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
+def decoder_entry(record: dict, directory: str = DECODER_DIR, fps: float = WAN_FPS) -> dict:
+    """The manifest's `decoder` field from an export_decoder record (DEPLOY/decoder/decoder.json):
+    what a runtime needs to size the video before it opens the graphs, and the exact cache bytes."""
+    return {
+        "directory": directory, "record": f"{directory}/{DECODER_RECORD}",
+        "graphs": {g: f"{directory}/{v['file']}" for g, v in record["graphs"].items()},
+        "dtype": record["dtype"], "batch": record["batch"], "latent_channels": record["latent_channels"],
+        "latent_height": record["latent_height"], "latent_width": record["latent_width"],
+        "chunk_frames": record["chunk_frames"], "height": record["height"], "width": record["width"],
+        "scale_factor_spatial": record["scale_factor_spatial"],
+        "scale_factor_temporal": record["scale_factor_temporal"],
+        "pixel_frames": dict(record["pixel_frames"]), "fps": fps,
+        "caches": [{"name": c["input"], "output": c["output"], "shape": list(c["shape"]), "dtype": c["dtype"],
+                    "bytes": c["bytes"]} for c in record["caches"]],
+        "cache_bytes": record["cache_bytes"],
+    }
+
+
+def export_vae_decoder(directory: Path, vae, geo: Geometry, dtype_name: str,
+                       progress: Callable[[str], object] = print) -> dict:
+    """The VAE's streaming decoder beside the DiT (DEPLOY/decoder/): its chunk is the DiT's chunk, its
+    batch and latent size the DiT's, its dtype the graph's. Returns the manifest's `decoder` field."""
+    from ..vae import check_vae, export_decoder
+
+    check_vae(vae, geo.channels)
+    t0 = time.perf_counter()
+    progress(f"build: exporting the VAE decoder ({dtype_name}, chunks of {geo.chunk_frames} latent frames)")
+    quiet = logging.getLogger("torch.onnx")  # as export_onnx: torch.onnx's and torch.export's own warnings
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            record = export_decoder(vae, batch=geo.batch, latent_height=geo.height, latent_width=geo.width,
+                                    chunk_frames=geo.chunk_frames, dtype=dtype_name, out_dir=directory / DECODER_DIR)
+    finally:
+        quiet.setLevel(level)
+    progress(f"build: decoder written in {time.perf_counter() - t0:.1f} s ({len(record['caches'])} caches, "
+             f"{record['cache_bytes']:,} bytes)")
+    return decoder_entry(record)
+
+
 def write_deployment(directory: Path, model: WanModel, geo: Geometry, *, preset: str, modulation: str, dtype: str,
                      correction: dict, calibration: dict, progress: Callable[[str], object] = print,
-                     extras: dict[str, Callable[[Path], object]] | None = None) -> dict:
+                     extras: dict[str, Callable[[Path], object]] | None = None, vae=None) -> dict:
     """Trace the deployment's graph into `directory` (not atomic: the caller's atomic_directory is),
     write its golden step and manifest; returns the manifest. `model` is the base model on the
-    deployment's layout with zero corrections; `extras` maps further file names to their writers."""
+    deployment's layout with zero corrections; `extras` maps further file names to their writers;
+    `vae` (a diffusers AutoencoderKLWan) adds its streaming decoder in DEPLOY/decoder/ (manifest
+    `decoder`, its files in `files`)."""
     if modulation not in MODULATIONS:
         raise UserError(f"--modulation: expected one of {list(MODULATIONS)}, got {modulation!r}")
     if dtype not in DTYPES:
@@ -187,6 +233,8 @@ def write_deployment(directory: Path, model: WanModel, geo: Geometry, *, preset:
         "positions": {"scheme": POSITION_SCHEME, "input": "rope_frame", "theta": geo.rope_theta,
                       "pairs": geo.rope_pairs, "sink_rebased": False},
     }
+    if vae is not None:
+        manifest["decoder"] = export_vae_decoder(directory, vae, geo, dtype_name, progress)
     for name, writer in (extras or {}).items():
         writer(directory / name)
     manifest["files"] = file_records(directory)

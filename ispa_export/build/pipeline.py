@@ -108,13 +108,17 @@ def verdict(model: WanModel, layout: list[Span | None], videos: list[Video], opt
 
 def build(model: WanModel, videos: list[Video], opts: IspaOptions, out: Path, *, preset: str, modulation: str,
           dtype: str, progress: Callable[[int], None] | None = None, log: Callable[[str], object] = print,
-          keep_warmups: bool = False) -> Built:
+          keep_warmups: bool = False, vae=None) -> Built:
     """Calibrate, decide, trace, write DEPLOY into `out` (an existing empty directory). `model`
-    holds the weights (on the warmup device and dtype); it is not changed."""
+    holds the weights (on the warmup device and dtype); it is not changed. `vae` (a diffusers
+    AutoencoderKLWan) adds its streaming decoder beside the graph (DEPLOY/decoder, manifest `decoder`)."""
     if not videos:
         raise UserError("--calibration-seeds: expected at least one calibration video")
     cfg = model.cfg
     opts.check(cfg.num_layers)
+    if vae is not None:  # before the calibration's minutes, not after them
+        from ..vae import check_vae
+        check_vae(vae, cfg.in_dim)
     t0 = time.perf_counter()
     calibration = calibrate(model.with_layout([None] * cfg.num_layers), [(v.context, v.seed, v.source) for v in videos],
                             opts, progress)
@@ -141,7 +145,8 @@ def build(model: WanModel, videos: list[Video], opts: IspaOptions, out: Path, *,
               "calibration.png": lambda p: plot_calibration(report, p),
               "torch_model.safetensors": lambda p: save_baked(base, p)}
     manifest = write_deployment(out, base, geo, preset=preset, modulation=modulation, dtype=dtype,
-                                correction=rule.to_dict(), calibration=_finite(summary), progress=log, extras=extras)
+                                correction=rule.to_dict(), calibration=_finite(summary), progress=log, extras=extras,
+                                vae=vae)
     return Built(manifest, base, layout, rule, calibration, warmups)
 
 
