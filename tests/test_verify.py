@@ -532,7 +532,7 @@ def test_engine_build_records_the_engine_beside_the_manifest(tiny, tmp_path, mon
     assert t == {"engine": ENGINE, "timing_cache": "timing.cache", "tensorrt_version": "10.99", "gpu": "Fake GPU",
                  "compute_capability": "9.0", "build_seconds": 1.25, "workspace_bytes": 2 << 30,
                  "strongly_typed": True, "refittable": True, "refit_names": art.manifest["refit_names"],
-                 "refittable_weight_count": len(art.manifest["refit_names"]) + 1,
+                 "refittable_weight_count": len(art.manifest["refit_names"]) + 1, "decoder_engines": [],
                  "deployment_manifest_sha256": hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest(),
                  "bytes": (d / ENGINE).stat().st_size,
                  "sha256": hashlib.sha256((d / ENGINE).read_bytes()).hexdigest()}

@@ -199,9 +199,7 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     engine in which one of the manifest's refit_names did not stay refittable is refused (per-video
     refits would fail on it). Returns the manifest's `tensorrt` record.
     """
-    from runtimes.artifact import load_artifact
-
-    from runtimes.artifact import ENGINE_RECORD
+    from runtimes.artifact import ENGINE_RECORD, load_artifact
     from runtimes.files import file_record, sha256_file, write_json_atomic
 
     from ispa_export.build.trt_support import check_onnx_for_tensorrt
@@ -212,6 +210,13 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     problems = check_onnx_for_tensorrt(art.onnx_path, refit_names)
     if problems:
         raise UserError(_problems_line(art.onnx_path, problems))
+    # The exported VAE decoder's two graphs get engines too (runtimes.run uses them on --backend trt).
+    decoders = [] if art.decoder is None else [art.decoder_dir / Path(art.decoder["graphs"][g]).name
+                                               for g in ("first", "next")]
+    for graph in decoders:
+        problems = check_onnx_for_tensorrt(graph, [])
+        if problems:
+            raise UserError(_problems_line(graph, problems))
     _trt()
     if workspace_bytes <= 0:
         raise UserError(f"--workspace-gib: expected a positive size, got {workspace_bytes} bytes")
@@ -229,6 +234,9 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     finally:
         if tmp.exists():
             tmp.unlink()
+    for graph in decoders:
+        build_engine(graph, graph.with_suffix(".engine"), workspace_bytes=workspace_bytes,
+                     timing_cache_path=directory / TIMING_CACHE, refit=False, progress=progress)
     record = {
         "engine": ENGINE, "timing_cache": TIMING_CACHE, **file_record(directory / ENGINE),
         "deployment_manifest_sha256": sha256_file(art.manifest_path),
@@ -236,6 +244,7 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
         "compute_capability": meta["compute_capability"], "build_seconds": round(meta["build_seconds"], 3),
         "workspace_bytes": meta["workspace_bytes"], "strongly_typed": True, "refittable": meta["refittable"],
         "refit_names": refit_names, "refittable_weight_count": len(meta["refittable_weights"]),
+        "decoder_engines": [g.with_suffix(".engine").relative_to(directory).as_posix() for g in decoders],
     }
     # Beside the manifest, not in it: the deployment (and every instance absorbed into it) stays as it was.
     write_json_atomic(directory / ENGINE_RECORD, record)
