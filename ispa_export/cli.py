@@ -44,6 +44,8 @@ def _build_arguments(p: argparse.ArgumentParser) -> None:
                    help="let the per-layer DP (one cache group per distinct span) challenge the uniform layout")
     p.add_argument("--no-gate", dest="gate", action="store_false", help="keep every L-layer's correction, "
                    "even where it does not lower the held-out discrepancy")
+    p.add_argument("--corrections", default="auto", help="the deployment's verdict on per-video corrections: auto "
+                   "(the output gate on the calibration videos decides), on (each video's per-layer gate alone), off")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="weigh every layer's "
                    "discrepancy alike instead of by its measured effect on the prediction")
     p.add_argument("--holdout-gap", type=int, default=1, help="chunks between a fit and the warmup chunk that "
@@ -194,7 +196,7 @@ def _options(args):
                        window=args.window, sink=args.sink, warmup_chunks=args.warmup_chunks, tol=args.tol,
                        rho=args.rho, variant=args.variant, site=args.site, rank=args.rank, gate=args.gate,
                        calibrate=args.calibrate, per_layer_spans=args.per_layer_spans, holdout_gap=args.holdout_gap,
-                       stream_frames=args.stream_frames)
+                       stream_frames=args.stream_frames, corrections=args.corrections)
 
 
 def _context(args, name: str, cfg, seed: int, device=None):

@@ -74,6 +74,10 @@ class IspaOptions:
     # ever evicted (the whole-video setting), so local sink spans become candidates
     # (policy.reference_keeps_sink).
     stream_frames: int | None = None
+    # A deployment's verdict on per-video corrections (build.pipeline.verdict): 'auto' lets the output
+    # gate decide on the calibration videos (a strict majority keeps them), 'on' leaves each video's
+    # per-layer gate alone to decide, 'off' keeps none.
+    corrections: str = "auto"
 
     def spans(self, cfg) -> list[LocalSpan]:
         if self.window is not None:
@@ -91,6 +95,8 @@ class IspaOptions:
     def check(self, num_layers: int) -> None:
         if self.variant not in VARIANTS:
             raise UserError(f"--variant: expected one of {VARIANTS}, got {self.variant!r}")
+        if self.corrections not in ("auto", "on", "off"):
+            raise UserError(f"--corrections: expected auto, on or off, got {self.corrections!r}")
         if self.select_by not in ("corrected", "raw"):
             raise UserError(f"select_by: expected 'corrected' or 'raw', got {self.select_by!r}")
         if self.site not in SITES:
@@ -392,6 +398,17 @@ def plan(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
 # -- a deployment's layout, from several calibration videos ------------------------------------------
 
 @dataclass
+class Video:
+    """One calibration video: its text context, seed and where the context came from; `given`
+    latents [B, C, T, H, W] teacher-force its warmup (an evaluation's known videos)."""
+
+    context: torch.Tensor
+    seed: int
+    source: str
+    given: np.ndarray | None = None
+
+
+@dataclass
 class Measured:
     """What one calibration warmup leaves for the pooled decision (its statistics are dropped)."""
 
@@ -444,26 +461,26 @@ class Calibration:
         return list(self.allocation.spans)
 
 
-def calibrate(model: WanModel, videos: list[tuple[torch.Tensor, int, str]], opts: IspaOptions,
+def calibrate(model: WanModel, videos: list[Video], opts: IspaOptions,
               progress: Callable[[int], None] | None = None) -> Calibration:
-    """The warmup of each calibration video (context, seed, its name) with every candidate span
-    measured, then the policy over their pooled statistics: the calibrated losses averaged, the
-    uniform prior against the DPs' allocations judged on every video's chain at once (paired per
-    frame). `model` is left all-F."""
+    """The warmup of each calibration video with every candidate span measured, then the policy over
+    their pooled statistics: the calibrated losses averaged, the uniform prior against the DPs'
+    allocations judged on every video's chain at once (paired, the video the unit: policy.paired_gain).
+    `model` is left all-F."""
     cfg = model.cfg
     measured = []
-    for context, seed, source in videos:
-        stream, monitors, decision, correct = _warm(model, context, seed, opts, progress, None)
-        losses, sensitivity, chain = _measure(model, stream, monitors, set(decision.eligible), opts, seed, correct)
-        measured.append(Measured(seed, source, stream.chunk, decision.reason, set(decision.eligible), losses,
+    for v in videos:
+        stream, monitors, decision, correct = _warm(model, v.context, v.seed, opts, progress, v.given)
+        losses, sensitivity, chain = _measure(model, stream, monitors, set(decision.eligible), opts, v.seed, correct)
+        measured.append(Measured(v.seed, v.source, stream.chunk, decision.reason, set(decision.eligible), losses,
                                  sensitivity, chain))
         del stream, monitors  # their statistics: the pooled decision needs only the losses and chains
     losses, allowed = pool(measured, cfg.num_layers)
     chains = [m.chain for m in measured if m.chain is not None]
     frame_errors = None
     if chains:
-        def frame_errors(spans, **kw):
-            return np.concatenate([c.frame_errors(spans, **kw) for c in chains])
+        def frame_errors(spans, **kw):  # one array per video: the video is select's unit of evidence
+            return [c.frame_errors(spans, **kw) for c in chains]
     alloc, per_span, general, selection = _choose(losses, cfg, opts, allowed, frame_errors)
     if opts.per_layer_spans and general is not None and frame_errors is None:
         alloc = general

@@ -40,19 +40,10 @@ from ..modulation import zero_corrections
 from ..plots import plot_calibration
 from ..video.absorb import CorrectionRule, Warmup, absorb_budget, allocation_of, solve_corrections, warm_up
 from ..video.torch_runner import geometry
-from .calibrate import Calibration, IspaOptions, _finite, calibrate, output_gate
+from .calibrate import Calibration, IspaOptions, Video, _finite, calibrate, output_gate
 from .export import write_deployment
 
 CALIBRATION = "calibration.json"
-
-
-@dataclass
-class Video:
-    """One calibration video: its text context, seed and where the context came from."""
-
-    context: torch.Tensor
-    seed: int
-    source: str
 
 
 @dataclass
@@ -74,36 +65,39 @@ def correction_rule(opts: IspaOptions, allowed: tuple[int, ...] = ()) -> Correct
 def verdict(model: WanModel, layout: list[Span | None], videos: list[Video], opts: IspaOptions,
             calibration: Calibration, progress: Callable[[int], None] | None = None,
             keep: bool = False) -> tuple[tuple[int, ...], dict, list[Warmup]]:
-    """The L-layers whose per-video corrections a deployment allows, from the output gate on each
-    calibration video absorbed on `layout`. Returns (allowed layers, the record, the warmups if `keep`)."""
+    """The L-layers whose per-video corrections a deployment allows (opts.corrections: 'auto' asks
+    the output gate on each calibration video absorbed on `layout`). Returns (allowed layers, the
+    record, the calibration videos' warmups on `layout` when `keep`)."""
     local = tuple(i for i, s in enumerate(layout) if s is not None)
     rule = correction_rule(opts, local)
-    judged = opts.gate and opts.calibrate and opts.variant in ("full", "bias")
-    warmups, records = [], []
-    for v in videos:
-        if not judged and not keep:
-            break
-        need = absorb_budget(model, layout, rule, gate_chunks=GATE_CHUNKS)
-        warm = warm_up(model, layout, v.context, v.seed, rule, gate_chunks=GATE_CHUNKS, placement=need.placement,
-                       progress=progress)
-        if judged:
-            _, losses, _ = solve_corrections(warm, layout, rule)
-            chain = Chain(model, warm.stream.buffers["cross_kv"], np.concatenate(warm.stream.latents, axis=2), v.seed,
-                          warm.stream.geo.timesteps, score_chunks=opts.calibration_chunks)
-            gate = output_gate(model.with_layout([None] * len(layout)), warm.monitors, chain,
-                               allocation_of(layout, model.cfg), losses, opts)
-            records.append({"seed": v.seed, "context": v.source, "transition_chunk": warm.chunk, **gate})
-        if keep:
-            warmups.append(warm)
+    judged = (opts.corrections == "auto" and opts.variant in ("full", "bias") and opts.gate and opts.calibrate)
+    warmups = []
+    if judged or keep:
+        for v in videos:
+            need = absorb_budget(model, layout, rule, gate_chunks=GATE_CHUNKS if judged else 0)
+            warmups.append(warm_up(model, layout, v.context, v.seed, rule, gate_chunks=GATE_CHUNKS if judged else 0,
+                                   placement=need.placement, progress=progress, video=v.given))
     if not judged:
-        why = "gate off" if not opts.gate else ("calibration off" if not opts.calibrate else f"variant {opts.variant}")
-        return (local if opts.variant != "none" else ()), {"judged": False, "reason": why}, warmups
+        off = opts.variant == "none" or opts.corrections == "off"
+        why = ("variant none" if opts.variant == "none" else f"--corrections {opts.corrections}" if
+               opts.corrections != "auto" else "gate off" if not opts.gate else
+               "calibration off" if not opts.calibrate else f"variant {opts.variant}")
+        return (() if off else local), {"judged": False, "reason": why}, warmups
+    records = []
+    for v, warm in zip(videos, warmups):
+        _, losses, _ = solve_corrections(warm, layout, rule)
+        chain = Chain(model, warm.stream.buffers["cross_kv"], np.concatenate(warm.stream.latents, axis=2), v.seed,
+                      warm.stream.geo.timesteps, score_chunks=opts.calibration_chunks)
+        gate = output_gate(model.with_layout([None] * len(layout)), warm.monitors, chain,
+                           allocation_of(layout, model.cfg), losses, opts)
+        records.append({"seed": v.seed, "context": v.source, "transition_chunk": warm.chunk, **gate})
     scored = [r for r in records if r["layers"]]
     kept = sum(r["kept"] for r in scored)
     allowed = local if scored and 2 * kept > len(scored) else ()
     reason = (f"the output gate kept the corrections on {kept} of {len(scored)} calibration videos it could score"
               if scored else "no calibration video kept a correction through its per-layer gate")
-    return allowed, {"judged": True, "allowed": bool(allowed), "reason": reason, "videos": records}, warmups
+    return allowed, {"judged": True, "allowed": bool(allowed), "reason": reason, "videos": records}, \
+        (warmups if keep else [])
 
 
 def build(model: WanModel, videos: list[Video], opts: IspaOptions, out: Path, *, preset: str, modulation: str,
@@ -120,8 +114,7 @@ def build(model: WanModel, videos: list[Video], opts: IspaOptions, out: Path, *,
         from ..vae import check_vae
         check_vae(vae, cfg.in_dim)
     t0 = time.perf_counter()
-    calibration = calibrate(model.with_layout([None] * cfg.num_layers), [(v.context, v.seed, v.source) for v in videos],
-                            opts, progress)
+    calibration = calibrate(model.with_layout([None] * cfg.num_layers), videos, opts, progress)
     t_calibrate = time.perf_counter() - t0
     layout = as_layout(calibration.layout)
     if not any(s is not None for s in layout):

@@ -274,12 +274,25 @@ def uniform(cfg: WanConfig, reduction: float, sink: int) -> Allocation | None:
 GATE_Z = 2.0
 
 
-def paired_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+def paired_gain(before, after) -> tuple[float, float]:
     """Mean of the paired per-frame decrease `before - after`, and its standard error (inf with one
-    pair: nothing to tell a gain from noise)."""
+    pair: nothing to tell a gain from noise).
+
+    Several videos (lists of per-frame arrays, one per video): the frames of one video are not
+    independent samples (one event, a shutter or a return, moves them together), so the video is
+    the unit: the mean of the videos' mean gains, its standard error across videos."""
+    if isinstance(before, (list, tuple)):
+        if len(before) == 1:
+            return paired_gain(before[0], after[0])
+        gains = np.array([paired_gain(b, a)[0] for b, a in zip(before, after)])
+        return float(gains.mean()), float(gains.std(ddof=1) / math.sqrt(len(gains)))
     diff = np.asarray(before, dtype=float) - np.asarray(after, dtype=float)
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
     return float(diff.mean()), se
+
+
+def _mean(errors) -> float:
+    return float(np.mean(np.concatenate(errors) if isinstance(errors, (list, tuple)) else errors))
 
 
 def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, frame_errors,
@@ -293,7 +306,8 @@ def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, 
     short totals it does see, keeping frame 0 instead of a frame at distance 1-3 always loses); on
     development seeds 2000-2003 (whole video, 50%) the sink prior won on 4/4 by 1.4-5.8 dB.
     Challengers: the DP's best allocation per shared span and, with `per_layer_spans`, the general
-    per-layer DP, on the allowed sinks. `frame_errors(spans) -> per-frame sample errors`
+    per-layer DP, on the allowed sinks. `frame_errors(spans) -> per-frame sample errors` (or a list
+    of them, one per calibration video: paired_gain's unit is then the video)
     (calibration.Chain, uncorrected: the corrections were fit on these frames) scores prior and
     challengers on the same warmup frames; the best challenger replaces the prior only if its paired gain exceeds `z` standard
     errors. On the demo the additive prediction and a plain comparison of means both picked layouts
@@ -306,7 +320,7 @@ def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, 
     if prior is not None and plain is not None and prior.spans != plain.spans and all(
             a.spans[0] in allowed and allowed[a.spans[0]].source != "extrapolated" for a in (prior, plain)):
         # Both uniform layouts drop frames the warmup saw: the sink is a measurement, not a prior.
-        errors = {a.spans[0].sink: float(np.mean(frame_errors(a.spans))) for a in (prior, plain)}
+        errors = {a.spans[0].sink: _mean(frame_errors(a.spans)) for a in (prior, plain)}
         prior = prior if errors[prior.spans[0].sink] <= errors[0] else plain
         report["sink"] = {"measured": errors, "chosen": prior.spans[0].sink}
     challengers: list[Allocation] = []
@@ -323,8 +337,8 @@ def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, 
             raise UserError(f"--kv-reduction {reduction}: no candidate span reaches it "
                             f"({', '.join(str(s) for s in losses)}, full cache {cfg.max_frames} frames)")
         prior = best
-    base = np.asarray(frame_errors(prior.spans), dtype=float)
-    report["prior"] = {"spans": _names(prior.spans), "error": float(base.mean())}
+    base = frame_errors(prior.spans)
+    report["prior"] = {"spans": _names(prior.spans), "error": _mean(base)}
     scored, winner, winner_gain = [], prior, 0.0
     seen = {tuple(prior.spans)}
     for alloc in challengers:

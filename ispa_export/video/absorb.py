@@ -129,9 +129,10 @@ class Warmup:
 
 def warm_up(model: WanModel, layout: list[Span | None], context: torch.Tensor, seed: int, rule: CorrectionRule, *,
             gate_chunks: int = 0, placement: Placement = Placement(),
-            progress: Callable[[int], None] | None = None) -> Warmup:
+            progress: Callable[[int], None] | None = None, video: np.ndarray | None = None) -> Warmup:
     """The video's first chunks with every layer full (sharing `model`'s weights), monitored on the
-    deployment's layout, until policy.ready says the transition has come."""
+    deployment's layout, until policy.ready says the transition has come. `video` latents teacher-force
+    the cache passes (an evaluation's known video, as build.calibrate's warmups take it)."""
     cfg = model.cfg
     f = cfg.chunk_frames
     monitors = monitors_for(layout, rule, gate_chunks=gate_chunks, placement=placement)
@@ -144,7 +145,7 @@ def warm_up(model: WanModel, layout: list[Span | None], context: torch.Tensor, s
     decision = None
     for c in range(rule.warmup_chunks):
         t = time.perf_counter()
-        stream.step()
+        stream.step(given=None if video is None else video[:, :, c * f:(c + 1) * f])
         monitors.finish()
         times.append(time.perf_counter() - t)
         if progress is not None:
