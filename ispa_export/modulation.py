@@ -5,7 +5,8 @@ so one graph serves every video (a dropped correction is a zero delta, never ano
 the graph takes it is fixed at build (DESIGN.md section 5):
 
 - modulation "input": graph inputs `ispa_weight` [L-layers, D, D] and `ispa_bias` [L-layers, D],
-  each L-layer's whole W_o' = W_o + dW and b_o' = b_o + db, in layer order;
+  each L-layer's whole W_o' = W_o + dW, transposed ([in, out], so the graph multiplies by it as
+  it is), and b_o' = b_o + db, in layer order;
 - modulation "baked": the graph's own constants, named for a refit (TensorRT) and listed as
   overridable graph inputs (ONNX Runtime binds them like inputs): per L-layer
   `blocks.{i}.self_attn.o.weight_t` (W_o' transposed, as the exporter folds it) and
@@ -70,7 +71,8 @@ def with_corrections(model: WanModel, corrections: dict[int, Absorption | None])
 
 
 def input_tensors(model: WanModel) -> dict[str, np.ndarray]:
-    """The L-layers' W_o' and b_o' (absorbed bias included), stacked: the inputs of modulation "input"."""
+    """The L-layers' W_o' (transposed) and b_o' (absorbed bias included), stacked: the inputs of
+    modulation "input"."""
     weights, biases = [], []
     for block, span in zip(model.blocks, model.layout):
         if span is None:
@@ -80,9 +82,9 @@ def input_tensors(model: WanModel) -> dict[str, np.ndarray]:
             raise UserError("--modulation input takes one folded W_o correction per layer; variant "
                             "'per_pass' and site 'adapter' need --modulation baked")
         bias = attn.o.bias if attn.ispa_bias is None else attn.o.bias + attn.ispa_bias[0]
-        weights.append(to_numpy(attn.o.weight.float()))
+        weights.append(to_numpy(attn.o.weight.T.float()))
         biases.append(to_numpy(bias.float()))
-    return {"ispa_weight": np.stack(weights), "ispa_bias": np.stack(biases)}
+    return {"ispa_weight": np.ascontiguousarray(np.stack(weights)), "ispa_bias": np.stack(biases)}
 
 
 def refit_tensors(model: WanModel) -> dict[str, np.ndarray]:
@@ -117,9 +119,9 @@ def modulation_tensors(model: WanModel, modulation: str, dtype: np.dtype) -> dic
 
 
 def torch_inputs(model: WanModel, modulation: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """A video's modulation as WanModel.forward takes it per step (`ispa_weight` W_o', `ispa_bias`
-    b_o', stacked over the L-layers, in the model's dtype): what lets one PyTorch model serve several
-    videos at once. None where the variant has no such form (per pass kind, adapter site)."""
+    """A video's modulation as WanModel.forward takes it per step (`ispa_weight` W_o' transposed,
+    `ispa_bias` b_o', stacked over the L-layers, in the model's dtype): what lets one PyTorch model
+    serve several videos at once. None where the variant has no such form (per pass kind, adapter site)."""
     from runtimes.buffers import host_dtype
 
     dtype = host_dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
@@ -132,7 +134,7 @@ def torch_inputs(model: WanModel, modulation: str, tensors: dict[str, np.ndarray
         if span is None:
             continue
         pre = f"blocks.{i}.self_attn."
-        weights.append(np.asarray(tensors[pre + "o.weight_t"], dtype=np.float32).T)
+        weights.append(np.asarray(tensors[pre + "o.weight_t"], dtype=np.float32))
         biases.append(to_numpy(block.self_attn.o.bias.float()) + np.asarray(tensors[pre + "ispa_bias"], np.float32))
     return {"ispa_weight": np.ascontiguousarray(np.stack(weights).astype(dtype)),
             "ispa_bias": np.ascontiguousarray(np.stack(biases).astype(dtype))}
