@@ -30,7 +30,7 @@ from ispa_export.method.monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMon
 from ispa_export.method.policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
                      eligible_spans, ready, reference_keeps_sink, select, span_losses)
 from ispa_export.method.solver import SITES
-from ispa_export.video.absorb import absorption_for
+from ispa_export.video.absorb import absorption_for, check_given
 from ispa_export.video.torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
@@ -323,12 +323,7 @@ def _warm(model: WanModel, context: torch.Tensor, seed: int, opts: IspaOptions,
     cfg = model.cfg
     opts.check(cfg.num_layers)
     f = cfg.chunk_frames
-    if video is not None:
-        want = (context.shape[0], cfg.in_dim, opts.warmup_chunks * f, cfg.latent_height, cfg.latent_width)
-        if (video.ndim != 5 or video.shape[:2] != want[:2] or video.shape[3:] != want[3:]
-                or video.shape[2] < want[2]):
-            raise UserError(f"warmup video: expected latents [B, C, T, H, W] = {list(want[:2])} + [>= {want[2]}] + "
-                            f"{list(want[3:])} ({opts.warmup_chunks} chunks of {f} frames), got {list(video.shape)}")
+    check_given(video, context, cfg, opts.warmup_chunks)
     spans = opts.spans(cfg)
     if not spans:
         raise UserError(f"--sink {opts.sink}: no candidate span of the full cache's {cfg.max_frames} frames has it")

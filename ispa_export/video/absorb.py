@@ -127,6 +127,17 @@ class Warmup:
         return self.stream.chunk
 
 
+def check_given(video: np.ndarray | None, context: torch.Tensor, cfg, warmup_chunks: int) -> None:
+    """Teacher-forcing latents must cover the warmup: [B, C, >= warmup_chunks * f, H, W]."""
+    if video is None:
+        return
+    f = cfg.chunk_frames
+    want = (context.shape[0], cfg.in_dim, warmup_chunks * f, cfg.latent_height, cfg.latent_width)
+    if video.ndim != 5 or video.shape[:2] != want[:2] or video.shape[3:] != want[3:] or video.shape[2] < want[2]:
+        raise UserError(f"warmup video: expected latents [B, C, T, H, W] = {list(want[:2])} + [>= {want[2]}] + "
+                        f"{list(want[3:])} ({warmup_chunks} chunks of {f} frames), got {list(video.shape)}")
+
+
 def warm_up(model: WanModel, layout: list[Span | None], context: torch.Tensor, seed: int, rule: CorrectionRule, *,
             gate_chunks: int = 0, placement: Placement = Placement(),
             progress: Callable[[int], None] | None = None, video: np.ndarray | None = None) -> Warmup:
@@ -135,6 +146,7 @@ def warm_up(model: WanModel, layout: list[Span | None], context: torch.Tensor, s
     the cache passes (an evaluation's known video, as build.calibrate's warmups take it)."""
     cfg = model.cfg
     f = cfg.chunk_frames
+    check_given(video, context, cfg, rule.warmup_chunks)
     monitors = monitors_for(layout, rule, gate_chunks=gate_chunks, placement=placement)
     current = allocation_of(layout, cfg)
     stream = torch_stream(model.with_layout([None] * cfg.num_layers), context, seed, before_pass=monitors.before_pass)
@@ -154,11 +166,10 @@ def warm_up(model: WanModel, layout: list[Span | None], context: torch.Tensor, s
         try:
             decision = ready(monitors, c, stream.frame_index, f, cfg.max_frames, cfg.full_sink, rule.warmup_chunks,
                              rule.tol, current, losses)
-        except UserError:
+        except UserError as e:
             # The layout's spans are longer than this warmup can see (or their sink leaves the full
             # cache first): nothing to fit a correction on, so its layers go local as they are.
-            decision = Decision(f"the warmup's {stream.frame_index} frames never gave two chunks of history longer "
-                                "than the deployment's spans: no correction to fit", [])
+            decision = Decision(f"no correction to fit, the layers go local as they are: {e}", [])
         if decision is not None:
             break
     stream.runner.before_pass = None
