@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _options(args):
-    from ispa_export.build.calibrate import IspaOptions
+    from ispa_export.builder.calibrate import IspaOptions
 
     return IspaOptions(kv_reduction=None if args.layers else args.kv_reduction, layers=args.layers,
                        window=args.window, sink=args.sink, warmup_chunks=args.warmup_chunks, tol=args.tol,
@@ -253,7 +253,7 @@ def _log(s: str) -> None:
 
 
 def cmd_build(args) -> int:
-    from ispa_export.build.pipeline import Video, build
+    from ispa_export.builder.pipeline import Video, build
     from runtimes.files import atomic_directory
 
     name, model, _ = _model(args)
@@ -277,7 +277,7 @@ def cmd_build(args) -> int:
           f"{built.manifest['calibration']['kv_reduction']:.1%} KV removed, corrections "
           f"{'allowed' if built.rule.allowed else 'off'}; absorb a video with `ispa absorb {out} --seed N --out DIR`")
     if args.engine:
-        from ispa_export.build.engine import build_for_artifact
+        from ispa_export.builder.engine import build_for_artifact
         build_for_artifact(out, workspace_bytes=4 << 30)
     return 0
 
@@ -310,7 +310,7 @@ def cmd_absorb(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ispa_export.build.pipeline import Video, build
+    from ispa_export.builder.pipeline import Video, build
     from ispa_export.plots import plot_discrepancy
     from ispa_export.video.absorb import complete, write_instance
     from runtimes.files import atomic_directory, sha256_file
@@ -463,13 +463,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_engine(args) -> int:
-    from ispa_export.build.engine import build_for_artifact
+    from ispa_export.builder.engine import build_for_artifact
     build_for_artifact(Path(args.deployment), workspace_bytes=int(args.workspace_gib * 2**30))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from ispa_export.build.verify import verify
+    from ispa_export.builder.verify import verify
     return verify(Path(args.deployment), trt=args.trt, instance=args.instance)
 
 

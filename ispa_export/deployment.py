@@ -31,7 +31,7 @@ from runtimes.instance import Instance, load_instance
 
 from .errors import UserError
 from .models import BAKED, load_baked, resolve_device, warmup_dtype
-from .modulation import absorptions_from, torch_inputs, with_corrections
+from .video.modulation import absorptions_from, torch_inputs, with_corrections
 from .video.absorb import Absorbed, CorrectionRule, absorb, instance_arrays, write_instance
 from .video.torch_runner import TORCH_DTYPES, TorchRunner
 

@@ -1,5 +1,5 @@
 """Test scaffolding: a deployment and its instance written from a model and stream transitioned in
-process (build.calibrate.transition, the evaluation's path), laid out as `ispa export` lays them out
+process (builder.calibrate.transition, the evaluation's path), laid out as `ispa export` lays them out
 (DIR = the deployment, DIR/instance = the video). The deployment's base is the baked model with every
 L-layer's correction zeroed; the instance carries the corrections as modulation tensors, so running
 the pair computes what the baked model computes."""
@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from graphs.wan import Absorption, WanModel
-from ispa_export.build.export import DTYPES, write_deployment
+from ispa_export.builder.export import DTYPES, write_deployment
 from ispa_export.models import save_baked
-from ispa_export.modulation import modulation_tensors, zero_corrections
+from ispa_export.video.modulation import modulation_tensors, zero_corrections
 from ispa_export.video.absorb import Absorbed, write_instance
 from runtimes.buffers import host_dtype
 from runtimes.driver import Stream

@@ -12,7 +12,7 @@ import torch
 from graphs.config import preset
 from graphs.wan import WanModel
 from exports import export_transitioned
-from ispa_export.build.calibrate import IspaOptions, transition
+from ispa_export.builder.calibrate import IspaOptions, transition
 from runtimes.artifact import load_artifact
 from runtimes.buffers import HostBuffers, host_dtype
 from runtimes.deployment import Deployment

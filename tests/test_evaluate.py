@@ -9,7 +9,7 @@ from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export import cli
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions
+from ispa_export.builder.calibrate import IspaOptions
 from ispa_export.kv import kv_bytes, layers_for_target
 from ispa_export.lab import evaluate as ev
 from ispa_export.lab.methods import REDUCTIONS, Method, alt_span, methods_for, span_fits

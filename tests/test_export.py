@@ -20,7 +20,7 @@ from exports import export_transitioned
 from graphs.config import preset
 from graphs.masks import retained
 from graphs.wan import WanModel
-from ispa_export.build.calibrate import IspaOptions, bake, plan, report, transition
+from ispa_export.builder.calibrate import IspaOptions, bake, plan, report, transition
 from ispa_export.kv import kv_bytes
 from ispa_export.method.monitor import LocalSpan
 from runtimes.artifact import ArtifactError, load_artifact
@@ -310,7 +310,7 @@ def test_checksum_mismatch_is_refused(artifacts, tmp_path):
 def test_failed_export_leaves_the_old_artifact(tiny, artifacts, tmp_path, monkeypatch):
     """A failure while the graph is being written (here: the trace, after part of model.onnx is out)
     leaves the previous deployment and instance as they were, and nothing beside them."""
-    import ispa_export.build.export as export_mod
+    import ispa_export.builder.export as export_mod
 
     model, stream, rep = tiny
     dst = tmp_path / "keep"
@@ -349,7 +349,7 @@ def test_runtime_streams_without_torch(artifacts, tmp_path):
 def test_large_graphs_keep_weights_in_external_data(tiny, artifacts, tmp_path, monkeypatch):
     """Past protobuf's 2 GiB limit the weights go to model.onnx.data; everything downstream follows,
     the per-video constants bound over externally stored initializers included."""
-    import ispa_export.build.export as export
+    import ispa_export.builder.export as export
     from runtimes.run import main
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)
@@ -392,7 +392,7 @@ def test_inspect_artifact_shows_each_layers_group(mixed):
 
 
 def test_mixed_artifact_passes_golden_verify(mixed, capsys):
-    from ispa_export.build.verify import verify
+    from ispa_export.builder.verify import verify
 
     _, _, _, _, arts = mixed
     assert verify(arts["baked"]) == 0
@@ -405,7 +405,7 @@ def test_mixed_artifact_passes_golden_verify(mixed, capsys):
 def test_mixed_graph_passes_the_tensorrt_checks(mixed):
     """Every op and dtype of the three-group graph is in TensorRT's ONNX support, refit names included
     (the build itself needs TensorRT: tests/test_verify.py)."""
-    from ispa_export.build.engine import check_artifact
+    from ispa_export.builder.engine import check_artifact
 
     _, _, _, _, arts = mixed
     assert check_artifact(arts["baked"]) == []

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import ispa_export.build.calibrate as ispa
+import ispa_export.builder.calibrate as ispa
 import ispa_export.method.monitor as monitor_mod
 from graphs.config import preset
 from graphs.masks import retained
 from graphs.wan import FULL, LOCAL, WanModel
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions, decide, report, transition
+from ispa_export.builder.calibrate import IspaOptions, decide, report, transition
 from ispa_export.kv import kv_bytes, layers_for_target
 from ispa_export.method.monitor import LocalSpan, SpanMonitors, WarmupMonitor
 from ispa_export.video.torch_runner import torch_stream

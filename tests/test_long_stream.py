@@ -5,7 +5,7 @@ import torch
 from exports import export_transitioned
 from graphs.config import preset
 from graphs.wan import WanModel
-from ispa_export.build.calibrate import IspaOptions, report, transition
+from ispa_export.builder.calibrate import IspaOptions, report, transition
 from ispa_export.video.torch_runner import TorchRunner
 from runtimes.deployment import Deployment
 from runtimes.driver import Stream

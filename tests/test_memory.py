@@ -10,8 +10,8 @@ import torch
 from graphs.config import preset
 from graphs.wan import WanModel
 from ispa_export import memory
-from ispa_export.build.calibrate import IspaOptions
-from ispa_export.build.pipeline import _with_zero_corrections
+from ispa_export.builder.calibrate import IspaOptions
+from ispa_export.builder.pipeline import _with_zero_corrections
 from ispa_export.checkpoint import parameter_count, wan_reference_shapes
 from ispa_export.errors import UserError
 from ispa_export.method.monitor import GATE_CHUNKS, Placement, SpanMonitors, statistics_bytes

@@ -16,7 +16,7 @@ import torch
 from graphs.config import preset
 from graphs.wan import LOCAL, WanModel
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions, output_gate, plan, report, transition
+from ispa_export.builder.calibrate import IspaOptions, output_gate, plan, report, transition
 from ispa_export.method.monitor import LocalSpan, SpanMonitors
 from ispa_export.method.policy import (Allocation, SpanLoss, allocate, budget_frames, candidate_spans, choose_correction,
                                 paired_gain, reference_keeps_sink, select, GATE_Z,
@@ -265,7 +265,7 @@ def test_transition_allocates_over_candidate_spans_and_meets_the_target():
 
 def test_per_layer_spans_bake_one_cache_group_per_span(monkeypatch):
     """An allocation that gives layers different spans is baked as it is: one cache group per span."""
-    import ispa_export.build.calibrate as ispa
+    import ispa_export.builder.calibrate as ispa
 
     def mixed(losses, cfg, reduction, layers=None, per_layer_spans=False):
         spans = sorted(losses)

@@ -182,7 +182,7 @@ def streams():
 
 def toy_modulation(geo: Geometry, modulation: str, seed: int) -> dict[str, np.ndarray]:
     """A video's modulation under the graph's names: `ispa_weight`/`ispa_bias` (input), or per L-layer
-    the refit constants of a baked graph (ispa_export.modulation's names)."""
+    the refit constants of a baked graph (ispa_export.video.modulation's names)."""
     rng = np.random.default_rng(seed)
     dim = geo.heads * geo.head_dim
     local = [i for i, m in enumerate(geo.modes) if m == "L"]

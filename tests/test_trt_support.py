@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ispa_export.errors import UserError
-from ispa_export.build.trt_support import check_onnx_for_tensorrt, load_table, polygraphy_inspect, sanitize
+from ispa_export.builder.trt_support import check_onnx_for_tensorrt, load_table, polygraphy_inspect, sanitize
 
 REPO = Path(__file__).resolve().parents[1]
 WHERE = "onnx-tensorrt operators.md, TensorRT 10.15"
@@ -215,9 +215,9 @@ def test_sanitize_folds_constants_and_keeps_outputs(tmp_path):
 
 
 def test_build_and_refit_raise_one_line_errors_without_tensorrt(monkeypatch, tmp_path):
-    """The build (ispa_export.build.engine) and the per-video refit (runtimes.trt.TrtEngine, which loads
+    """The build (ispa_export.builder.engine) and the per-video refit (runtimes.trt.TrtEngine, which loads
     the engine a refit changes) each stop in one line where tensorrt cannot be imported."""
-    from ispa_export.build import engine
+    from ispa_export.builder import engine
     from runtimes.trt import TrtEngine
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
@@ -273,7 +273,7 @@ def _refit_graph(w, b):
 
 @needs_trt
 def test_engine_build_and_refit_change_the_output_as_they_should(tmp_path):
-    from ispa_export.build.engine import build_engine
+    from ispa_export.builder.engine import build_engine
     from runtimes.trt import TrtEngine, TrtRunner
 
     rng = np.random.default_rng(1)
@@ -310,7 +310,7 @@ def test_engine_build_and_refit_change_the_output_as_they_should(tmp_path):
 @needs_trt
 def test_trt_runner_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from ispa_export.build.engine import build_engine
+    from ispa_export.builder.engine import build_engine
     from runtimes.trt import TrtRunner
 
     p, plan = tmp_path / "m.onnx", tmp_path / "m.plan"

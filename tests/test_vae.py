@@ -194,7 +194,7 @@ def test_runtime_imports_no_torch():
 def test_tensorrt_follows_ort(vae, latents, exported, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (DESIGN.md section 7): the TensorRT "
                                            "decoder is written against its Python API and runs where it exists")
-    from ispa_export.build.engine import build_engine
+    from ispa_export.builder.engine import build_engine
 
     directory, _ = exported
     engines = {}

@@ -22,16 +22,16 @@ from exports import export_transitioned
 from graphs.config import WanConfig, preset
 from graphs.wan import WanModel
 from ispa_export import cli
-from ispa_export.build.calibrate import IspaOptions, report, transition
-from ispa_export.build.engine import ENGINE, build_for_artifact, check_artifact
-from ispa_export.build.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
-from ispa_export.build.verify import (GOLDEN, KV_TOKENS, STATE_SEED, TOLERANCES, example_feeds, golden_layout,
+from ispa_export.builder.calibrate import IspaOptions, report, transition
+from ispa_export.builder.engine import ENGINE, build_for_artifact, check_artifact
+from ispa_export.builder.trt_support import check_onnx_for_tensorrt, polygraphy_inspect, sanitize
+from ispa_export.builder.verify import (GOLDEN, KV_TOKENS, STATE_SEED, TOLERANCES, example_feeds, golden_layout,
                                       golden_outputs, is_state_input, layout_nbytes, load_golden, read_golden,
                                       slice_outputs, synthetic_state, tensor_sha256, verify)
-from ispa_export.build.manifest import update_manifest_files
+from ispa_export.builder.manifest import update_manifest_files
 from ispa_export.errors import UserError
 from ispa_export.models import BAKED, load_baked
-from ispa_export.modulation import absorptions_from, with_corrections
+from ispa_export.video.modulation import absorptions_from, with_corrections
 from runtimes.artifact import ArtifactError, load_artifact
 from runtimes.deployment import Deployment
 from runtimes.files import file_record, sha256_file
@@ -201,7 +201,7 @@ def test_golden_file_is_listed_and_matches_the_manifest(tiny):
 
 
 def test_save_golden_stores_step_inputs_and_sliced_kv(tmp_path):
-    from ispa_export.build.verify import save_golden
+    from ispa_export.builder.verify import save_golden
     from ispa_export.video.torch_runner import geometry
 
     cfg = preset("tiny")
@@ -516,7 +516,7 @@ def _fake_build(lose: tuple = ()):
 
 
 def test_engine_build_records_the_engine_beside_the_manifest(tiny, tmp_path, monkeypatch, capsys):
-    import ispa_export.build.engine as engine_mod
+    import ispa_export.builder.engine as engine_mod
 
     d = _copy(tiny, tmp_path)
     build, calls = _fake_build()
@@ -540,7 +540,7 @@ def test_engine_build_records_the_engine_beside_the_manifest(tiny, tmp_path, mon
 
 
 def test_engine_with_a_refit_name_folded_away_is_refused(tiny, tmp_path, monkeypatch):
-    import ispa_export.build.engine as engine_mod
+    import ispa_export.builder.engine as engine_mod
 
     d = _copy(tiny, tmp_path)
     lost = json.loads((d / "manifest.json").read_text())["refit_names"][1]
@@ -687,7 +687,7 @@ def test_external_weights_keep_the_refit_constants_overridable(tiny, video_b, tm
 
 
 def test_building_the_engine_keeps_the_deployments_instances(tiny, tmp_path, monkeypatch):
-    import ispa_export.build.engine as engine_mod
+    import ispa_export.builder.engine as engine_mod
 
     d = _copy(tiny, tmp_path)
     build, _ = _fake_build()

@@ -36,10 +36,10 @@ from runtimes.files import write_json_atomic
 from runtimes.groups import Span, is_cache_name
 from runtimes.schedule import ring_slot
 
-from ispa_export.build.export import export_onnx
+from ispa_export.builder.export import export_onnx
 from ispa_export.flops import step_flops
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions
+from ispa_export.builder.calibrate import IspaOptions
 from ispa_export.kv import frame_bytes, kv_bytes, layers_for_target, uniform_layout
 from ispa_export.method.monitor import LocalSpan, WarmupMonitor
 from ispa_export.models import resolve_device
@@ -433,8 +433,8 @@ def export_section(name: str, out: Path, seed: int = 0) -> tuple[dict, WanModel,
     """`ispa export`'s path (build with one calibration video, then its absorb) on random weights;
     returns the all-F model, the deployment's model with the video's corrections and the directory
     (its ONNX is reused for the ONNX Runtime timing)."""
-    from ispa_export.build.pipeline import Video, build
-    from ispa_export.modulation import with_corrections
+    from ispa_export.builder.pipeline import Video, build
+    from ispa_export.video.modulation import with_corrections
     from ispa_export.video.absorb import complete, write_instance
     from runtimes.files import atomic_directory, sha256_file
 

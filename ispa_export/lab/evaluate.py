@@ -59,7 +59,7 @@ from graphs.wan import WanModel
 
 from ispa_export.args import eval_arguments
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions
+from ispa_export.builder.calibrate import IspaOptions
 from ispa_export.kv import frame_bytes, kv_bytes, layers_for_target
 from ispa_export.lab.methods import ALT_METHODS, HEADLINE, REDUCTIONS, alt_span, methods_for, sink_horizon_frames, span_fits
 from ispa_export.lab.metrics import flicker_energy, frames_of, psnr_frames, recall_of, video_metrics

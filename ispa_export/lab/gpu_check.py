@@ -37,11 +37,11 @@ from runtimes.files import write_bytes_atomic, write_json_atomic
 from runtimes.groups import Span
 from runtimes.schedule import warped_timesteps
 
-from ispa_export.build.calibrate import IspaOptions, transition
-from ispa_export.build.pipeline import _with_zero_corrections
+from ispa_export.builder.calibrate import IspaOptions, transition
+from ispa_export.builder.pipeline import _with_zero_corrections
 from ispa_export.flops import step_flops
 from ispa_export.method.policy import uniform
-from ispa_export.modulation import torch_inputs
+from ispa_export.video.modulation import torch_inputs
 from ispa_export.video.absorb import CorrectionRule, absorb_budget, complete, warm_up
 from ispa_export.video.torch_runner import TorchRunner, geometry, to_numpy, torch_stream
 

@@ -20,7 +20,7 @@ import torch
 from runtimes.files import write_json_atomic
 
 from ispa_export.demo import demo_context
-from ispa_export.build.calibrate import IspaOptions, transition
+from ispa_export.builder.calibrate import IspaOptions, transition
 from ispa_export.models import load_model
 from ispa_export.video.torch_runner import torch_stream
 from ispa_export.lab.videos import make_video

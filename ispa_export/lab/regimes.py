@@ -33,7 +33,7 @@ from graphs.wan import WanModel
 from runtimes.driver import Stream
 
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions, bake, output_gate, plan
+from ispa_export.builder.calibrate import IspaOptions, bake, output_gate, plan
 from ispa_export.kv import frame_bytes
 from ispa_export.method.monitor import LocalSpan
 from ispa_export.method.policy import Correction, allocate, budget_frames, select

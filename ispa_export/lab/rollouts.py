@@ -13,7 +13,7 @@ from graphs.wan import WanModel
 from runtimes.driver import Stream
 
 from ispa_export.errors import UserError
-from ispa_export.build.calibrate import IspaOptions, bake, decide
+from ispa_export.builder.calibrate import IspaOptions, bake, decide
 from ispa_export.method.monitor import LocalSpan, WarmupMonitor
 from ispa_export.video.torch_runner import torch_stream
 from ispa_export.lab.methods import Method, alt_span, sink_horizon_frames

@@ -9,7 +9,7 @@ against one full-cache reference:
 - own-nocorr: the same layout uncorrected (regimes' "ispa-nocorr");
 - shared: the layout of ONE deployment built per (regime, reduction) from calibration videos that
   are not evaluation seeds (development seeds 2000-2003, teacher-forced on their procedural videos
-  as the evaluation's warmups are): `build.calibrate`'s pooled decision and `build.pipeline.verdict`
+  as the evaluation's warmups are): `builder.calibrate`'s pooled decision and `builder.pipeline.verdict`
   on the corrections, then this video absorbed into it (`video.absorb.warm_up` on the deployment's
   layout, teacher-forced here, and `complete`: solve, per-layer gates, the deployment's rule, cut);
 - shared-nocorr: the same absorbed video with every correction zero.
@@ -24,7 +24,7 @@ to T, a run whose transition came earlier on its own layout, and free from T on,
 share one reference and one history up to the first scored chunk. Where the transitions agree
 (T = both), this is exactly the protocol of `regimes.run_seed`.
 
-Teacher forcing: `build.calibrate.Video.given` (the calibration warmups and the verdict's
+Teacher forcing: `builder.calibrate.Video.given` (the calibration warmups and the verdict's
 absorb warmups) and `video.absorb.warm_up(video=...)` (the evaluation video's absorb warmup).
 
     python -m ispa_export.lab.shared_layout --out docs/eval/shared_layout --jobs 2
@@ -45,13 +45,13 @@ from graphs.wan import WanModel
 from runtimes.driver import Stream
 from runtimes.groups import Span, as_layout
 
-from ispa_export.build.calibrate import Calibration, IspaOptions, Video, bake, calibrate, plan
-from ispa_export.build.pipeline import _with_zero_corrections, correction_rule, verdict
+from ispa_export.builder.calibrate import Calibration, IspaOptions, Video, bake, calibrate, plan
+from ispa_export.builder.pipeline import _with_zero_corrections, correction_rule, verdict
 from ispa_export.errors import UserError
 from ispa_export.kv import frame_bytes
 from ispa_export.method.monitor import LocalSpan
 from ispa_export.method.policy import budget_frames, paired_gain
-from ispa_export.modulation import with_corrections
+from ispa_export.video.modulation import with_corrections
 from ispa_export.video.absorb import CorrectionRule, absorb_budget, complete, warm_up
 from ispa_export.video.torch_runner import TorchRunner
 from ispa_export.lab.metrics import frames_of, psnr_frames, ssim_frames
@@ -114,7 +114,7 @@ def _json(x):
 
 def build_deployment(model: WanModel, context: torch.Tensor, st: RegimeSettings, reduction: float,
                      calibration_seeds, log=lambda m: None) -> dict:
-    """The build of build.pipeline.build, up to the graph (not traced: the runs here are PyTorch):
+    """The build of builder.pipeline.build, up to the graph (not traced: the runs here are PyTorch):
     the pooled layout and the verdict on corrections, from teacher-forced calibration warmups."""
     t0 = time.perf_counter()
     f = model.cfg.chunk_frames

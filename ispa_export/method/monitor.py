@@ -45,7 +45,7 @@ class LocalSpan:
 # The issue-13 measurement (rolling, window 5, 4 seeds) found rho 1e-2 harmful and 10-100 safe,
 # so the grid spans the solver's default up to strong shrinkage.
 RHO_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
-# Warmup chunks the output gate scores, each under a fit that never saw it (build.calibrate.output_gate);
+# Warmup chunks the output gate scores, each under a fit that never saw it (builder.calibrate.output_gate);
 # also the held-out chunks the per-layer gate looks at (policy.choose_correction).
 GATE_CHUNKS = 3
 

@@ -9,7 +9,7 @@ may carry a correction at all (the build's output gate). What is left per video:
    it ends by the policy's transition rule (policy.ready) on that layout;
 2. `solve_corrections`: per L-layer, the ridge chosen on held-out chunks and the per-layer gate
    (policy.choose_correction), then the closed-form solve of the layers that keep theirs;
-3. the modulation tensors under the graph's names (ispa_export.modulation; a dropped correction is
+3. the modulation tensors under the graph's names (ispa_export.video.modulation; a dropped correction is
    a zero delta) and the caches cut to the layout (Stream.relayout).
 
 `absorb` does the three and returns an `Absorbed` in memory: the Python API hands it to the engine
@@ -39,7 +39,7 @@ from ..kv import kv_bytes
 from ..method.monitor import RHO_GRID, LocalSpan, Placement, SpanMonitors
 from ..method.policy import Allocation, Decision, SpanLoss, ready, span_losses
 from ..method.solver import SITES
-from ..modulation import modulation_tensors, with_corrections
+from .modulation import modulation_tensors, with_corrections
 from .torch_runner import to_numpy, torch_stream
 
 VARIANTS = ("full", "per_pass", "bias", "none")
@@ -143,7 +143,7 @@ def warm_up(model: WanModel, layout: list[Span | None], context: torch.Tensor, s
             progress: Callable[[int], None] | None = None, video: np.ndarray | None = None) -> Warmup:
     """The video's first chunks with every layer full (sharing `model`'s weights), monitored on the
     deployment's layout, until policy.ready says the transition has come. `video` latents teacher-force
-    the cache passes (an evaluation's known video, as build.calibrate's warmups take it)."""
+    the cache passes (an evaluation's known video, as builder.calibrate's warmups take it)."""
     cfg = model.cfg
     f = cfg.chunk_frames
     check_given(video, context, cfg, rule.warmup_chunks)

@@ -1,7 +1,7 @@
 """The deployment's graph: the chunk step traced once to a fixed-shape ONNX graph, and DEPLOY around it.
 
 The model traced is the deployment's base model on its layout, every L-layer carrying a zero
-correction of fixed shape (ispa_export.modulation), so every video runs this one graph. A baked
+correction of fixed shape (ispa_export.video.modulation), so every video runs this one graph. A baked
 graph names those constants for a refit (matched by value after tracing: the optimiser folds W_o
 into a transposed initializer) and lists them as graph inputs too, so ONNX Runtime binds each
 video's values like inputs while TensorRT treats them as refittable weights.
@@ -33,7 +33,7 @@ from runtimes.groups import output_names
 
 from ..errors import UserError
 from ..kv import kv_bytes
-from ..modulation import MODULATIONS, refit_tensors
+from ..video.modulation import MODULATIONS, refit_tensors
 from ..video.torch_runner import to_torch
 from .verify import example_feeds, save_golden
 

@@ -1,12 +1,12 @@
 """The build, once per model and settings (DESIGN.md section 11): calibration warmups -> one layout
 for every video -> the correction's verdict -> the graph traced once -> DEPLOY.
 
-1. `calibrate` (build.calibrate): each calibration video's warmup measures every candidate span on
+1. `calibrate` (builder.calibrate): each calibration video's warmup measures every candidate span on
    every layer; the policy decides over their pooled statistics (its rules and its uniform prior,
    unchanged), judging allocations on every video's chain at once.
 2. The verdict on corrections: each calibration video is absorbed as a deployment will absorb it
    (video.absorb: the warmup on the layout, the per-layer gates), and the output gate scores its
-   kept corrections on its own frames (build.calibrate.output_gate). Corrections stay allowed when
+   kept corrections on its own frames (builder.calibrate.output_gate). Corrections stay allowed when
    the gate keeps them on a strict majority of the videos it could score; otherwise every video's
    correction is zero. This is the only per-video step moved to the build: its chains cost several
    times the warmup, which a video must not wait for.
@@ -36,7 +36,7 @@ from ..kv import kv_bytes
 from ..method.calibration import Chain
 from ..method.monitor import GATE_CHUNKS
 from ..models import save_baked
-from ..modulation import zero_corrections
+from ..video.modulation import zero_corrections
 from ..plots import plot_calibration
 from ..video.absorb import CorrectionRule, Warmup, absorb_budget, allocation_of, solve_corrections, warm_up
 from ..video.torch_runner import geometry

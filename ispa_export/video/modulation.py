@@ -25,8 +25,8 @@ import torch
 
 from graphs.wan import Absorption, WanModel
 
-from .errors import UserError
-from .video.torch_runner import to_numpy
+from ..errors import UserError
+from .torch_runner import to_numpy
 
 MODULATIONS = ("baked", "input")
 

@@ -74,7 +74,7 @@ class IspaOptions:
     # ever evicted (the whole-video setting), so local sink spans become candidates
     # (policy.reference_keeps_sink).
     stream_frames: int | None = None
-    # A deployment's verdict on per-video corrections (build.pipeline.verdict): 'auto' lets the output
+    # A deployment's verdict on per-video corrections (builder.pipeline.verdict): 'auto' lets the output
     # gate decide on the calibration videos (a strict majority keeps them), 'on' leaves each video's
     # per-layer gate alone to decide, 'off' keeps none.
     corrections: str = "auto"

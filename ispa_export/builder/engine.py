@@ -183,7 +183,7 @@ def check_artifact(directory: str | os.PathLike) -> list[str]:
     """The CPU-side TensorRT checks of an artifact's ONNX (ops, dtypes, fixed shapes, refit names)."""
     from runtimes.artifact import load_artifact
 
-    from ispa_export.build.trt_support import check_onnx_for_tensorrt
+    from ispa_export.builder.trt_support import check_onnx_for_tensorrt
 
     art = load_artifact(directory)
     return check_onnx_for_tensorrt(art.onnx_path, list(art.manifest.get("refit_names") or []))
@@ -202,7 +202,7 @@ def build_for_artifact(directory: str | os.PathLike, workspace_bytes: int, *, pr
     from runtimes.artifact import ENGINE_RECORD, load_artifact
     from runtimes.files import file_record, sha256_file, write_json_atomic
 
-    from ispa_export.build.trt_support import check_onnx_for_tensorrt
+    from ispa_export.builder.trt_support import check_onnx_for_tensorrt
 
     directory = Path(directory)
     art = load_artifact(directory)

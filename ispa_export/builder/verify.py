@@ -340,7 +340,7 @@ def _trt_runner(art, scratch: contextlib.ExitStack):
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from ispa_export.build.engine import build_engine
+    from ispa_export.builder.engine import build_engine
 
     engine = art.engine_path()
     if engine is None:
@@ -423,7 +423,7 @@ def instance_step(art, directory: Path, kv_tokens: int = KV_TOKENS) -> tuple[dic
     from runtimes.schedule import chunk_noise, frame_rope
 
     from ispa_export.models import BAKED, load_baked
-    from ispa_export.modulation import absorptions_from, torch_inputs, with_corrections
+    from ispa_export.video.modulation import absorptions_from, torch_inputs, with_corrections
     from ispa_export.video.torch_runner import TORCH_DTYPES
 
     inst = load_instance(directory, art)
@@ -465,7 +465,7 @@ def verify(directory: Path, trt: bool = False, *, instance: Path | None = None, 
     from runtimes.artifact import load_artifact
 
     if trt:
-        from ispa_export.build.engine import _trt
+        from ispa_export.builder.engine import _trt
         _trt()  # the one-line error before any work when TensorRT is missing
     from polygraphy.comparator import IterationResult
     from polygraphy.exception import PolygraphyException

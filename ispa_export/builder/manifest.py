@@ -1,5 +1,5 @@
 """Refreshing an artifact's manifest.json after a file is added beside the ONNX (the golden step of
-ispa_export.build.verify, the TensorRT engine of ispa_export.build.engine)."""
+ispa_export.builder.verify, the TensorRT engine of ispa_export.builder.engine)."""
 from __future__ import annotations
 
 import json
