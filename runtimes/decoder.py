@@ -260,7 +260,7 @@ class TrtStreamDecoder(_Decoder):
     buffers bound with `set_tensor_address`; the chunk runs with `execute_async_v3` on the buffers' stream.
 
     `engines` maps "first"/"next" to engine files (default: the graph file names with `.engine`),
-    built for example with `ispa_export.build.engine.build_engine(onnx, engine, refit=False, ...)`.
+    built for example with `ispa_export.builder.engine.build_engine(onnx, engine, refit=False, ...)`.
     """
 
     def __init__(self, directory: str | os.PathLike, record: dict[str, Any] | None = None,

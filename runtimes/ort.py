@@ -73,7 +73,7 @@ class OrtSession:
     runner (onnxruntime runs one session from several threads, each with its own IOBinding).
 
     `overridable` are the graph's constants a video replaces by binding them like inputs: a baked
-    deployment's per-video correction (ispa_export.modulation), initializers listed as graph inputs."""
+    deployment's per-video correction (ispa_export.video.modulation), initializers listed as graph inputs."""
 
     def __init__(self, onnx_path: str | os.PathLike, providers: list[str] | None = None,
                  threads: int | None = None, session_options: Any | None = None):
