@@ -405,7 +405,7 @@ def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_wid
     Each file is written atomically, the record last: it holds the sha256 of both graphs, so a crash
     part-way leaves no record, or an old one whose checksums the runtime refuses. Returns the record.
     """
-    from .build.trt_support import check_onnx_for_tensorrt
+    from .builder.trt_support import check_onnx_for_tensorrt
 
     if dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")

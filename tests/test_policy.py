@@ -117,6 +117,16 @@ def test_paired_gain():
     assert gain == 1.0 and se == math.inf  # one pair cannot tell a gain from noise
 
 
+def test_paired_gain_over_videos_takes_the_video_as_the_unit():
+    """Frames of one video move together: many frames of two videos are two samples, not many."""
+    a = [np.full(50, 1.0), np.full(50, 3.0)]
+    b = [np.zeros(50), np.zeros(50)]
+    gain, se = paired_gain(a, b)
+    assert gain == 2.0 and math.isclose(se, 1.0)  # per-video gains 1 and 3: mean 2, SE 1
+    assert paired_gain(np.concatenate(a), np.concatenate(b))[1] < 0.15  # pooled frames: 7x too sure
+    assert paired_gain([np.array([3.0, 5.0])], [np.array([1.0, 2.0])]) == (2.5, 0.5)  # one video: its frames
+
+
 def test_select_keeps_the_uniform_prior_unless_a_layout_wins_beyond_the_noise():
     cfg = CFG.replace(num_layers=4, full_sink=0)  # M = 8; 50% leaves 16 frames: s0w4 on every layer
     losses = _select_table(cfg)

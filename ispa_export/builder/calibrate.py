@@ -30,7 +30,7 @@ from ispa_export.method.monitor import GATE_CHUNKS, RHO_GRID, LocalSpan, SpanMon
 from ispa_export.method.policy import (Allocation, Correction, SpanLoss, allocate, candidate_spans, decide_fixed,
                      eligible_spans, ready, reference_keeps_sink, select, span_losses)
 from ispa_export.method.solver import SITES
-from ispa_export.video.absorb import absorption_for, check_given
+from ispa_export.video.absorb import absorption_for, check_given, json_safe
 from ispa_export.video.torch_runner import torch_stream
 
 # Variants compared by the evaluation: 'full' (one dW per layer), 'per_pass' (one per pass kind),
@@ -482,19 +482,6 @@ def calibrate(model: WanModel, videos: list[Video], opts: IspaOptions,
     return Calibration(alloc, measured, losses, selection, general, per_span)
 
 
-def _finite(x):
-    """JSON-safe: inf/nan become null (report.json refuses non-finite numbers)."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def _span_dict(span: LocalSpan | None) -> dict | None:
     return None if span is None else {"sink": span.sink, "window": span.window}
 
@@ -555,4 +542,4 @@ def report(model: WanModel, monitors: SpanMonitors, tr: Transition, opts: IspaOp
                        "(power law, non-increasing; policy.extrapolate), uncorrected"),
         "options": asdict(opts), "layers": layers,
     }
-    return _finite(rep)
+    return json_safe(rep)

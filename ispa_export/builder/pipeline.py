@@ -38,9 +38,9 @@ from ..method.monitor import GATE_CHUNKS
 from ..models import save_baked
 from ..video.modulation import zero_corrections
 from ..plots import plot_calibration
-from ..video.absorb import CorrectionRule, Warmup, absorb_budget, allocation_of, solve_corrections, warm_up
+from ..video.absorb import CorrectionRule, Warmup, absorb_budget, allocation_of, json_safe, solve_corrections, warm_up
 from ..video.torch_runner import geometry
-from .calibrate import Calibration, IspaOptions, Video, _finite, calibrate, output_gate
+from .calibrate import Calibration, IspaOptions, Video, calibrate, output_gate
 from .export import write_deployment
 
 CALIBRATION = "calibration.json"
@@ -138,7 +138,7 @@ def build(model: WanModel, videos: list[Video], opts: IspaOptions, out: Path, *,
               "calibration.png": lambda p: plot_calibration(report, p),
               "torch_model.safetensors": lambda p: save_baked(base, p)}
     manifest = write_deployment(out, base, geo, preset=preset, modulation=modulation, dtype=dtype,
-                                correction=rule.to_dict(), calibration=_finite(summary), progress=log, extras=extras,
+                                correction=rule.to_dict(), calibration=json_safe(summary), progress=log, extras=extras,
                                 vae=vae)
     return Built(manifest, base, layout, rule, calibration, warmups)
 
@@ -167,7 +167,7 @@ def calibration_report(calibration: Calibration, verdict_record: dict, opts: Isp
     before, after = kv_bytes(cfg, dtype=dtype), kv_bytes(cfg, layout, dtype=dtype)
     from dataclasses import asdict
 
-    return _finite({
+    return json_safe({
         "kv_reduction": 1 - after.total / before.total, "kv_bytes_before": before.total,
         "kv_bytes_after": after.total,
         "layout": [None if s is None else s._asdict() for s in layout],

@@ -51,8 +51,8 @@ from ispa_export.errors import UserError
 from ispa_export.kv import frame_bytes
 from ispa_export.method.monitor import LocalSpan
 from ispa_export.method.policy import budget_frames, paired_gain
+from ispa_export.video.absorb import CorrectionRule, absorb_budget, complete, json_safe, warm_up
 from ispa_export.video.modulation import with_corrections
-from ispa_export.video.absorb import CorrectionRule, absorb_budget, complete, warm_up
 from ispa_export.video.torch_runner import TorchRunner
 from ispa_export.lab.metrics import frames_of, psnr_frames, ssim_frames
 from ispa_export.lab.regimes import REGIMES, RegimeSettings, layouts, regime_model, write_results
@@ -97,21 +97,6 @@ def span_names(layout) -> list[str | None]:
     return [None if s is None else f"s{s.sink}w{s.window}" for s in layout]
 
 
-def _json(x):
-    """JSON-safe copy (numpy scalars, non-finite floats as null)."""
-    if isinstance(x, dict):
-        return {str(k): _json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if np.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
 def build_deployment(model: WanModel, context: torch.Tensor, st: RegimeSettings, reduction: float,
                      calibration_seeds, log=lambda m: None) -> dict:
     """The build of builder.pipeline.build, up to the graph (not traced: the runs here are PyTorch):
@@ -133,8 +118,8 @@ def build_deployment(model: WanModel, context: torch.Tensor, st: RegimeSettings,
     allowed, record, _ = verdict(base, layout, videos, opts, cal)
     rule = correction_rule(opts, allowed)
     dep = {"regime": st.regime, "reduction": reduction, "calibration_seeds": list(calibration_seeds),
-           "layout": span_names(layout), "rule": rule.to_dict(), "corrections": _json(record),
-           "selection": _json(cal.selection), "selection_per_video": _json(per_video),
+           "layout": span_names(layout), "rule": rule.to_dict(), "corrections": json_safe(record),
+           "selection": json_safe(cal.selection), "selection_per_video": json_safe(per_video),
            "calibration_transitions": [{"seed": m.seed, "chunk": m.transition_chunk, "reason": m.reason}
                                        for m in cal.measured],
            "seconds": time.perf_counter() - t0}
@@ -445,7 +430,7 @@ def main(argv: list[str] | None = None, model: WanModel | None = None, context: 
     wall = time.perf_counter() - t0
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "deployments.json").write_text(json.dumps(_json(deps), indent=1) + "\n")
+    (out / "deployments.json").write_text(json.dumps(json_safe(deps), indent=1) + "\n")
     if args.builds_only:
         print(f"wrote {out / 'deployments.json'} ({wall:.0f} s)")
         return 0

@@ -281,7 +281,7 @@ def paired_gain(before, after) -> tuple[float, float]:
     Several videos (lists of per-frame arrays, one per video): the frames of one video are not
     independent samples (one event, a shutter or a return, moves them together), so the video is
     the unit: the mean of the videos' mean gains, its standard error across videos."""
-    if isinstance(before, (list, tuple)):
+    if isinstance(before, (list, tuple)) and before and np.ndim(before[0]) >= 1:
         if len(before) == 1:
             return paired_gain(before[0], after[0])
         gains = np.array([paired_gain(b, a)[0] for b, a in zip(before, after)])
@@ -292,7 +292,8 @@ def paired_gain(before, after) -> tuple[float, float]:
 
 
 def _mean(errors) -> float:
-    return float(np.mean(np.concatenate(errors) if isinstance(errors, (list, tuple)) else errors))
+    grouped = isinstance(errors, (list, tuple)) and errors and np.ndim(errors[0]) >= 1
+    return float(np.mean(np.concatenate(errors) if grouped else errors))
 
 
 def select(losses: dict[LocalSpan, SpanLoss], cfg: WanConfig, reduction: float, frame_errors,

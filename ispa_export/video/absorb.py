@@ -320,7 +320,7 @@ def video_report(model: WanModel, layout, warm: Warmup, losses, corrections, sol
                 entry["curve"][str(c)] = {"all": {"raw": e["raw"], "corrected": e["rho"].get(rho, e["raw"])}}
             entry["absorption"] = solved.get(l)
         layers.append(entry)
-    return _finite({
+    return json_safe({
         "kv_reduction": 1 - after.total / before.total, "kv_bytes_before": before.total, "kv_bytes_after": after.total,
         "transition_chunk": warm.chunk, "transition_reason": warm.reason,
         "selected_layers": [i for i, s in enumerate(layout) if s is not None],
@@ -330,16 +330,18 @@ def video_report(model: WanModel, layout, warm: Warmup, losses, corrections, sol
     })
 
 
-def _finite(x):
-    """JSON-safe: inf/nan become null (report.json refuses non-finite numbers)."""
+def json_safe(x):
+    """JSON-safe: inf/nan become null (report.json refuses non-finite numbers), numpy scalars plain."""
     if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.integer):
         return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
     return x
 
 
