@@ -33,7 +33,8 @@ def plot_discrepancy(report: dict, path: Path) -> Path:
     ax.set_ylabel("discrepancy  ||W_o(a_g - a_l)||² / ||W_o a_g||²")
     ax.set_title(f"raw (faint) vs held-out corrected (markers); transition at chunk {report['transition_chunk']}, "
                  f"{report['kv_reduction']:.0%} KV removed", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # a video whose warmup measured nothing has no curve
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
