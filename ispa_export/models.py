@@ -125,10 +125,6 @@ def warmup_dtype(device: torch.device, dtype: str) -> torch.dtype:
     return TORCH_DTYPES[DTYPE_NAMES[dtype]] if device.type == "cuda" else torch.float32
 
 
-def default_window(cfg: WanConfig, window: int | None) -> int:
-    return cfg.chunk_frames if window is None else window
-
-
 class Progress:
     """A tqdm bar on stderr (progress for long stages without a dependency in the hot path)."""
 

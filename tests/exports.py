@@ -6,6 +6,7 @@ the pair computes what the baked model computes."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ispa_export.video.modulation import modulation_tensors, zero_corrections
 from ispa_export.video.absorb import Absorbed, write_instance
 from runtimes.buffers import host_dtype
 from runtimes.driver import Stream
-from runtimes.files import atomic_directory, sha256_file
+from runtimes.files import atomic_directory, file_record, sha256_file, write_json_atomic
 
 
 def _variant(model: WanModel) -> tuple[str, str, int]:
@@ -66,4 +67,17 @@ def export_transitioned(out: Path, model: WanModel, stream: Stream, report: dict
                                     extras={"torch_model.safetensors": lambda p: save_baked(base, p)})
         write_instance(absorbed, tmp / "instance", deployment=out, deployment_sha256=sha256_file(tmp / "manifest.json"),
                        dtype=dtype_name, context_source="test", atomic=False)
+    return manifest
+
+
+def update_manifest_files(directory: Path, names: list[str], fields: dict | None = None) -> dict:
+    """A test's edit of a deployment: re-record the sha256 and size of `names` in manifest.json
+    `files`, set top-level `fields`; returns the new manifest."""
+    path = Path(directory) / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    for name in names:
+        manifest["files"][name] = file_record(Path(directory) / name)
+    manifest["files"] = dict(sorted(manifest["files"].items()))
+    manifest.update(fields or {})
+    write_json_atomic(path, manifest)
     return manifest

@@ -18,7 +18,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from exports import export_transitioned
+from exports import export_transitioned, update_manifest_files
 from graphs.config import WanConfig, preset
 from graphs.wan import WanModel
 from ispa_export import cli
@@ -28,7 +28,6 @@ from ispa_export.builder.trt_support import check_onnx_for_tensorrt, polygraphy_
 from ispa_export.builder.verify import (GOLDEN, KV_TOKENS, STATE_SEED, TOLERANCES, example_feeds, golden_layout,
                                       golden_outputs, is_state_input, layout_nbytes, load_golden, read_golden,
                                       slice_outputs, synthetic_state, tensor_sha256, verify)
-from ispa_export.builder.manifest import update_manifest_files
 from ispa_export.errors import UserError
 from ispa_export.models import BAKED, load_baked
 from ispa_export.video.modulation import absorptions_from, with_corrections

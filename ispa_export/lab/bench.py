@@ -47,7 +47,7 @@ from ispa_export.method.solver import solve_timing
 from ispa_export.video.torch_runner import FLOAT32_INPUTS, TorchRunner, geometry, to_torch, torch_stream
 from ispa_export.lab.bench_report import markdown, plots
 
-SINK, TARGET = 1, 0.5  # the CLI's defaults; the window is one chunk (pipeline.default_window)
+SINK, TARGET = 1, 0.5  # the old export's defaults: the window is one chunk
 REAL = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 # A scaled-down Wan whose F-layer attention share at M = 21 (~70%) is close to the 1.3B's (~73%):
 # what the ratio looks like at a realistic share, in seconds per step on 2 CPU cores.
