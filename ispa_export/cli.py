@@ -199,7 +199,7 @@ def _options(args):
                        stream_frames=args.stream_frames, corrections=args.corrections)
 
 
-def _context(args, name: str, cfg, seed: int, device=None):
+def _context(args, name: str, cfg, seed: int):
     """The video's text embeddings: --prompt through --text-encoder, --context, or the default."""
     from ispa_export.models import load_context
 
