@@ -20,9 +20,7 @@ The export writes two static graphs (`decoder_first.onnx`: a chunk from empty ca
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -384,8 +382,9 @@ def _outputs_from_nodes(proto: onnx.ModelProto) -> None:
 
 def _export_graph(graph: _ChunkGraph, args: tuple[torch.Tensor, ...], input_names: list[str],
                   output_names: list[str], path: Path) -> onnx.ModelProto:
-    log = io.StringIO()
-    with torch.no_grad(), contextlib.redirect_stdout(log):
+    from .builder.quiet import quiet_export
+
+    with torch.no_grad(), quiet_export():
         program = torch.onnx.export(graph, args, input_names=input_names, output_names=output_names,
                                     dynamo=True, optimize=True, verbose=False)
     proto = program.model_proto

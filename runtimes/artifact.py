@@ -259,7 +259,7 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
                        outputs: dict[str, TensorSpec]) -> None:
     """The manifest's I/O against what the driver feeds and reads, for this geometry."""
     modulation = manifest["modulation"]
-    b, f, p = geo.batch, geo.chunk_frames, geo.tokens_per_frame
+    b, f = geo.batch, geo.chunk_frames
     want_in: dict[str, tuple[tuple[int, ...] | None, str]] = {
         "latents": (geo.chunk_shape, geo.dtype),
         "timestep": ((b,), "float32"),
@@ -312,7 +312,7 @@ def _check_io_contract(manifest: dict, geo: Geometry, inputs: dict[str, TensorSp
                         "one, zero where a video keeps none)", f"layers {owners}")
         missing = [n for n in names if n not in shapes]
         if missing:
-            raise _fail(MANIFEST, "refit_shapes", f"a shape for every refit name", f"none for {missing[:3]}")
+            raise _fail(MANIFEST, "refit_shapes", "a shape for every refit name", f"none for {missing[:3]}")
     if outputs["prediction"].dtype not in FLOAT_DTYPES:
         raise _fail(MANIFEST, "outputs['prediction'].dtype", "a float type", repr(outputs["prediction"].dtype))
 

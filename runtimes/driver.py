@@ -15,10 +15,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from .buffers import Buffers, host_dtype
-from .groups import FULL, GroupSpec, Span, as_layout, cache_groups, new_kv_name, placement  # noqa: F401 (FULL)
+from .groups import GroupSpec, Span, as_layout, cache_groups, new_kv_name, placement
 from .schedule import ROPE_THETA, chunk_noise, flow_step, frame_rope, renoise, ring_slot, warped_timesteps
 
-# FULL (the F-layers' group name) is re-exported: the warmup monitor reads `stream.groups[FULL]`.
 FULL_MODE, LOCAL_MODE = "F", "L"
 
 

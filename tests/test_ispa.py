@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-import ispa_export.builder.calibrate as ispa
 import ispa_export.method.monitor as monitor_mod
 from graphs.config import preset
 from graphs.masks import retained
@@ -23,7 +22,7 @@ from graphs.wan import FULL, LOCAL, WanModel
 from ispa_export.errors import UserError
 from ispa_export.builder.calibrate import IspaOptions, decide, report, transition
 from ispa_export.kv import kv_bytes, layers_for_target
-from ispa_export.method.monitor import LocalSpan, SpanMonitors, WarmupMonitor
+from ispa_export.method.monitor import LocalSpan, WarmupMonitor
 from ispa_export.video.torch_runner import torch_stream
 from runtimes.groups import Span
 from ispa_export.method.solver import AbsorptionStats, corrected_residual, discrepancy, solve

@@ -8,13 +8,9 @@ video's values like inputs while TensorRT treats them as refittable weights.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import platform
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +21,6 @@ import torch
 from graphs.wan import WanModel
 from runtimes.artifact import (DECODER_DIR, FORMAT, ONNX, POSITION_SCHEME, SCHEMA_VERSION, WAN_FPS, cache_records,
                                layer_records)
-from runtimes.buffers import host_dtype
 from runtimes.decoder import RECORD as DECODER_RECORD
 from runtimes.driver import Geometry
 from runtimes.files import file_records, write_json_atomic
@@ -35,6 +30,7 @@ from ..errors import UserError
 from ..kv import kv_bytes
 from ..video.modulation import MODULATIONS, refit_tensors
 from ..video.torch_runner import to_torch
+from .quiet import quiet_export
 from .verify import example_feeds, save_golden
 
 DTYPES = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
@@ -103,20 +99,11 @@ def export_onnx(model: WanModel, feeds: dict[str, np.ndarray], path: Path, refit
     final = {k: v.astype(np_dtype) for k, v in refit_tensors(model).items()} if refit else {}
     zeros = _placeholders(model) if refit else {}
     traced = {k: v.astype(np_dtype) for k, v in refit_tensors(model).items()} if refit else {}
-    log = io.StringIO()
-    # torch.onnx logs a warning per torchvision op it cannot register (torchvision is not a dependency).
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        # ... and torch.export raises deprecation FutureWarnings of its own internals: not the user's.
-        with torch.no_grad(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad(), quiet_export():
             program = torch.onnx.export(model, (), kwargs=kwargs, output_names=outputs, dynamo=True, optimize=True,
                                         verbose=False)
     finally:
-        quiet.setLevel(level)
         _restore(model, zeros)
     proto = program.model_proto
     if refit:
@@ -175,16 +162,8 @@ def export_vae_decoder(directory: Path, vae, geo: Geometry, dtype_name: str,
     check_vae(vae, geo.channels)
     t0 = time.perf_counter()
     progress(f"build: exporting the VAE decoder ({dtype_name}, chunks of {geo.chunk_frames} latent frames)")
-    quiet = logging.getLogger("torch.onnx")  # as export_onnx: torch.onnx's and torch.export's own warnings
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            record = export_decoder(vae, batch=geo.batch, latent_height=geo.height, latent_width=geo.width,
-                                    chunk_frames=geo.chunk_frames, dtype=dtype_name, out_dir=directory / DECODER_DIR)
-    finally:
-        quiet.setLevel(level)
+    record = export_decoder(vae, batch=geo.batch, latent_height=geo.height, latent_width=geo.width,
+                            chunk_frames=geo.chunk_frames, dtype=dtype_name, out_dir=directory / DECODER_DIR)
     progress(f"build: decoder written in {time.perf_counter() - t0:.1f} s ({len(record['caches'])} caches, "
              f"{record['cache_bytes']:,} bytes)")
     return decoder_entry(record)
@@ -203,7 +182,6 @@ def write_deployment(directory: Path, model: WanModel, geo: Geometry, *, preset:
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of {sorted(DTYPES)} for export, got {dtype!r}")
     torch_dtype, dtype_name = DTYPES[dtype]
-    np_dtype = host_dtype(dtype_name)
     cfg = model.cfg
     if geo.layout != model.layout or geo.dtype != dtype_name:
         raise ValueError(f"geometry {geo.layout} ({geo.dtype}) is not the model's {model.layout} ({dtype_name})")

@@ -44,7 +44,6 @@ from ispa_export.errors import UserError
 
 if TYPE_CHECKING:  # torch and the model stay lazy imports: `ispa verify` does not need them
     from graphs.wan import WanModel
-    from runtimes.driver import Stream
 
 GOLDEN = "golden.safetensors"
 GOLDEN_FORMAT = "ispa-golden"

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphs.config import WanConfig, preset
 from graphs.wan import WanModel
 from runtimes.files import atomic_directory, sha256_file, write_json_atomic
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from graphs.masks import retained
-from runtimes.driver import FULL, PassInfo, Stream
+from runtimes.driver import PassInfo, Stream
+from runtimes.groups import FULL
 
 from ispa_export.errors import UserError
 from ispa_export.method.solver import AbsorptionStats, Solution, corrected_residual, discrepancy, solve

@@ -40,7 +40,7 @@ from ..method.monitor import RHO_GRID, LocalSpan, Placement, SpanMonitors
 from ..method.policy import Allocation, Decision, SpanLoss, ready, span_losses
 from ..method.solver import SITES
 from .modulation import modulation_tensors, with_corrections
-from .torch_runner import to_numpy, torch_stream
+from .torch_runner import torch_stream
 
 VARIANTS = ("full", "per_pass", "bias", "none")
 
