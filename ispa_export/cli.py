@@ -372,7 +372,7 @@ def _torch_decoder(args):
     """--vae: the PyTorch streaming decode (ispa_export.vae) for `runtimes.run`, checked against the
     deployment's latents before anything runs."""
     from ispa_export.models import resolve_device
-    from ispa_export.vae import TorchVideoDecoder, check_vae, load_vae
+    from ispa_export.vae import TorchVideoDecoder, check_vae, load_vae, weights_sha256
     from runtimes.artifact import load_artifact
     from runtimes.run import VideoDecoder
 
@@ -380,7 +380,8 @@ def _torch_decoder(args):
     vae = load_vae(args.vae, device=resolve_device(args.device))
     check_vae(vae, geo.channels)
     dec = TorchVideoDecoder(vae, batch=geo.batch, latent_height=geo.height, latent_width=geo.width)
-    return VideoDecoder(dec, "torch", str(Path(args.vae).resolve()), dec.width * geo.batch, dec.height)
+    return VideoDecoder(dec, "torch", str(Path(args.vae).resolve()), weights_sha256(args.vae), dec.width * geo.batch,
+                        dec.height)
 
 
 def cmd_run(args) -> int:

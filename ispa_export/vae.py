@@ -95,6 +95,23 @@ def load_vae(directory: str | Path, device: str | torch.device = "cpu",
     return vae
 
 
+def weights_sha256(directory: str | Path) -> str:
+    """One sha256 over the VAE's config and weight files (a sharded index with its shards): what a run
+    records of the PyTorch decoder, so --resume refuses another VAE's caches and frames."""
+    import hashlib
+
+    root = _vae_dir(Path(directory))
+    names = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"]
+    index = root / names[-1]
+    if index.is_file():
+        names += sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    h = hashlib.sha256()
+    for name in names:
+        if (root / name).is_file():
+            h.update(f"{name}:{file_record(root / name)['sha256']}\n".encode())
+    return h.hexdigest()
+
+
 def check_vae(vae: nn.Module, latent_channels: int) -> None:
     """Refuse a VAE that does not decode the DiT's latents, or one this streaming decoder does not handle."""
     where = getattr(vae, "config_path", "vae/config.json")

@@ -30,7 +30,7 @@ import numpy as np
 from .artifact import WAN_FPS, ArtifactError
 from .deployment import BACKENDS, BackendError, Deployment, Video
 from .errors import RunError
-from .files import atomic_path
+from .files import atomic_path, sha256_file
 from .instance import load_instance
 from .output import DECODER_PREFIX, FRAMES, VIDEO, VIDEO_KEYS, RunDir, check_out, claim_out
 from .snapshot import load_snapshot
@@ -101,12 +101,14 @@ class VideoDecoder:
     decoder: Any
     kind: str  # "exported" (DEPLOY's graphs, runtimes.decoder) or "torch" (ispa run --vae)
     source: str  # where its weights are, for run.json
+    weights: str  # sha256 of what decodes (the VAE's files, or the exported decoder's record): --resume checks it
     width: int  # the mp4's frames: the batch's videos side by side
     height: int
     fps: float = WAN_FPS
 
     def record(self) -> dict[str, Any]:
-        return {"file": VIDEO, "decoder": self.kind, "source": self.source, "fps": self.fps, "width": self.width,
+        return {"file": VIDEO, "decoder": self.kind, "source": self.source, "weights_sha256": self.weights,
+                "fps": self.fps, "width": self.width,
                 "height": self.height, "bytes": 0, "frames": 0, "chunks": 0}
 
 
@@ -118,7 +120,7 @@ def exported_decoder(args: argparse.Namespace, deployment: Deployment) -> VideoD
     if d is None:
         return None
     directory = art.decoder_dir
-    from .decoder import GRAPHS, StreamDecoder, TrtStreamDecoder
+    from .decoder import GRAPHS, RECORD, StreamDecoder, TrtStreamDecoder
 
     engines = {g: Path(d["graphs"][g]).with_suffix(".engine").name for g in GRAPHS}
     try:
@@ -133,8 +135,8 @@ def exported_decoder(args: argparse.Namespace, deployment: Deployment) -> VideoD
     except Exception as e:  # onnxruntime's own error types for a graph it cannot load
         raise ArtifactError(f"{directory}: expected decoder graphs the runtime can load, found: "
                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
-    return VideoDecoder(dec, "exported", str(directory.resolve()), d["width"] * d["batch"], d["height"],
-                        d.get("fps", WAN_FPS))
+    return VideoDecoder(dec, "exported", str(directory.resolve()), sha256_file(directory / RECORD),
+                        d["width"] * d["batch"], d["height"], d.get("fps", WAN_FPS))
 
 
 def _video_decoder(args: argparse.Namespace, deployment: Deployment, given: VideoDecoder | None,
@@ -163,6 +165,9 @@ def _video_decoder(args: argparse.Namespace, deployment: Deployment, given: Vide
             f"the exported decoder of {deployment.artifact.directory}"
         raise RunError(f"{record}: video.decoder: expected {began.get('decoder')!r}: resume with {want}, as the run "
                        f"began; found {kind!r}")
+    if "weights_sha256" in began and began["weights_sha256"] != dec.weights:  # runs before it was recorded: unchecked
+        raise RunError(f"{record}: video.weights_sha256: expected {began.get('weights_sha256')} (the decoder the run "
+                       f"began with, {began.get('source')}), found {dec.weights} ({dec.source})")
     return dec
 
 

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 
 from ispa_export.cli import main  # noqa: E402
-from ispa_export.vae import StreamingDecoder, cache_specs, load_vae, unnormalise  # noqa: E402
+from ispa_export.vae import StreamingDecoder, cache_specs, load_vae, unnormalise, weights_sha256  # noqa: E402
 from runtimes.artifact import ArtifactError, load_artifact  # noqa: E402
 from runtimes.decoder import StreamDecoder  # noqa: E402
 from runtimes.files import sha256_file  # noqa: E402
@@ -126,6 +126,25 @@ def runtimes_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, str(ROOT), *args], stderr=subprocess.PIPE, text=True)
 
 
+def kill_after(p: subprocess.Popen, out: Path, chunks: int) -> None:
+    """SIGKILL the run `p` writing `out` at a random moment once run.json counts `chunks` chunks."""
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                done = json.loads((out / "run.json").read_text()).get("chunks_done", 0)
+            except (FileNotFoundError, ValueError):
+                done = 0
+            if done >= chunks:
+                break
+            assert p.poll() is None and time.monotonic() < deadline, "the run stopped early"
+            time.sleep(0.01)
+        time.sleep(random.uniform(0, 0.3))
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+
+
 # -- the chain -------------------------------------------------------------------------------------
 
 def test_export_lists_the_decoder(chain, vae):
@@ -218,23 +237,8 @@ def test_sigkill_leaves_a_playable_video_and_resume_finishes_it(chain, vae):
     with the right frame count, every frame the stream decode of its latents."""
     total, every = 40, 3
     out = chain["dir"] / "run_kill"
-    p = runtimes_cli(str(chain["dep"]), "--chunks", str(total), "--snapshot-every", str(every), "--out", str(out),
-                     "--quiet")
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                done = json.loads((out / "run.json").read_text()).get("chunks_done", 0)
-            except (FileNotFoundError, ValueError):
-                done = 0
-            if done >= 2 * every + 1:
-                break
-            assert p.poll() is None and time.monotonic() < deadline, "the run stopped early"
-            time.sleep(0.01)
-        time.sleep(random.uniform(0, 0.3))
-    finally:
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
+    kill_after(runtimes_cli(str(chain["dep"]), "--chunks", str(total), "--snapshot-every", str(every), "--out",
+                            str(out), "--quiet"), out, 2 * every + 1)
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "running" and rec["chunks_done"] < total, "killed too late to test anything"
     v, first = rec["video"], rec["chunks_from_state"]
@@ -262,6 +266,29 @@ def test_sigkill_leaves_a_playable_video_and_resume_finishes_it(chain, vae):
     direct = np.concatenate([one_shot(ref[:cut], out.parent / "kill_a.mp4"),
                              one_shot(ref[cut:], out.parent / "kill_b.mp4")])
     assert_matches(read_mp4(out / "video.mp4"), ref, direct, exact=False)
+
+
+def test_resume_keeps_the_decoder_the_run_began_with(chain, tmp_path, capsys):
+    """A run killed mid-way and resumed with another VAE
+    of the same shape, or with the exported decoder instead of --vae, would go on with caches and frames
+    of another decoder: refused in one line naming the field, OUT untouched."""
+    out = tmp_path / "run"
+    code = "import sys; from ispa_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    kill_after(subprocess.Popen([sys.executable, "-c", code, "run", str(chain["dep"]), "--chunks", "200",
+                                 "--snapshot-every", "1", "--vae", str(chain["wan"]), "--out", str(out)],
+                                cwd=ROOT, stderr=subprocess.DEVNULL), out, 2)
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "running" and rec["video"]["weights_sha256"] == weights_sha256(chain["wan"])
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    other = make_tiny_vae(tmp_path / "other", seed=1)  # same config, other weights
+    err = _one_line_exit_2(["run", str(chain["dep"]), "--resume", "--vae", str(other), "--out", str(out)], capsys,
+                           f"{out / 'run.json'}: video.weights_sha256: expected {weights_sha256(chain['wan'])}",
+                           f"found {weights_sha256(other)}")
+    assert str(chain["wan"].resolve()) in err
+    _one_line_exit_2(["run", str(chain["dep"]), "--resume", "--out", str(out)], capsys,
+                     f"{out / 'run.json'}: video.decoder: expected 'torch'")
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 # -- refusals ---------------------------------------------------------------------------------------

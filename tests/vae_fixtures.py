@@ -15,12 +15,13 @@ TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=0,
                 temperal_downsample=[False, True, True])
 
 
-def make_tiny_vae(root: Path, **overrides) -> Path:
-    """Write ROOT/vae; returns ROOT (a stand-in for a Wan diffusers root). `overrides` change the config."""
+def make_tiny_vae(root: Path, seed: int = 0, **overrides) -> Path:
+    """Write ROOT/vae; returns ROOT (a stand-in for a Wan diffusers root). `overrides` change the config,
+    `seed` the random weights."""
     from diffusers import AutoencoderKLWan
 
     root = Path(root)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vae = AutoencoderKLWan(**{**TINY_VAE, **overrides}).eval()
     vae.save_pretrained(root / "vae", safe_serialization=True)
     return root
