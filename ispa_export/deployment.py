@@ -4,7 +4,7 @@
     dep = ispa_export.Deployment.open("artifacts/demo", backend="ort", device="cpu")
     video = dep.start(context, seed=7)          # absorb: warmup in PyTorch, solve, gates, swap
     for latents in video.chunks(40):            # [B, C, f, H, W] each, the warmup's chunks first
-        ...
+        ...                                     # or video.pixels(40): decoded (DEPLOY built with --vae)
 
 `open` loads the deployment's PyTorch weights (for the per-video warmup) and its engine (ONNX
 Runtime session, TensorRT engine, or the PyTorch module itself) once. `start` absorbs one video in
@@ -47,6 +47,7 @@ class Video:
     chunk_frames: int
     seconds: dict[str, float] = field(default_factory=dict)
     _next: int = 0  # chunks yielded so far, the warmup's included
+    _decoder: Any = None  # runtimes.decoder, from the first `pixels` call: it must see every chunk
 
     @property
     def warmup_chunks(self) -> int:
@@ -55,6 +56,23 @@ class Video:
     def chunks(self, n: int) -> Iterator[np.ndarray]:
         """The video's next `n` chunks in order: the warmup's first (already made), then the engine's,
         each as soon as it is made."""
+        if self._decoder is not None:
+            raise UserError("Video.chunks: this video yields pixels (Video.pixels), whose decoder must see every "
+                            "chunk; take one of them per video")
+        return self._latents(n)
+
+    def pixels(self, n: int) -> Iterator[np.ndarray]:
+        """The video's next `n` chunks decoded, float32 [B, 3, T, H, W] in [-1, 1] (T = 1 + 4(f-1) for
+        the video's first chunk, 4f after): DEPLOY's exported VAE decoder (`ispa build --vae`), torch-free,
+        with caches of this video's own carried from chunk to chunk, as `ispa run` writes video.mp4."""
+        if self._decoder is None:
+            if self._next:
+                raise UserError(f"Video.pixels: expected a video whose chunks have not been taken as latents, "
+                                f"found {self._next} taken (Video.chunks): the decoder must see every chunk")
+            self._decoder = self.engine.deployment.decoder()
+        return (self._decoder.decode_chunk(z) for z in self._latents(n))
+
+    def _latents(self, n: int) -> Iterator[np.ndarray]:
         for _ in range(n):
             if self._next < self.warmup_chunks:
                 f = self.chunk_frames
@@ -68,6 +86,7 @@ class Video:
 
     def close(self) -> None:
         self.engine.close()
+        getattr(self._decoder, "close", lambda: None)()  # TensorRT's frees its device buffers now
 
 
 class Deployment:

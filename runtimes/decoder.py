@@ -185,6 +185,23 @@ def _copy_whole(buffers: Buffers, dst: str, src: str) -> None:
 
 # -- ONNX Runtime -------------------------------------------------------------------------------
 
+def decoder_sessions(directory: str | os.PathLike, record: dict[str, Any], providers: list[str] | None = None,
+                     threads: int | None = None) -> dict[str, Any]:
+    """The two graphs' ONNX Runtime sessions. A session runs concurrent IOBindings, so the decoders of
+    several videos (each with its own caches) may share one pair."""
+    import onnxruntime as ort
+
+    from .ort import default_providers
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    return {g: ort.InferenceSession(os.fspath(Path(directory) / record["graphs"][g]["file"]), sess_options=opts,
+                                    providers=list(providers) if providers else default_providers())
+            for g in GRAPHS}
+
+
+
 class StreamDecoder(_Decoder):
     """The two graphs under ONNX Runtime, every tensor bound by IOBinding to a buffer allocated once.
 
@@ -196,21 +213,15 @@ class StreamDecoder(_Decoder):
 
     def __init__(self, directory: str | os.PathLike, record: dict[str, Any] | None = None,
                  providers: list[str] | None = None, threads: int | None = None,
-                 cache_mode: str = "pingpong", verify: bool = True) -> None:
+                 cache_mode: str = "pingpong", verify: bool = True, sessions: dict[str, Any] | None = None) -> None:
         import onnxruntime as ort
 
-        from .ort import OrtCudaBuffers, default_providers, ort_type_to_numpy
+        from .ort import OrtCudaBuffers, ort_type_to_numpy
 
         self._ort = ort
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
         record = record if record is not None else load_record(directory, verify)
-        self.sessions = {}
-        for g in GRAPHS:
-            path = Path(directory) / record["graphs"][g]["file"]
-            self.sessions[g] = ort.InferenceSession(os.fspath(path), sess_options=opts,
-                                                    providers=list(providers) if providers else default_providers())
+        # Given sessions are another decoder's (`sessions(...)`): the weights are loaded once for every video.
+        self.sessions = sessions if sessions is not None else decoder_sessions(directory, record, providers, threads)
         self.providers: list[str] = self.sessions["first"].get_providers()
         cuda = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         super().__init__(directory, record, OrtCudaBuffers() if cuda else HostBuffers(), cache_mode, verify)

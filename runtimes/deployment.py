@@ -82,8 +82,11 @@ class Deployment:
     # The backend's own form of a video's modulation: tensors by graph name -> (runner or None, constants
     # or None); the PyTorch backend's (ispa_export.Deployment.runner_for). None: the graph's names as they are.
     convert: Callable[[dict[str, np.ndarray]], tuple[Any, dict[str, np.ndarray] | None]] | None = None
+    providers: list[str] | None = None  # ONNX Runtime's, for the exported VAE decoder too
+    threads: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _active: list[Video] = field(default_factory=list)
+    _decoder_sessions: tuple[dict[str, Any], dict[str, Any]] | None = None  # (record, sessions), loaded once
 
     @classmethod
     def open(cls, directory: str | os.PathLike, backend: str = "ort", *, providers: list[str] | None = None,
@@ -117,7 +120,7 @@ class Deployment:
             msg = " ".join(str(e).split())[:300]
             raise ArtifactError(f"{art.onnx_path}: expected a model onnxruntime can load, found: {msg}") from None
         check_runner_io(session, art, art.onnx_path)
-        return cls(art, "ort", lambda: OrtRunner(session), session)
+        return cls(art, "ort", lambda: OrtRunner(session), session, providers=providers, threads=threads)
 
     @classmethod
     def _trt(cls, art: Artifact, engine: str | os.PathLike | None) -> "Deployment":
@@ -183,6 +186,33 @@ class Deployment:
             video = Video(self, instance, stream, stream.chunk)
             self._active.append(video)
         return video
+
+    def decoder(self) -> Any:
+        """A streaming decoder for one video (runtimes.decoder: its own caches, allocated once) of DEPLOY's
+        exported VAE decoder: TensorRT engines where the backend is trt and they were built beside the
+        graphs, else ONNX Runtime, whose two sessions are loaded once and shared by every video's decoder."""
+        art = self.artifact
+        if art.decoder is None:
+            raise ArtifactError(f"{art.manifest_path}: decoder: expected the VAE decoder a pixel stream needs "
+                                f"(build with --vae DIR), found none")
+        from .decoder import GRAPHS, StreamDecoder, TrtStreamDecoder, decoder_sessions, load_record
+
+        directory = art.decoder_dir
+        engines = {g: Path(art.decoder["graphs"][g]).with_suffix(".engine").name for g in GRAPHS}
+        try:  # the files' sha256 were checked when the deployment was opened (manifest `files`)
+            if self.backend == "trt" and all((directory / e).is_file() for e in engines.values()):
+                return TrtStreamDecoder(directory, engines=engines, verify=False)
+            with self._lock:
+                if self._decoder_sessions is None:
+                    record = load_record(directory, verify=False)
+                    self._decoder_sessions = record, decoder_sessions(directory, record, self.providers, self.threads)
+            record, sessions = self._decoder_sessions
+            return StreamDecoder(directory, record, sessions=sessions, verify=False)
+        except (ArtifactError, RunError):
+            raise
+        except Exception as e:  # onnxruntime's own error types for a graph it cannot load
+            raise ArtifactError(f"{directory}: expected decoder graphs the runtime can load, found: "
+                                f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
     def adopt(self, instance: Instance, stream: Stream) -> Video:
         """A video whose stream already lives on this engine's device (an in-process absorb on the

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .artifact import WAN_FPS, ArtifactError
+from .decoder import RECORD
 from .deployment import BACKENDS, BackendError, Deployment, Video
 from .errors import RunError
 from .files import atomic_path, sha256_file
@@ -112,30 +113,13 @@ class VideoDecoder:
                 "height": self.height, "bytes": 0, "frames": 0, "chunks": 0}
 
 
-def exported_decoder(args: argparse.Namespace, deployment: Deployment) -> VideoDecoder | None:
-    """The deployment's exported decoder on ONNX Runtime (TensorRT engines of its graphs when the
-    backend is trt and they were built beside them), or None when it has none."""
-    art = deployment.artifact
-    d = art.decoder
+def exported_decoder(deployment: Deployment) -> VideoDecoder | None:
+    """The deployment's exported decoder (Deployment.decoder), or None when it has none."""
+    d = deployment.artifact.decoder
     if d is None:
         return None
-    directory = art.decoder_dir
-    from .decoder import GRAPHS, RECORD, StreamDecoder, TrtStreamDecoder
-
-    engines = {g: Path(d["graphs"][g]).with_suffix(".engine").name for g in GRAPHS}
-    try:
-        if deployment.backend == "trt" and all((directory / e).is_file() for e in engines.values()):
-            dec = TrtStreamDecoder(directory, engines=engines, verify=False)
-        else:
-            providers = [p.strip() for p in args.providers.split(",") if p.strip()] \
-                if getattr(args, "providers", None) else None
-            dec = StreamDecoder(directory, providers=providers, threads=getattr(args, "threads", None), verify=False)
-    except (ArtifactError, RunError):
-        raise
-    except Exception as e:  # onnxruntime's own error types for a graph it cannot load
-        raise ArtifactError(f"{directory}: expected decoder graphs the runtime can load, found: "
-                            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
-    return VideoDecoder(dec, "exported", str(directory.resolve()), sha256_file(directory / RECORD),
+    directory = deployment.artifact.decoder_dir
+    return VideoDecoder(deployment.decoder(), "exported", str(directory.resolve()), sha256_file(directory / RECORD),
                         d["width"] * d["batch"], d["height"], d.get("fps", WAN_FPS))
 
 
@@ -147,7 +131,7 @@ def _video_decoder(args: argparse.Namespace, deployment: Deployment, given: Vide
     if given is not None and no_video:
         raise RunError("--no-video: expected no decoder, found one given (--vae); leave one of them out")
     if not args.resume:
-        return given if given is not None else (None if no_video else exported_decoder(args, deployment))
+        return given if given is not None else (None if no_video else exported_decoder(deployment))
     began = (prior or {}).get("video")
     record = Path(args.out) / "run.json"
     if began is None:
@@ -158,7 +142,7 @@ def _video_decoder(args: argparse.Namespace, deployment: Deployment, given: Vide
     if no_video:
         raise RunError(f"{record}: video: the run began writing {VIDEO} ({began.get('decoder')} decoder); resume it "
                        f"with its decoder, without --no-video")
-    dec = given if given is not None else exported_decoder(args, deployment)
+    dec = given if given is not None else exported_decoder(deployment)
     kind = None if dec is None else dec.kind
     if kind != began.get("decoder"):
         want = "--vae DIR (PyTorch)" if began.get("decoder") == "torch" else \

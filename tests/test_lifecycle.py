@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ispa_export.cli import main as ispa
 from ispa_export.deployment import Deployment
+from runtimes.artifact import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Explicit layers and span: build and one-shot export then share the layout by construction; no gate:
@@ -132,6 +133,8 @@ def test_api_videos_interleaved_and_threaded_equal_their_solo_runs(lifecycle):
     for s in (11, 12):
         assert all(np.array_equal(a, b) for a, b in zip(results[s], ref[s]))
     assert dep.start(ctx, 11).seconds["solve"] >= 0
+    with pytest.raises(ArtifactError, match=r"manifest\.json: decoder: expected the VAE decoder"):
+        dep.start(ctx, 11).pixels(1)  # a deployment built without --vae
 
 
 def test_api_torch_backend_equals_the_cli_run_of_the_written_instance(lifecycle, tmp_path):
@@ -163,7 +166,6 @@ def test_every_path_refuses_an_instance_of_another_deployment(lifecycle, tmp_pat
     proc = subprocess.run([sys.executable, "-m", "runtimes", str(d / "deploy"), "--instance", str(other / "instance"),
                            "--chunks", "1", "--out", str(tmp_path / "rt")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and want in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    from runtimes.artifact import ArtifactError
 
     with pytest.raises(ArtifactError, match=want):
         Deployment.open(other, backend="ort", device="cpu").start(instance=d / "i3")

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 
+import ispa_export  # noqa: E402
 from ispa_export.cli import main  # noqa: E402
+from ispa_export.errors import UserError  # noqa: E402
 from ispa_export.vae import StreamingDecoder, cache_specs, load_vae, unnormalise, weights_sha256  # noqa: E402
 from runtimes.artifact import ArtifactError, load_artifact  # noqa: E402
 from runtimes.decoder import StreamDecoder  # noqa: E402
@@ -227,6 +230,45 @@ def test_no_video(chain):
     assert p.wait(timeout=300) == 0, p.stderr.read()
     assert json.loads((out / "run.json").read_text())["video"] is None
     assert not (out / "video.mp4").exists() and (out / "preview.gif").exists()
+
+
+def test_python_api_pixels_per_video_interleaved_and_threaded(chain):
+    """`Video.pixels`: each video decoded by the deployment's exported decoder with caches of its own (the
+    sessions shared), equal to the stream decode of that video's latents taken alone, interleaved or in
+    threads; a video's chunks go one way, latents or pixels."""
+    dep = ispa_export.Deployment.open(chain["dep"], backend="ort", device="cpu")
+    ctx, n = dep.default_context(), 5
+
+    def solo(seed):
+        video = dep.start(ctx, seed)
+        latents = list(video.chunks(n))
+        video.close()
+        ref = StreamDecoder(chain["dep"] / "decoder")
+        return [ref.decode_chunk(z) for z in latents]
+
+    ref = {s: solo(s) for s in (3, 4)}
+    assert [p.shape[2] for p in ref[3]] == [5] + [8] * (n - 1)
+    videos = {s: dep.start(ctx, s) for s in (3, 4)}
+    got = {s: [] for s in videos}
+    for _ in range(n):
+        for s, video in videos.items():
+            got[s] += list(video.pixels(1))
+    results = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, list(dep.start(ctx, s).pixels(n))))
+               for s in (3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in (3, 4):
+        for run in (got[s], results[s]):
+            assert len(run) == n and all(np.array_equal(a, b) for a, b in zip(run, ref[s]))
+    with pytest.raises(UserError, match="Video.chunks: this video yields pixels"):
+        videos[3].chunks(1)
+    taken = dep.start(ctx, 5)
+    next(taken.chunks(1))
+    with pytest.raises(UserError, match="Video.pixels: expected a video whose chunks have not been taken"):
+        taken.pixels(1)
 
 
 # -- kill and resume --------------------------------------------------------------------------------
