@@ -1,4 +1,4 @@
-"""Wan2.1 VAE decode, streamed chunk by chunk with the causal-conv caches carried over, and its export.
+"""Wan2.1 VAE decode, streamed chunk by chunk with the causal-conv caches carried over.
 
 diffusers' `AutoencoderKLWan._decode` already decodes one latent frame at a time: each causal conv
 keeps its last two input frames in `feat_cache[idx]` (idx counts the cached convs in call order), so
@@ -14,40 +14,27 @@ made [B, C, 2, h, w]: a missing frame and "Rep" become zeros. That is exact, not
 diffusers zero-pads a causal conv's missing frames (and "Rep" means "pad with zeros"), so the conv
 sees the same numbers. The same fixed-shape path runs eagerly and in the exported graphs.
 
-The export writes two static graphs (`decoder_first.onnx`: a chunk from empty caches;
-`decoder_next.onnx`: a chunk from carried caches) and a record the torch-free
-`runtimes.decoder.StreamDecoder` runs them from.
+The same path is traced to two static graphs by ispa_export.builder.decoder (the build's stage).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import onnx
 import torch
 from torch import nn
 
-from runtimes.files import atomic_path, file_record, write_json_atomic
+from runtimes.files import atomic_path, file_record
 
 from .errors import UserError
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
 
-# Record format of an exported decoder, and the names the runtime binds.
-FORMAT = "ispa-wan-vae-decoder"
-FORMAT_VERSION = 1
-RECORD = "decoder.json"
-FIRST, NEXT = "decoder_first.onnx", "decoder_next.onnx"
-LATENTS, PIXELS = "latents", "pixels"
 CACHE_FRAMES = 2  # diffusers' CACHE_T: a causal conv with a 3-frame kernel keeps its last 2 input frames
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-                onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 
 def cache_name(i: int) -> str:
@@ -352,129 +339,6 @@ class TorchVideoDecoder:
                 raise ValueError(f"decoder state: {spec.name}: expected shape {list(spec.shape)}, found {found}")
             caches.append(torch.from_numpy(np.array(got)).to(self.vae.device, self.vae.dtype))
         self.stream.caches, self.chunks = caches, chunks
-
-
-# -- export -------------------------------------------------------------------------------------
-
-class _ChunkGraph(nn.Module):
-    """One chunk of `frames` normalised latents -> clamped pixels and every cache; `first` starts from
-    empty caches (no cache inputs), otherwise the caches are inputs. The un-normalisation is inside,
-    with WanPipeline's constants in the graph's dtype, so the graph eats the DiT's latents as they are."""
-
-    def __init__(self, vae: nn.Module, specs: list[CacheSpec], first: bool) -> None:
-        super().__init__()
-        self.vae, self.specs, self.first = vae, specs, first
-        mean, inv_std = latent_stats(vae, vae.dtype)
-        self.register_buffer("latents_mean", mean)
-        self.register_buffer("latents_inv_std", inv_std)
-
-    def forward(self, latents: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.vae.post_quant_conv(latents / self.latents_inv_std + self.latents_mean)
-        out, new = decode_frames(self.vae, x, None if self.first else list(caches), self.specs)
-        return (torch.clamp(out, min=-1.0, max=1.0), *new)
-
-
-def _io(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
-    def spec(v):
-        t = v.type.tensor_type
-        return {"name": v.name, "shape": [d.dim_value for d in t.shape.dim],
-                "dtype": _ONNX_DTYPES.get(t.elem_type, onnx.TensorProto.DataType.Name(t.elem_type))}
-
-    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
-
-
-def _outputs_from_nodes(proto: onnx.ModelProto) -> None:
-    """Give every graph output a producing node. With one-frame chunks the temporal upsamplers' caches
-    after the video's first frame are constant zeros, which the optimiser turns into initializers that
-    are graph outputs. ONNX Runtime copes (tested), but an output that is a weight is a corner TensorRT
-    and other tools handle least well, so each such output becomes an Identity of the weight."""
-    inits = {t.name: t for t in proto.graph.initializer}
-    for out in proto.graph.output:
-        if out.name in inits:
-            inits[out.name].name = value = out.name + "_value"
-            for node in proto.graph.node:
-                node.input[:] = [value if n == out.name else n for n in node.input]
-            proto.graph.node.append(onnx.helper.make_node("Identity", [value], [out.name]))
-
-
-def _export_graph(graph: _ChunkGraph, args: tuple[torch.Tensor, ...], input_names: list[str],
-                  output_names: list[str], path: Path) -> onnx.ModelProto:
-    from .builder.quiet import quiet_export
-
-    with torch.no_grad(), quiet_export():
-        program = torch.onnx.export(graph, args, input_names=input_names, output_names=output_names,
-                                    dynamo=True, optimize=True, verbose=False)
-    proto = program.model_proto
-    _outputs_from_nodes(proto)
-    got = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
-    if got != (input_names, output_names):
-        raise RuntimeError(f"{path.name}: exported I/O {got} is not the contract {(input_names, output_names)}")
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    return proto
-
-
-def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_width: int, chunk_frames: int,
-                   dtype: str, out_dir: str | Path, check_tensorrt: bool = True) -> dict[str, Any]:
-    """Write `decoder_first.onnx`, `decoder_next.onnx` and their record `decoder.json` into `out_dir`.
-
-    Each file is written atomically, the record last: it holds the sha256 of both graphs, so a crash
-    part-way leaves no record, or an old one whose checksums the runtime refuses. Returns the record.
-    """
-    from .builder.trt_support import check_onnx_for_tensorrt
-
-    if dtype not in DTYPES:
-        raise UserError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    if chunk_frames < 1:
-        raise UserError(f"chunk_frames: expected at least 1, got {chunk_frames}")
-    check_vae(vae, vae.config.z_dim)
-    torch_dtype = DTYPES[dtype]
-    out_dir = Path(out_dir)
-    if vae.dtype != torch_dtype or vae.device.type != "cpu":
-        # Traced on the CPU (the graph does not depend on the device), on a copy: the caller's VAE stays as it is.
-        vae = copy.deepcopy(vae).to("cpu", torch_dtype)
-    specs = cache_specs(vae, batch, latent_height, latent_width)
-    cfg = vae.config
-    latents = torch.zeros(batch, cfg.z_dim, chunk_frames, latent_height, latent_width, dtype=torch_dtype)
-    caches = [torch.zeros(s.shape, dtype=torch_dtype) for s in specs]
-    cache_in, cache_out = [s.name for s in specs], [s.new_name for s in specs]
-    graphs = {}
-    for file, first in ((FIRST, True), (NEXT, False)):
-        graph = _ChunkGraph(vae, specs, first).eval()
-        args = (latents,) if first else (latents, *caches)
-        names = [LATENTS] if first else [LATENTS, *cache_in]
-        proto = _export_graph(graph, args, names, [PIXELS, *cache_out], out_dir / file)
-        inputs, outputs = _io(proto)
-        problems = check_onnx_for_tensorrt(proto) if check_tensorrt else []
-        graphs["first" if first else "next"] = {"file": file, "inputs": inputs, "outputs": outputs,
-                                                "tensorrt_problems": problems}
-        del proto
-    item = torch.empty((), dtype=torch_dtype).element_size()
-    spatial, temporal = scale_factors(vae)
-    record = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "dtype": dtype, "batch": batch, "latent_channels": cfg.z_dim,
-        "latent_height": latent_height, "latent_width": latent_width, "chunk_frames": chunk_frames,
-        "height": latent_height * spatial, "width": latent_width * spatial,
-        "scale_factor_spatial": spatial, "scale_factor_temporal": temporal,
-        "pixel_frames": {"first": pixel_frames(chunk_frames, True, temporal),
-                         "next": pixel_frames(chunk_frames, False, temporal)},
-        "latents": {"name": LATENTS, "shape": list(latents.shape), "dtype": dtype, "normalised": True},
-        "pixels": {"name": PIXELS, "dtype": dtype, "range": [-1.0, 1.0],
-                   "shape": {k: [batch, cfg.out_channels, pixel_frames(chunk_frames, k == "first", temporal),
-                                 latent_height * spatial, latent_width * spatial] for k in ("first", "next")}},
-        # In the graph: z / inv_std + mean with these rounded to `dtype` (WanPipeline's formula).
-        "unnormalise": {"in_graph": True, "formula": "latents / (1 / latents_std) + latents_mean",
-                        "latents_mean": list(cfg.latents_mean), "latents_std": list(cfg.latents_std)},
-        "caches": [{"input": s.name, "output": s.new_name, "module": s.module, "shape": list(s.shape),
-                    "dtype": dtype, "bytes": math.prod(s.shape) * item} for s in specs],
-        "cache_bytes": sum(math.prod(s.shape) for s in specs) * item,
-        "graphs": graphs,
-        "vae_config": {k: v for k, v in dict(cfg).items() if not k.startswith("_")},
-    }
-    record["files"] = {g["file"]: file_record(out_dir / g["file"]) for g in graphs.values()}
-    write_json_atomic(out_dir / RECORD, record)
-    return record
 
 
 # -- a finished run to mp4 ----------------------------------------------------------------------

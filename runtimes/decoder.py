@@ -1,4 +1,4 @@
-"""Streaming Wan VAE decode, torch-free: the two static graphs of `ispa_export.vae.export_decoder`.
+"""Streaming Wan VAE decode, torch-free: the two static graphs of `ispa_export.builder.decoder.export_decoder`.
 
 `decoder_first.onnx` decodes the video's first chunk from empty caches; `decoder_next.onnx` every
 later chunk from the caches the previous chunk left. The caches (32 tensors, 1.89 GB in fp16 at
@@ -32,7 +32,7 @@ from .artifact import _fail
 from .buffers import Buffers, CudaBuffers, HostBuffers, host_dtype
 from .files import sha256_file
 
-# Written by ispa_export.vae.export_decoder; the names are its contract.
+# Written by ispa_export.builder.decoder.export_decoder; the names are its contract.
 RECORD = "decoder.json"
 FORMAT = "ispa-wan-vae-decoder"
 FORMAT_VERSION = 1

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from ispa_export.errors import UserError  # noqa: E402
-from ispa_export.vae import (FIRST, NEXT, RECORD, StreamingDecoder, cache_specs, check_vae,  # noqa: E402
-                             export_decoder, load_vae)
+from ispa_export.builder.decoder import FIRST, NEXT, RECORD, export_decoder  # noqa: E402
+from ispa_export.vae import StreamingDecoder, cache_specs, check_vae, load_vae  # noqa: E402
 from runtimes.artifact import ArtifactError  # noqa: E402
 from runtimes.decoder import StreamDecoder, TrtStreamDecoder  # noqa: E402
 from vae_fixtures import make_tiny_vae  # noqa: E402

@@ -157,7 +157,8 @@ def export_vae_decoder(directory: Path, vae, geo: Geometry, dtype_name: str,
                        progress: Callable[[str], object] = print) -> dict:
     """The VAE's streaming decoder beside the DiT (DEPLOY/decoder/): its chunk is the DiT's chunk, its
     batch and latent size the DiT's, its dtype the graph's. Returns the manifest's `decoder` field."""
-    from ..vae import check_vae, export_decoder
+    from ..vae import check_vae
+    from .decoder import export_decoder
 
     check_vae(vae, geo.channels)
     t0 = time.perf_counter()
