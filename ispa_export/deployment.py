@@ -6,6 +6,7 @@
     for latents in video.chunks(40):            # [B, C, f, H, W] each, the warmup's chunks first
         ...                                     # or video.pixels(40): decoded (DEPLOY built with --vae)
 
+The video is the torch-free half's (runtimes.deployment.Video: `chunks`, `pixels`, `seconds`).
 `open` loads the deployment's PyTorch weights (for the per-video warmup) and its engine (ONNX
 Runtime session, TensorRT engine, or the PyTorch module itself) once. `start` absorbs one video in
 memory (video.absorb) and hands its caches and modulation to a stream of its own on that engine:
@@ -17,9 +18,8 @@ PyTorch backend.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 from runtimes import deployment as rt
 from runtimes.artifact import Artifact, load_artifact
 from runtimes.files import sha256_file
+from runtimes.deployment import Video
 from runtimes.instance import Instance, load_instance
 
 from .errors import UserError
@@ -36,57 +37,6 @@ from .video.absorb import Absorbed, CorrectionRule, absorb, instance_arrays, wri
 from .video.torch_runner import TORCH_DTYPES, TorchRunner
 
 BACKENDS = ("torch", "ort", "trt")
-
-
-@dataclass
-class Video:
-    """One video on a deployment: the warmup's latents, then its stream on the engine."""
-
-    warmup: np.ndarray  # [B, C, T, H, W]: every frame before the engine's first chunk
-    engine: rt.Video
-    chunk_frames: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    _next: int = 0  # chunks yielded so far, the warmup's included
-    _decoder: Any = None  # runtimes.decoder, from the first `pixels` call: it must see every chunk
-
-    @property
-    def warmup_chunks(self) -> int:
-        return self.warmup.shape[2] // self.chunk_frames
-
-    def chunks(self, n: int) -> Iterator[np.ndarray]:
-        """The video's next `n` chunks in order: the warmup's first (already made), then the engine's,
-        each as soon as it is made."""
-        if self._decoder is not None:
-            raise UserError("Video.chunks: this video yields pixels (Video.pixels), whose decoder must see every "
-                            "chunk; take one of them per video")
-        return self._latents(n)
-
-    def pixels(self, n: int) -> Iterator[np.ndarray]:
-        """The video's next `n` chunks decoded, float32 [B, 3, T, H, W] in [-1, 1] (T = 1 + 4(f-1) for
-        the video's first chunk, 4f after): DEPLOY's exported VAE decoder (`ispa build --vae`), torch-free,
-        with caches of this video's own carried from chunk to chunk, as `ispa run` writes video.mp4."""
-        if self._decoder is None:
-            if self._next:
-                raise UserError(f"Video.pixels: expected a video whose chunks have not been taken as latents, "
-                                f"found {self._next} taken (Video.chunks): the decoder must see every chunk")
-            self._decoder = self.engine.deployment.decoder()
-        return (self._decoder.decode_chunk(z) for z in self._latents(n))
-
-    def _latents(self, n: int) -> Iterator[np.ndarray]:
-        for _ in range(n):
-            if self._next < self.warmup_chunks:
-                f = self.chunk_frames
-                out = self.warmup[:, :, self._next * f:(self._next + 1) * f]
-            else:
-                t0 = time.perf_counter()
-                out = self.engine.step()
-                self.seconds.setdefault("first_engine_chunk", time.perf_counter() - t0)
-            self._next += 1
-            yield out
-
-    def close(self) -> None:
-        self.engine.close()
-        getattr(self._decoder, "close", lambda: None)()  # TensorRT's frees its device buffers now
 
 
 class Deployment:
@@ -163,17 +113,15 @@ class Deployment:
         if self.runtime is None:
             raise UserError("Deployment.open(..., backend=None) absorbs only; open it with a backend to run videos")
         if instance is not None:
-            inst = load_instance(instance, self.artifact)
-            engine = self.runtime.start(inst)
-            return Video(inst.state["latents"], engine, self.artifact.geometry.chunk_frames)
+            return self.runtime.start(load_instance(instance, self.artifact))
         if context is None or seed is None:
             raise UserError("Deployment.start: expected a context and a seed (or instance=DIR)")
         absorbed = self.absorb(context, seed, progress)
         t0 = time.perf_counter()
-        engine = self._hand_over(absorbed)
-        seconds = {k: v for k, v in absorbed.seconds.items() if not isinstance(v, list)}
-        seconds["swap"] = time.perf_counter() - t0
-        return Video(absorbed.warmup_latents, engine, self.artifact.geometry.chunk_frames, seconds)
+        video = self._hand_over(absorbed)
+        video.seconds.update({k: v for k, v in absorbed.seconds.items() if not isinstance(v, list)})
+        video.seconds["swap"] = time.perf_counter() - t0
+        return video
 
     def runner_for(self, tensors: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray] | None]:
         """(a runner of its own or None: the engine's usual one, the modulation as that runner takes
@@ -187,7 +135,7 @@ class Deployment:
         own = with_corrections(self._torch_model, absorptions_from(self._torch_model, tensors))
         return TorchRunner(own, self.device), {}
 
-    def _hand_over(self, absorbed: Absorbed) -> rt.Video:
+    def _hand_over(self, absorbed: Absorbed) -> Video:
         """The absorbed stream to the engine: on PyTorch in the same device and dtype its buffers go on
         as they are (no copy of the caches); otherwise they pass through the host once."""
         runner, consts = self.runner_for(absorbed.modulation)
@@ -201,7 +149,7 @@ class Deployment:
             model = self._torch_model if runner is None else runner.model
             stream.use(TorchRunner(model, self.device, buffers=stream.buffers), consts)
             stream.keep_latents, stream.latents = False, []
-            return self.runtime.adopt(instance, stream)
+            return self.runtime.adopt(instance, stream, absorbed.warmup_latents)
         return self.runtime.start(instance, constants=consts, runner=runner) if consts is not None or runner \
             else self.runtime.start(instance)
 

@@ -2,7 +2,8 @@
 
     dep = Deployment.open("DEPLOY", backend="ort")          # validate, load the session/engine once
     video = dep.start("INSTANCE")                           # this video's caches and modulation
-    for latents in video.chunks(100): ...                   # [B, C, f, H, W] per chunk, in order
+    for latents in video.chunks(100): ...                   # [B, C, f, H, W] per chunk, the warmup's first
+    # or video.pixels(100): the chunks decoded by DEPLOY's VAE decoder (built with --vae)
 
 Three lifetimes, three objects (onnxruntime-genai's Model / GeneratorParams / Generator): the
 `Deployment` holds the validated manifest and the engine (an onnxruntime session, a TensorRT
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,22 +40,59 @@ class BackendError(RuntimeError):
 
 @dataclass
 class Video:
-    """One video on a deployment: its stream positioned after its warmup (its instance)."""
+    """One video on a deployment: the warmup's latents (made before the handover), then its stream on
+    the engine, positioned after the warmup."""
 
     deployment: "Deployment"
     instance: Instance
     stream: Stream
     first_chunk: int  # the stream's chunk where the instance handed over
+    warmup: np.ndarray  # [B, C, T, H, W]: every frame before the engine's first chunk
+    seconds: dict[str, float] = field(default_factory=dict)  # an in-process absorb's, and the first engine chunk
+    _next: int = 0  # chunks taken by `chunks`/`pixels`, the warmup's included
+    _decoder: Any = None  # runtimes.decoder, from the first `pixels` call: it must see every chunk
     _closed: bool = False
 
+    @property
+    def warmup_chunks(self) -> int:
+        return self.warmup.shape[2] // self.stream.geo.chunk_frames
+
     def step(self) -> np.ndarray:
-        """The next chunk's latents [B, C, f, H, W] (float32, on the host)."""
+        """The engine's next chunk [B, C, f, H, W] (float32, on the host); the warmup's are not among
+        them (`chunks` yields the whole video)."""
         return self.stream.step()
 
     def chunks(self, n: int) -> Iterator[np.ndarray]:
-        """The next `n` chunks, each yielded as soon as it is made."""
+        """The video's next `n` chunks in order: the warmup's first (made already), then the engine's,
+        each as soon as it is made."""
+        if self._decoder is not None:
+            raise RunError("Video.chunks: this video yields pixels (Video.pixels), whose decoder must see every "
+                           "chunk; take one of them per video")
+        return self._latents(n)
+
+    def pixels(self, n: int) -> Iterator[np.ndarray]:
+        """The video's next `n` chunks decoded, float32 [B, 3, T, H, W] in [-1, 1] (T = 1 + 4(f-1) for
+        the video's first chunk, 4f after): DEPLOY's exported VAE decoder (`ispa build --vae`) with
+        caches of this video's own carried from chunk to chunk, as `ispa run` writes video.mp4."""
+        if self._decoder is None:
+            taken = self._next + self.stream.chunk - self.first_chunk
+            if taken:
+                raise RunError(f"Video.pixels: expected a video whose chunks have not been taken as latents, "
+                               f"found {taken} taken (Video.chunks, Video.step): the decoder must see every chunk")
+            self._decoder = self.deployment.decoder()
+        return (self._decoder.decode_chunk(z) for z in self._latents(n))
+
+    def _latents(self, n: int) -> Iterator[np.ndarray]:
+        f = self.stream.geo.chunk_frames
         for _ in range(n):
-            yield self.stream.step()
+            if self._next < self.warmup_chunks:
+                out = self.warmup[:, :, self._next * f:(self._next + 1) * f]
+            else:
+                t0 = time.perf_counter()
+                out = self.stream.step()
+                self.seconds.setdefault("first_engine_chunk", time.perf_counter() - t0)
+            self._next += 1
+            yield out
 
     def state(self) -> dict[str, np.ndarray]:
         """What a snapshot keeps: the stream's state less what the instance and the frames hold."""
@@ -68,6 +107,7 @@ class Video:
         if not self._closed:
             self._closed = True
             self.deployment._release(self)
+            getattr(self._decoder, "close", lambda: None)()  # TensorRT's frees its device buffers now
 
 
 @dataclass
@@ -183,7 +223,7 @@ class Deployment:
             stream = Stream(runner, self.artifact.geometry, instance.cross_kv, instance.seed, constants=consts,
                             keep_latents=keep_latents)
             stream.load_state(instance.state)
-            video = Video(self, instance, stream, stream.chunk)
+            video = Video(self, instance, stream, stream.chunk, instance.state["latents"])
             self._active.append(video)
         return video
 
@@ -214,11 +254,11 @@ class Deployment:
             raise ArtifactError(f"{directory}: expected decoder graphs the runtime can load, found: "
                                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
-    def adopt(self, instance: Instance, stream: Stream) -> Video:
+    def adopt(self, instance: Instance, stream: Stream, warmup: np.ndarray) -> Video:
         """A video whose stream already lives on this engine's device (an in-process absorb on the
         PyTorch backend): registered like one started here, its buffers used as they are."""
         with self._lock:
-            video = Video(self, instance, stream, stream.chunk)
+            video = Video(self, instance, stream, stream.chunk, warmup)
             self._active.append(video)
         return video
 

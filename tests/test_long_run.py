@@ -345,12 +345,16 @@ def test_two_videos_on_one_session_each_equal_their_solo_run(art, tmp_path):
     def solo(inst: Path) -> np.ndarray:
         video = Deployment.open(art, providers=CPU).start(inst)
         try:
-            return np.concatenate(list(video.chunks(n)), axis=2)
+            return np.concatenate([video.step() for _ in range(n)], axis=2)
         finally:
             video.close()
 
     alone = [solo(inst) for inst in instances]
     assert not np.allclose(alone[0], alone[1], atol=1e-3)
+    whole = Deployment.open(art, providers=CPU).start(instances[0])  # `chunks`: the whole video, the warmup's first
+    assert np.array_equal(np.concatenate(list(whole.chunks(whole.warmup_chunks + n)), axis=2),
+                          np.concatenate([whole.instance.state["latents"], alone[0]], axis=2))
+    whole.close()
 
     dep = Deployment.open(art, providers=CPU)
     videos = [dep.start(inst) for inst in instances]

@@ -25,10 +25,10 @@ imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 
 import ispa_export  # noqa: E402
 from ispa_export.cli import main  # noqa: E402
-from ispa_export.errors import UserError  # noqa: E402
 from ispa_export.vae import StreamingDecoder, cache_specs, load_vae, unnormalise, weights_sha256  # noqa: E402
 from runtimes.artifact import ArtifactError, load_artifact  # noqa: E402
 from runtimes.decoder import StreamDecoder  # noqa: E402
+from runtimes.errors import RunError  # noqa: E402
 from runtimes.files import sha256_file  # noqa: E402
 from runtimes.video import Mp4Writer, count_frames, ffmpeg_exe, pixels_to_uint8  # noqa: E402
 from text_fixtures import make_tiny_umt5  # noqa: E402
@@ -263,11 +263,11 @@ def test_python_api_pixels_per_video_interleaved_and_threaded(chain):
     for s in (3, 4):
         for run in (got[s], results[s]):
             assert len(run) == n and all(np.array_equal(a, b) for a, b in zip(run, ref[s]))
-    with pytest.raises(UserError, match="Video.chunks: this video yields pixels"):
+    with pytest.raises(RunError, match="Video.chunks: this video yields pixels"):
         videos[3].chunks(1)
     taken = dep.start(ctx, 5)
     next(taken.chunks(1))
-    with pytest.raises(UserError, match="Video.pixels: expected a video whose chunks have not been taken"):
+    with pytest.raises(RunError, match="Video.pixels: expected a video whose chunks have not been taken"):
         taken.pixels(1)
 
 
