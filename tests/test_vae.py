@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from ispa_export.errors import UserError  # noqa: E402
-from ispa_export.builder.decoder import FIRST, NEXT, RECORD, export_decoder  # noqa: E402
+from ispa_export.builder.decoder import FIRST, NEXT, RECORD, WEIGHTS, export_decoder  # noqa: E402
 from ispa_export.vae import StreamingDecoder, cache_specs, check_vae, load_vae  # noqa: E402
 from runtimes.artifact import ArtifactError  # noqa: E402
 from runtimes.decoder import StreamDecoder, TrtStreamDecoder  # noqa: E402
@@ -128,7 +128,29 @@ def test_graph_io_is_fixed(exported):
             assert shapes[o] == shape and (graph == "first" or shapes[i] == shape)
         assert record["graphs"][graph]["tensorrt_problems"] == []
     assert record["pixel_frames"] == {"first": 1 + 4 * (CHUNK - 1), "next": 4 * CHUNK}
-    assert set(record["files"]) == {FIRST, NEXT} and (directory / RECORD).is_file()
+    assert set(record["files"]) == {FIRST, NEXT, WEIGHTS} and (directory / RECORD).is_file()
+
+
+def test_both_graphs_read_each_weight_once_from_one_file(exported):
+    """decoder_weights.bin holds every distinct weight of the two graphs once: its size is the distinct
+    tensors' bytes (plus page alignment), below what two self-contained graphs would store."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    directory, record = exported
+    distinct, total, external = {}, 0, 0
+    for file in (FIRST, NEXT):
+        proto = onnx.load(str(directory / file))  # external data resolved beside the graph
+        bare = onnx.load(str(directory / file), load_external_data=False)
+        for t, ref in zip(proto.graph.initializer, bare.graph.initializer):
+            total += len(t.raw_data)
+            if uses_external_data(ref):
+                external += 1
+                assert ExternalDataInfo(ref).location == WEIGHTS
+                distinct[t.raw_data] = len(t.raw_data)
+    size = (directory / WEIGHTS).stat().st_size
+    assert external > 0 and sum(distinct.values()) <= size < sum(distinct.values()) + 4096 * len(distinct)
+    assert size < 0.7 * total  # measured: 453,152 bytes for 980,296 bytes of initializers (tiny VAE, fp32)
 
 
 def test_cache_bytes_are_what_is_allocated(vae, latents, exported):

@@ -8,12 +8,14 @@ the caches' exact bytes; the torch-free runtimes.decoder runs them from it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
+from onnx.external_data_helper import set_external_data
 from torch import nn
 
 from runtimes.decoder import FORMAT, FORMAT_VERSION, RECORD
@@ -26,6 +28,9 @@ from .trt_support import check_onnx_for_tensorrt
 
 # The names the runtime binds.
 FIRST, NEXT = "decoder_first.onnx", "decoder_next.onnx"
+WEIGHTS = "decoder_weights.bin"  # both graphs' weights, each distinct tensor once (onnx external data)
+EXTERNAL_MIN_BYTES = 1024
+ALIGN_MIN_BYTES, PAGE_BYTES = 1 << 20, 4096  # onnx.external_data_helper's defaults
 LATENTS, PIXELS = "latents", "pixels"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -83,16 +88,39 @@ def _export_graph(graph: _ChunkGraph, args: tuple[torch.Tensor, ...], input_name
     got = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
     if got != (input_names, output_names):
         raise RuntimeError(f"{path.name}: exported I/O {got} is not the contract {(input_names, output_names)}")
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
     return proto
+
+
+def _share_weights(protos: list[onnx.ModelProto], path: Path) -> None:
+    """Move the graphs' weights into one file, each distinct tensor once: both graphs trace the same
+    decoder, so they hold mostly the same weights (92 of the 93 initializers of `next` are in
+    `first` on the tiny test VAE), which two self-contained files would store twice. Tensors under
+    EXTERNAL_MIN_BYTES stay in their graph; those of ALIGN_MIN_BYTES and more start on a page, as
+    onnx's own external-data writer places them, so a runtime may map them."""
+    offsets: dict[bytes, int] = {}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for proto in protos:
+            for t in proto.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                raw = t.raw_data
+                key = hashlib.sha256(raw).digest()
+                if key not in offsets:
+                    if len(raw) >= ALIGN_MIN_BYTES:
+                        f.write(b"\0" * (-f.tell() % PAGE_BYTES))
+                    offsets[key] = f.tell()
+                    f.write(raw)
+                set_external_data(t, location=path.name, offset=offsets[key], length=len(raw))
+                t.data_location = onnx.TensorProto.EXTERNAL
+                t.ClearField("raw_data")
 
 
 def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_width: int, chunk_frames: int,
                    dtype: str, out_dir: str | Path, check_tensorrt: bool = True) -> dict[str, Any]:
     """Write `decoder_first.onnx`, `decoder_next.onnx` and their record `decoder.json` into `out_dir`.
 
-    Each file is written atomically, the record last: it holds the sha256 of both graphs, so a crash
+    Both graphs read their weights from one file, `decoder_weights.bin` (each distinct tensor once).
+    Each file is written atomically, the record last: it holds the sha256 of every file, so a crash
     part-way leaves no record, or an old one whose checksums the runtime refuses. Returns the record.
     """
     if dtype not in DTYPES:
@@ -110,7 +138,7 @@ def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_wid
     latents = torch.zeros(batch, cfg.z_dim, chunk_frames, latent_height, latent_width, dtype=torch_dtype)
     caches = [torch.zeros(s.shape, dtype=torch_dtype) for s in specs]
     cache_in, cache_out = [s.name for s in specs], [s.new_name for s in specs]
-    graphs = {}
+    graphs, protos = {}, []
     for file, first in ((FIRST, True), (NEXT, False)):
         graph = _ChunkGraph(vae, specs, first).eval()
         args = (latents,) if first else (latents, *caches)
@@ -118,9 +146,14 @@ def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_wid
         proto = _export_graph(graph, args, names, [PIXELS, *cache_out], out_dir / file)
         inputs, outputs = _io(proto)
         problems = check_onnx_for_tensorrt(proto) if check_tensorrt else []
-        graphs["first" if first else "next"] = {"file": file, "inputs": inputs, "outputs": outputs,
-                                                "tensorrt_problems": problems}
-        del proto
+        graphs["first" if first else "next"] = {"file": file, "weights": WEIGHTS, "inputs": inputs,
+                                                "outputs": outputs, "tensorrt_problems": problems}
+        protos.append(proto)
+    _share_weights(protos, out_dir / WEIGHTS)
+    for g, proto in zip(graphs.values(), protos):
+        with atomic_path(out_dir / g["file"]) as tmp:
+            onnx.save_model(proto, str(tmp))  # the weights are external already: only the graph is written
+    del protos
     item = torch.empty((), dtype=torch_dtype).element_size()
     spatial, temporal = scale_factors(vae)
     record = {
@@ -144,6 +177,6 @@ def export_decoder(vae: nn.Module, *, batch: int, latent_height: int, latent_wid
         "graphs": graphs,
         "vae_config": {k: v for k, v in dict(cfg).items() if not k.startswith("_")},
     }
-    record["files"] = {g["file"]: file_record(out_dir / g["file"]) for g in graphs.values()}
+    record["files"] = {name: file_record(out_dir / name) for name in (WEIGHTS, *(g["file"] for g in graphs.values()))}
     write_json_atomic(out_dir / RECORD, record)
     return record
