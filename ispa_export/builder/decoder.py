@@ -30,7 +30,7 @@ from .trt_support import check_onnx_for_tensorrt
 FIRST, NEXT = "decoder_first.onnx", "decoder_next.onnx"
 WEIGHTS = "decoder_weights.bin"  # both graphs' weights, each distinct tensor once (onnx external data)
 EXTERNAL_MIN_BYTES = 1024
-ALIGN_MIN_BYTES, PAGE_BYTES = 1 << 20, 4096  # onnx.external_data_helper's defaults
+ALIGN_MIN_BYTES, PAGE_BYTES = 1 << 20, 4096  # big tensors start on a page: a runtime may map them
 LATENTS, PIXELS = "latents", "pixels"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -95,8 +95,7 @@ def _share_weights(protos: list[onnx.ModelProto], path: Path) -> None:
     """Move the graphs' weights into one file, each distinct tensor once: both graphs trace the same
     decoder, so they hold mostly the same weights (92 of the 93 initializers of `next` are in
     `first` on the tiny test VAE), which two self-contained files would store twice. Tensors under
-    EXTERNAL_MIN_BYTES stay in their graph; those of ALIGN_MIN_BYTES and more start on a page, as
-    onnx's own external-data writer places them, so a runtime may map them."""
+    EXTERNAL_MIN_BYTES stay in their graph; those of ALIGN_MIN_BYTES and more start on a page."""
     offsets: dict[bytes, int] = {}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for proto in protos:
