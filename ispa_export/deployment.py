@@ -26,8 +26,8 @@ import torch
 
 from runtimes import deployment as rt
 from runtimes.artifact import Artifact, load_artifact
-from runtimes.files import sha256_file
 from runtimes.deployment import Video
+from runtimes.files import sha256_file
 from runtimes.instance import Instance, load_instance
 
 from .errors import UserError

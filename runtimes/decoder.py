@@ -201,7 +201,6 @@ def decoder_sessions(directory: str | os.PathLike, record: dict[str, Any], provi
             for g in GRAPHS}
 
 
-
 class StreamDecoder(_Decoder):
     """The two graphs under ONNX Runtime, every tensor bound by IOBinding to a buffer allocated once.
 
@@ -220,7 +219,7 @@ class StreamDecoder(_Decoder):
 
         self._ort = ort
         record = record if record is not None else load_record(directory, verify)
-        # Given sessions are another decoder's (`sessions(...)`): the weights are loaded once for every video.
+        # Given sessions (`decoder_sessions`) are shared with other videos' decoders: the weights load once.
         self.sessions = sessions if sessions is not None else decoder_sessions(directory, record, providers, threads)
         self.providers: list[str] = self.sessions["first"].get_providers()
         cuda = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")

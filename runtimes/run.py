@@ -109,8 +109,7 @@ class VideoDecoder:
 
     def record(self) -> dict[str, Any]:
         return {"file": VIDEO, "decoder": self.kind, "source": self.source, "weights_sha256": self.weights,
-                "fps": self.fps, "width": self.width,
-                "height": self.height, "bytes": 0, "frames": 0, "chunks": 0}
+                "fps": self.fps, "width": self.width, "height": self.height, "bytes": 0, "frames": 0, "chunks": 0}
 
 
 def exported_decoder(deployment: Deployment) -> VideoDecoder | None:
