@@ -1,7 +1,8 @@
 """ispa-export: one build of a streaming video DiT with a halved KV cache, then one absorb per video.
 
 The Python API: `Deployment.open(DEPLOY, backend=..., device=...)`, `Deployment.start(context, seed)`,
-`Video.chunks(n)` or `Video.pixels(n)` (ispa_export.deployment). Imported on first use, so `import ispa_export` stays cheap.
+`Video.chunks(n)` or `Video.pixels(n)` (ispa_export.deployment). Imported on first use, so
+`import ispa_export` stays cheap.
 """
 from __future__ import annotations
 
