@@ -25,7 +25,7 @@ import regex  # diffusers' `\s` is regex's (Unicode White_Space), not re's: they
 import torch
 from safetensors.torch import save_file
 
-from runtimes.files import atomic_path
+from runtimes.files import atomic_path, output_file_problem
 
 from .errors import UserError
 
@@ -161,19 +161,6 @@ def load_text_encoder(directory: str | os.PathLike, device: str | torch.device =
     return TextEncoder(tokenizer, model.to(device).eval(), enc_dir)
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse an output path that cannot be written before the (slow) encoder loads."""
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; expected a .safetensors file path")
-    parent = out.parent
-    while not parent.exists() and not parent.is_symlink():  # atomic_path creates the missing ones
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{out}: {parent} is not a directory; expected a writable directory above the output")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: directory {parent} is not writable")
-
-
 def encode_to_file(prompt: str, text_encoder_dir: str | os.PathLike | TextEncoder, out_path: str | os.PathLike, *,
                    text_dim: int | None = None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, max_length: int = 512) -> dict:
@@ -188,7 +175,9 @@ def encode_to_file(prompt: str, text_encoder_dir: str | os.PathLike | TextEncode
     if max_length < 1:
         raise UserError(f"max_length: expected a positive token count, got {max_length}")
     out = Path(out_path)
-    _check_writable(out)
+    problem = output_file_problem(out, "a .safetensors file path")
+    if problem:
+        raise UserError(f"{out}: {problem}")
     t0 = time.perf_counter()
     if isinstance(text_encoder_dir, TextEncoder):
         enc = text_encoder_dir

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from runtimes.files import atomic_path, file_record
+from runtimes.decoder import state_chunks
+from runtimes.files import atomic_path, file_record, output_file_problem
 
 from .errors import UserError
 
@@ -325,9 +326,7 @@ class TorchVideoDecoder:
     def load_state(self, state: dict[str, Any]) -> None:
         import numpy as np
 
-        chunks = int(np.asarray(state.get("chunks", -1)))
-        if chunks < 0:
-            raise ValueError("decoder state: chunks: expected a count >= 0, found none")
+        chunks = state_chunks(state)
         if chunks == 0:
             self.reset()
             return
@@ -342,20 +341,6 @@ class TorchVideoDecoder:
 
 
 # -- a finished run to mp4 ----------------------------------------------------------------------
-
-def _check_out_file(out: Path) -> None:
-    """Refuse an output path that cannot be written, before the VAE loads and the decode runs."""
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; expected an .mp4 file path")
-    parent = out.absolute().parent
-    while not parent.exists() and not parent.is_symlink():  # atomic_path creates the missing ones
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: {parent} is not a directory; expected a writable directory above the output")
-    import os
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: directory {parent} is not writable")
-
 
 def _run_frames(path: Path, frames: int) -> int:
     """The frames a run's run.json (beside its frames.npy) counts, or `frames` when there is none: a
@@ -399,7 +384,9 @@ def decode_run(frames_path: str | Path, vae_dir: str | Path, out_path: str | Pat
         raise UserError(f"--fps: expected a positive frame rate, got {fps}")
     if not src.is_file():
         raise UserError(f"{src}: no such file; expected a run's latents (frames.npy)")
-    _check_out_file(out)
+    problem = output_file_problem(out, "an .mp4 file path")
+    if problem:
+        raise UserError(f"--out {out}: {problem}")
     try:
         latents = np.load(src, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:

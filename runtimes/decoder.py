@@ -65,6 +65,14 @@ def load_record(directory: str | os.PathLike, verify: bool = True) -> dict[str, 
     return record
 
 
+def state_chunks(state: dict[str, Any]) -> int:
+    """The chunk count of a decoder's `state()` (0: before the first chunk), shared by every decoder."""
+    chunks = int(np.asarray(state.get("chunks", -1)))
+    if chunks < 0:
+        raise ValueError("decoder state: chunks: expected a count >= 0, found none")
+    return chunks
+
+
 def _set_name(cache: str, s: int) -> str:
     return f"{cache}@{s}"
 
@@ -150,9 +158,7 @@ class _Decoder:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         """Resume from `state()`: every cache is uploaded into the buffers (same addresses)."""
-        chunks = int(np.asarray(state.get("chunks", -1)))
-        if chunks < 0:
-            raise ValueError("decoder state: chunks: expected a count >= 0, found none")
+        chunks = state_chunks(state)
         if chunks == 0:
             self.reset()
             return

@@ -205,3 +205,18 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
+
+
+def output_file_problem(out: Path, expected: str) -> str | None:
+    """Why a file cannot be written at `out`, or None: checked before slow work starts, so the
+    refusal comes first. Missing parents are fine (atomic_path creates them)."""
+    if out.is_dir():
+        return f"is a directory; expected {expected}"
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory; expected a writable directory above the output"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {parent} is not writable"
+    return None
